@@ -15,11 +15,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check softmax_jax tests scripts
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy softmax_jax
 
 demo: $(STAMP)
 	$(PY) scripts/worked_example.py
+	$(PY) scripts/train.py --compare --out runs/demo
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py
