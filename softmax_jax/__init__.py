@@ -1,0 +1,30 @@
+"""softmax_jax: numerically stable softmax and cross-entropy for JAX, with analytic gradients.
+
+Every function is pure, jit-compiled and differentiable in reverse mode through a
+``jax.custom_vjp`` rule that implements the textbook derivative (for example the
+cross-entropy gradient ``a - y``), so users get exact, memory-lean gradients inside their own
+training loops.
+"""
+
+from softmax_jax.activations import log_softmax, logsumexp, sigmoid, softmax
+from softmax_jax.losses import (
+    log_likelihood,
+    quadratic_cost,
+    sigmoid_binary_cross_entropy,
+    softmax_cross_entropy,
+    softmax_cross_entropy_with_integer_labels,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "log_likelihood",
+    "log_softmax",
+    "logsumexp",
+    "quadratic_cost",
+    "sigmoid",
+    "sigmoid_binary_cross_entropy",
+    "softmax",
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+]

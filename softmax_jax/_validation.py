@@ -1,0 +1,118 @@
+"""Argument checks shared by the public functions.
+
+Every check runs at call time (trace time under ``jax.jit``), on static information only:
+shapes, dtypes and concrete Python hyper-parameters. A failing check raises ``TypeError`` or
+``ValueError`` whose message names the argument, so a user sees the mistake before any
+computation and never gets a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def as_float_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
+    """Returns ``x`` as a JAX array, raising ``TypeError`` unless it is floating point."""
+    arr = jnp.asarray(x)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating-point array, got dtype {arr.dtype}"
+            f" (shape {tuple(arr.shape)}); cast it with .astype(jnp.float32)"
+        )
+    return arr
+
+
+def as_int_array(name: str, x: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
+    """Returns ``x`` as a JAX array, raising ``TypeError`` unless it holds integers."""
+    arr = jnp.asarray(x)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise TypeError(
+            f"{name} must be an integer array of class indices, got dtype {arr.dtype}"
+            f" (shape {tuple(arr.shape)}){hint}"
+        )
+    return arr
+
+
+def check_same_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> None:
+    """Raises ``ValueError`` unless ``a`` and ``b`` have identical shapes."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {name_a}.shape="
+            f"{tuple(a.shape)} and {name_b}.shape={tuple(b.shape)}"
+        )
+
+
+def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
+    """Returns ``axis`` as a non-negative int, checking its type and range."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(
+            f"axis must be a single int (softmax_jax normalises over one axis), got {axis!r}"
+        )
+    axis = int(axis)
+    if ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension to normalise over, got a scalar")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis={axis} is out of range for {name} with {ndim} dimension(s)")
+    return axis % ndim
+
+
+def prepare_where(
+    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axis: int
+) -> jax.Array | None:
+    """Returns the ``where`` mask as a boolean array broadcastable against ``shape``.
+
+    A mask may have the full ``shape`` (one flag per entry) or ``shape`` without ``axis``
+    (one flag per row, as optax allows); the latter gets ``axis`` re-inserted as size 1.
+    """
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
+        raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
+    if mask.ndim == len(shape) - 1:
+        mask = jnp.expand_dims(mask, axis)
+    try:
+        np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        raise ValueError(
+            f"where.shape={tuple(mask.shape)} does not broadcast against the input shape"
+            f" {tuple(shape)}"
+        ) from None
+    if mask.ndim != len(shape):
+        raise ValueError(
+            f"where must have the input's shape {tuple(shape)} or that shape without axis"
+            f" {axis}, got where.shape={tuple(jnp.shape(where))}"
+        )
+    return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def hyperparameter(
+    name: str, value: object, low: float, high: float | None
+) -> tuple[jax.Array, bool]:
+    """Checks a scalar hyper-parameter and says whether it can be skipped at compile time.
+
+    Returns the value as an array (so a traced or changing value does not recompile) and a
+    static flag that is ``False`` only for a concrete zero, letting the compiled code drop
+    the term entirely. Concrete values are range-checked; traced ones cannot be.
+    """
+    arr = jnp.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {tuple(arr.shape)}")
+    if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
+        raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}")
+    if isinstance(value, jax.core.Tracer):
+        return arr, True
+    concrete = float(np.asarray(value))
+    upper = "inf" if high is None else f"{high:g}"
+    if not (concrete >= low and (high is None or concrete <= high)):
+        raise ValueError(f"{name} must lie in [{low:g}, {upper}], got {concrete}")
+    return arr, concrete != 0.0
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype the math runs in: at least float32, so bf16/f16 inputs get f32 accuracy."""
+    return np.dtype(jnp.promote_types(dtype, jnp.float32))

@@ -1,0 +1,330 @@
+r"""The softmax family and the sigmoid, each with its analytic ``custom_vjp`` rule.
+
+Every function computes in at least float32 (bf16/f16 inputs are upcast, the result is cast
+back) and is stable for any finite input: the exponentials are taken of ``x - max(x)``. The
+shift is the notes' :math:`F = -\max_k x_k` trick. It changes nothing mathematically,
+
+.. math::
+    \frac{e^{x_i + F}}{\sum_k e^{x_k + F}} = \frac{e^F e^{x_i}}{e^F \sum_k e^{x_k}}
+    = \frac{e^{x_i}}{\sum_k e^{x_k}},
+
+but it keeps every exponent at or below zero, so nothing overflows and the largest term is
+exactly 1.
+
+Each rule sits right below its function and names the formula it implements. The rules are
+written in differentiable ``jnp`` so that reverse-over-reverse (``jax.jacrev(jax.grad(f))``)
+works. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available for a
+``custom_vjp`` function: JAX raises a ``TypeError`` saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from softmax_jax import _validation as _v
+
+__all__ = ["log_softmax", "logsumexp", "sigmoid", "softmax"]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared stable kernels (plain jnp; used by the losses too)
+# --------------------------------------------------------------------------------------------
+
+
+def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
+    """``x`` with masked-out entries replaced by ``fill`` (the identity when there is no mask).
+
+    Replacing before any arithmetic is the first half of the "double where": a masked NaN or
+    inf never reaches an ``exp`` and so can never leak into a value or a gradient.
+    """
+    return x if mask is None else jnp.where(mask, x, fill)
+
+
+def stable_logsumexp(z: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    r""":math:`\log\sum_k e^{z_k}` over ``axis`` (kept as size 1), computed as
+    :math:`m + \log\sum_k e^{z_k - m}` with :math:`m = \max_k z_k`.
+
+    Masked entries count as :math:`-\infty`. A row with no finite maximum (all :math:`-\infty`,
+    or fully masked) uses :math:`m = 0`, so the result is :math:`-\infty` rather than NaN.
+    NaN entries propagate through the sum.
+    """
+    z = masked_fill(z, mask, -jnp.inf)
+    m = jnp.max(z, axis=axis, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m + jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
+
+
+def neg_inf_to_zero(lse: jax.Array) -> jax.Array:
+    """A log-sum-exp with :math:`-\\infty` replaced by 0, for use as a subtrahend.
+
+    A row whose log-sum-exp is :math:`-\\infty` has only :math:`-\\infty` (or masked) entries;
+    subtracting 0 instead keeps ``exp(z - lse)`` at 0 rather than ``exp(-inf + inf) = NaN``.
+    NaN stays NaN, so a NaN input still poisons its row.
+    """
+    return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _softmax(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    return _softmax_fwd(x, axis, mask)[0]
+
+
+def _softmax_fwd(
+    x: jax.Array, axis: int, mask: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
+    z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
+    m = jnp.max(z, axis=axis, keepdims=True)
+    e = jnp.exp(z - jnp.where(jnp.isfinite(m), m, 0.0))
+    s = jnp.sum(e, axis=axis, keepdims=True)
+    # A fully masked row has s == 0; dividing by 1 instead returns the row of zeros.
+    a = (e / jnp.where(s == 0, 1.0, s)).astype(x.dtype)
+    return a, (a, mask)
+
+
+def _softmax_bwd(
+    axis: int, res: tuple[jax.Array, jax.Array | None], g: jax.Array
+) -> tuple[jax.Array, None]:
+    r"""Softmax Jacobian-vector product.
+
+    From :math:`\partial a_j / \partial z_i = a_j(\delta_{ij} - a_i)`:
+    :math:`\bar z_i = \sum_j \bar a_j a_j (\delta_{ij} - a_i)
+    = a_i (\bar a_i - \sum_j \bar a_j a_j)`.
+    """
+    a, mask = res
+    ct = _v.compute_dtype(a.dtype)
+    a32 = a.astype(ct)
+    ga = masked_fill(g.astype(ct) * a32, mask, 0.0)
+    dx = ga - a32 * jnp.sum(ga, axis=axis, keepdims=True)
+    return dx.astype(a.dtype), None
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_jit = jax.jit(_softmax, static_argnums=(1,))
+
+
+def softmax(
+    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Softmax along ``axis``, stable for any finite input.
+
+    .. math::
+        a_j = \frac{e^{x_j - m}}{\sum_k e^{x_k - m}}, \qquad m = \max_k x_k .
+
+    Gradient (a ``custom_vjp``): :math:`\bar x = a \odot (\bar a - \sum_j \bar a_j a_j)`, the
+    softmax Jacobian :math:`a_j(\delta_{ij} - a_i)` applied to the cotangent.
+
+    Args:
+      x: floating-point array of scores (logits).
+      axis: the axis to normalise over.
+      where: optional boolean mask of ``x``'s shape (or that shape without ``axis``); masked
+        entries get probability 0 and take no part in the normalisation. A fully masked row
+        is all zeros.
+
+    Returns:
+      An array of ``x``'s shape and dtype whose entries along ``axis`` sum to 1.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> print(sj.softmax(jnp.array([2.0, 3.0, 4.0])))
+      [0.0900 0.2447 0.6652]
+      >>> print(sj.softmax(jnp.array([2.0, 3.0, 4.0]), where=jnp.array([True, True, False])))
+      [0.2689 0.7311 0.0000]
+    """
+    x = _v.as_float_array("x", x)
+    axis = _v.canonical_axis(axis, x.ndim)
+    return _softmax_jit(x, axis, _v.prepare_where(where, x.shape, axis))
+
+
+# --------------------------------------------------------------------------------------------
+# log_softmax
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _log_softmax(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    return _log_softmax_fwd(x, axis, mask)[0]
+
+
+def _log_softmax_fwd(
+    x: jax.Array, axis: int, mask: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
+    z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
+    lse = stable_logsumexp(z, axis, None)
+    out = (z - neg_inf_to_zero(lse)).astype(x.dtype)
+    return out, (out, mask)
+
+
+def _log_softmax_bwd(
+    axis: int, res: tuple[jax.Array, jax.Array | None], g: jax.Array
+) -> tuple[jax.Array, None]:
+    r"""Log-softmax vector-Jacobian product.
+
+    From :math:`\partial \log a_j / \partial z_i = \delta_{ij} - a_i`:
+    :math:`\bar z = \bar g - a \sum_j \bar g_j`, with :math:`a = e^{\log a}` recomputed from the
+    saved output. Masked entries neither receive nor contribute cotangent.
+    """
+    out, mask = res
+    ct = _v.compute_dtype(out.dtype)
+    g = masked_fill(g.astype(ct), mask, 0.0)
+    a = jnp.exp(out.astype(ct))
+    dx = masked_fill(g - a * jnp.sum(g, axis=axis, keepdims=True), mask, 0.0)
+    return dx.astype(out.dtype), None
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+_log_softmax_jit = jax.jit(_log_softmax, static_argnums=(1,))
+
+
+def log_softmax(
+    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Log of the softmax along ``axis``, without ever forming the softmax itself.
+
+    .. math::
+        \log a_j = x_j - \log\sum_k e^{x_k} = (x_j - m) - \log\sum_k e^{x_k - m}.
+
+    Gradient (a ``custom_vjp``): :math:`\bar x = \bar g - a \sum_j \bar g_j`.
+
+    Args:
+      x: floating-point array of logits.
+      axis: the axis to normalise over.
+      where: optional boolean mask (``x``'s shape, or that shape without ``axis``); masked
+        entries come out as :math:`-\infty` and get zero gradient.
+
+    Returns:
+      An array of ``x``'s shape and dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> print(sj.log_softmax(jnp.array([2.0, 3.0, 4.0])))
+      [-2.4076 -1.4076 -0.4076]
+    """
+    x = _v.as_float_array("x", x)
+    axis = _v.canonical_axis(axis, x.ndim)
+    return _log_softmax_jit(x, axis, _v.prepare_where(where, x.shape, axis))
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _logsumexp(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
+    return _logsumexp_fwd(x, axis, mask)[0]
+
+
+def _logsumexp_fwd(
+    x: jax.Array, axis: int, mask: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
+    lse = stable_logsumexp(x.astype(_v.compute_dtype(x.dtype)), axis, mask)
+    # The input is live anyway; saving only it and the (reduced) result costs O(rows).
+    return jnp.squeeze(lse, axis).astype(x.dtype), (x, lse, mask)
+
+
+def _logsumexp_bwd(
+    axis: int, res: tuple[jax.Array, jax.Array, jax.Array | None], g: jax.Array
+) -> tuple[jax.Array, None]:
+    r"""Log-sum-exp vector-Jacobian product.
+
+    From :math:`\partial\,\mathrm{lse}(x) / \partial x_i = a_i` (the softmax):
+    :math:`\bar x = \bar g\, a` with :math:`a = e^{x - \mathrm{lse}}` recomputed from the input.
+    """
+    x, lse, mask = res
+    ct = lse.dtype
+    z = masked_fill(x.astype(ct), mask, -jnp.inf)
+    a = jnp.exp(z - neg_inf_to_zero(lse))
+    return (jnp.expand_dims(g.astype(ct), axis) * a).astype(x.dtype), None
+
+
+_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+_logsumexp_jit = jax.jit(_logsumexp, static_argnums=(1,))
+
+
+def logsumexp(
+    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+) -> jax.Array:
+    r"""Stable :math:`\log\sum_k e^{x_k}` along ``axis`` (the axis is reduced away).
+
+    .. math::
+        \mathrm{lse}(x) = m + \log\sum_k e^{x_k - m}, \qquad m = \max_k x_k .
+
+    Gradient (a ``custom_vjp``): :math:`\bar x = \bar g\,\mathrm{softmax}(x)`.
+
+    Args:
+      x: floating-point array.
+      axis: the axis to reduce.
+      where: optional boolean mask; masked entries are left out of the sum. A fully masked
+        row (or a row of :math:`-\infty`) gives :math:`-\infty`.
+
+    Returns:
+      ``x``'s shape without ``axis``, in ``x``'s dtype.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> x = jnp.array([1000.0, 1000.0])  # exp(1000) overflows; the shifted form does not
+      >>> print(sj.logsumexp(x) - 1000.0)
+      0.6931
+    """
+    x = _v.as_float_array("x", x)
+    axis = _v.canonical_axis(axis, x.ndim)
+    return _logsumexp_jit(x, axis, _v.prepare_where(where, x.shape, axis))
+
+
+# --------------------------------------------------------------------------------------------
+# sigmoid
+# --------------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def _sigmoid(x: jax.Array) -> jax.Array:
+    return _sigmoid_fwd(x)[0]
+
+
+def _sigmoid_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # lax.logistic never overflows: it saturates to exactly 0 or 1.
+    a = jax.lax.logistic(x.astype(_v.compute_dtype(x.dtype))).astype(x.dtype)
+    return a, a
+
+
+def _sigmoid_bwd(a: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    r"""Sigmoid derivative :math:`\sigma'(z) = \sigma(z)(1 - \sigma(z))`, from the saved output."""
+    ct = _v.compute_dtype(a.dtype)
+    a32 = a.astype(ct)
+    return ((g.astype(ct) * a32 * (1.0 - a32)).astype(a.dtype),)
+
+
+_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+_sigmoid_jit = jax.jit(_sigmoid)
+
+
+def sigmoid(x: jax.typing.ArrayLike) -> jax.Array:
+    r"""The logistic sigmoid :math:`\sigma(x) = 1 / (1 + e^{-x})`, element-wise.
+
+    Gradient (a ``custom_vjp``): :math:`\bar x = \bar a\,\sigma(x)(1 - \sigma(x))`. This is the
+    :math:`\sigma'(z)` factor that slows learning under the quadratic cost.
+
+    Args:
+      x: floating-point array.
+
+    Returns:
+      An array of ``x``'s shape and dtype with entries in [0, 1].
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> print(sj.sigmoid(jnp.array([-1.0, 0.0, 1.0])))
+      [0.2689 0.5    0.7311]
+    """
+    return _sigmoid_jit(_v.as_float_array("x", x))
