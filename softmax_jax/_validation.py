@@ -63,30 +63,30 @@ def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
 def prepare_where(
     where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axis: int
 ) -> jax.Array | None:
-    """Returns the ``where`` mask as a boolean array broadcastable against ``shape``.
+    """Returns the ``where`` mask as a boolean array of ``shape``'s rank that broadcasts to it.
 
-    A mask may have the full ``shape`` (one flag per entry) or ``shape`` without ``axis``
-    (one flag per row, as optax allows); the latter gets ``axis`` re-inserted as size 1.
+    Accepted: ``shape`` itself or anything that broadcasts to it (a per-class mask of shape
+    ``(V,)``, say), and ``shape`` without ``axis`` (one flag per row, as optax allows), which
+    gets ``axis`` re-inserted as size 1. The per-row reading wins when both apply.
     """
     if where is None:
         return None
     mask = jnp.asarray(where)
     if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-    if mask.ndim == len(shape) - 1:
+    row_shape = shape[:axis] + shape[axis + 1 :]
+    if mask.shape == row_shape and len(shape) > 0:
         mask = jnp.expand_dims(mask, axis)
-    try:
-        np.broadcast_shapes(mask.shape, shape)
-    except ValueError:
-        raise ValueError(
-            f"where.shape={tuple(mask.shape)} does not broadcast against the input shape"
-            f" {tuple(shape)}"
-        ) from None
-    if mask.ndim != len(shape):
-        raise ValueError(
-            f"where must have the input's shape {tuple(shape)} or that shape without axis"
-            f" {axis}, got where.shape={tuple(jnp.shape(where))}"
-        )
+    else:
+        try:
+            if np.broadcast_shapes(mask.shape, shape) != tuple(shape):
+                raise ValueError
+        except ValueError:
+            raise ValueError(
+                f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
+                f" {tuple(shape)} or equal that shape without axis {axis}, {tuple(row_shape)}"
+            ) from None
+        mask = jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 

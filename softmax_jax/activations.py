@@ -20,6 +20,7 @@ works. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not availa
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,28 +44,41 @@ def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
     return x if mask is None else jnp.where(mask, x, fill)
 
 
-def stable_logsumexp(z: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
-    r""":math:`\log\sum_k e^{z_k}` over ``axis`` (kept as size 1), computed as
-    :math:`m + \log\sum_k e^{z_k - m}` with :math:`m = \max_k z_k`.
+class Normalizer(NamedTuple):
+    r"""The softmax normaliser of each row, kept as two parts: :math:`\mathrm{lse} = m + \log s`.
 
-    Masked entries count as :math:`-\infty`. A row with no finite maximum (all :math:`-\infty`,
-    or fully masked) uses :math:`m = 0`, so the result is :math:`-\infty` rather than NaN.
-    NaN entries propagate through the sum.
+    ``m`` is the row maximum (0 for a row with no finite maximum) and ``log_s`` is
+    :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes:
+    for a row of four entries of :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m``
+    and :math:`e^{z - \mathrm{lse}}` would give 1 for every entry, whereas
+    :math:`e^{(z - m) - \log s}` gives the right 1/4. Both arrays keep ``axis`` as size 1.
     """
-    z = masked_fill(z, mask, -jnp.inf)
-    m = jnp.max(z, axis=axis, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    return m + jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True))
 
+    m: jax.Array
+    log_s: jax.Array
 
-def neg_inf_to_zero(lse: jax.Array) -> jax.Array:
-    """A log-sum-exp with :math:`-\\infty` replaced by 0, for use as a subtrahend.
+    @staticmethod
+    def of(z: jax.Array, axis: int) -> Normalizer:
+        r"""Normaliser of ``z`` along ``axis``; masked entries must already be :math:`-\infty`.
 
-    A row whose log-sum-exp is :math:`-\\infty` has only :math:`-\\infty` (or masked) entries;
-    subtracting 0 instead keeps ``exp(z - lse)`` at 0 rather than ``exp(-inf + inf) = NaN``.
-    NaN stays NaN, so a NaN input still poisons its row.
-    """
-    return jnp.where(lse == -jnp.inf, 0.0, lse)
+        A row of only :math:`-\infty` gets ``m = 0`` and ``log_s = -inf`` rather than NaN.
+        NaN entries propagate through the sum.
+        """
+        m = jnp.max(z, axis=axis, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        return Normalizer(m, jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)))
+
+    def lse(self) -> jax.Array:
+        r""":math:`\log\sum_k e^{z_k}`: :math:`-\infty` for an empty (fully masked) row."""
+        return self.m + self.log_s
+
+    def log_prob(self, z: jax.Array) -> jax.Array:
+        r""":math:`\log a = (z - m) - \log s`; an empty row gives :math:`-\infty`, not NaN."""
+        return (z - self.m) - jnp.where(self.log_s == -jnp.inf, 0.0, self.log_s)
+
+    def prob(self, z: jax.Array) -> jax.Array:
+        r""":math:`a = e^{(z - m) - \log s}`: the softmax, 0 on masked entries and empty rows."""
+        return jnp.exp(self.log_prob(z))
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,11 +95,9 @@ def _softmax_fwd(
     x: jax.Array, axis: int, mask: jax.Array | None
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
     z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
-    m = jnp.max(z, axis=axis, keepdims=True)
-    e = jnp.exp(z - jnp.where(jnp.isfinite(m), m, 0.0))
-    s = jnp.sum(e, axis=axis, keepdims=True)
-    # A fully masked row has s == 0; dividing by 1 instead returns the row of zeros.
-    a = (e / jnp.where(s == 0, 1.0, s)).astype(x.dtype)
+    # exp((z - m) - log s) rather than exp(z - m) / s: the exponentials are recomputed inside
+    # the final element-wise pass instead of being stored as an N x V temporary between passes.
+    a = Normalizer.of(z, axis).prob(z).astype(x.dtype)
     return a, (a, mask)
 
 
@@ -158,8 +170,7 @@ def _log_softmax_fwd(
     x: jax.Array, axis: int, mask: jax.Array | None
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
     z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
-    lse = stable_logsumexp(z, axis, None)
-    out = (z - neg_inf_to_zero(lse)).astype(x.dtype)
+    out = Normalizer.of(z, axis).log_prob(z).astype(x.dtype)
     return out, (out, mask)
 
 
@@ -226,24 +237,23 @@ def _logsumexp(x: jax.Array, axis: int, mask: jax.Array | None) -> jax.Array:
 
 def _logsumexp_fwd(
     x: jax.Array, axis: int, mask: jax.Array | None
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array | None]]:
-    lse = stable_logsumexp(x.astype(_v.compute_dtype(x.dtype)), axis, mask)
-    # The input is live anyway; saving only it and the (reduced) result costs O(rows).
-    return jnp.squeeze(lse, axis).astype(x.dtype), (x, lse, mask)
+) -> tuple[jax.Array, tuple[jax.Array, Normalizer, jax.Array | None]]:
+    norm = Normalizer.of(masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf), axis)
+    # The input is live anyway; saving it and the normaliser costs O(rows) extra.
+    return jnp.squeeze(norm.lse(), axis).astype(x.dtype), (x, norm, mask)
 
 
 def _logsumexp_bwd(
-    axis: int, res: tuple[jax.Array, jax.Array, jax.Array | None], g: jax.Array
+    axis: int, res: tuple[jax.Array, Normalizer, jax.Array | None], g: jax.Array
 ) -> tuple[jax.Array, None]:
     r"""Log-sum-exp vector-Jacobian product.
 
     From :math:`\partial\,\mathrm{lse}(x) / \partial x_i = a_i` (the softmax):
-    :math:`\bar x = \bar g\, a` with :math:`a = e^{x - \mathrm{lse}}` recomputed from the input.
+    :math:`\bar x = \bar g\, a` with :math:`a = e^{(x - m) - \log s}` recomputed from the input.
     """
-    x, lse, mask = res
-    ct = lse.dtype
-    z = masked_fill(x.astype(ct), mask, -jnp.inf)
-    a = jnp.exp(z - neg_inf_to_zero(lse))
+    x, norm, mask = res
+    ct = norm.m.dtype
+    a = norm.prob(masked_fill(x.astype(ct), mask, -jnp.inf))
     return (jnp.expand_dims(g.astype(ct), axis) * a).astype(x.dtype), None
 
 
@@ -294,15 +304,18 @@ def _sigmoid(x: jax.Array) -> jax.Array:
 
 def _sigmoid_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # lax.logistic never overflows: it saturates to exactly 0 or 1.
-    a = jax.lax.logistic(x.astype(_v.compute_dtype(x.dtype))).astype(x.dtype)
-    return a, a
+    return jax.lax.logistic(x.astype(_v.compute_dtype(x.dtype))).astype(x.dtype), x
 
 
-def _sigmoid_bwd(a: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    r"""Sigmoid derivative :math:`\sigma'(z) = \sigma(z)(1 - \sigma(z))`, from the saved output."""
-    ct = _v.compute_dtype(a.dtype)
-    a32 = a.astype(ct)
-    return ((g.astype(ct) * a32 * (1.0 - a32)).astype(a.dtype),)
+def _sigmoid_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    r"""Sigmoid derivative :math:`\sigma'(z) = \sigma(z)(1 - \sigma(z)) = \sigma(z)\sigma(-z)`.
+
+    The second form is evaluated (from the saved input): for large :math:`z`,
+    :math:`1 - \sigma(z)` cancels catastrophically while :math:`\sigma(-z)` stays exact.
+    """
+    ct = _v.compute_dtype(x.dtype)
+    z = x.astype(ct)
+    return ((g.astype(ct) * jax.lax.logistic(z) * jax.lax.logistic(-z)).astype(x.dtype),)
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
