@@ -63,7 +63,26 @@ class Normalizer(NamedTuple):
 
         A row of only :math:`-\infty` gets ``m = 0`` and ``log_s = -inf`` rather than NaN.
         NaN entries propagate through the sum.
+
+        The max shift only matters where :math:`e^{z}` would overflow or underflow, or where
+        large logits make :math:`\log s` and :math:`z` cancel. Rows whose unshifted sum
+        lies in :math:`[2^{-32}, 2^{32}]` (ordinary logits: :math:`\max_k z_k` within about
+        :math:`\pm 22`) are summed unshifted, in one pass over ``z`` instead of two; there
+        :math:`\log s` is small, so the rounding it adds is of the order of the logits' own
+        float rounding. If any row falls outside that range (or is NaN), the shifted
+        two-pass form is computed instead, through ``lax.cond``.
         """
+        s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
+        safe = jnp.all((s >= 2.0**-32) & (s <= 2.0**32))
+        return jax.lax.cond(
+            safe,
+            lambda: Normalizer(jnp.zeros_like(s), jnp.log(s)),
+            lambda: Normalizer.shifted(z, axis),
+        )
+
+    @staticmethod
+    def shifted(z: jax.Array, axis: int) -> Normalizer:
+        r"""The two-pass form: :math:`m = \max_k z_k`, then :math:`\log\sum_k e^{z_k - m}`."""
         m = jnp.max(z, axis=axis, keepdims=True)
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         return Normalizer(m, jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)))

@@ -1,0 +1,180 @@
+"""Forward + gradient time and compiled memory of softmax_jax against optax and jax.nn.
+
+Each row compares one softmax_jax function with its anchor (the optax or jax.nn function with
+the same meaning) on the same inputs, in the same process. Runs are interleaved (anchor,
+candidate, anchor, candidate, ...) so that drift in machine load hits both alike, and the
+reported figure is the median. Ratios below 1 mean softmax_jax is faster or smaller.
+
+Memory is XLA's own account of the compiled program (``memory_analysis()``): the temporary
+buffers it allocates beyond arguments and outputs.
+
+    python scripts/benchmark.py                  # core table, N=4096, V=32000, f32
+    python scripts/benchmark.py --suite all      # plus the fused large-vocabulary loss
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import softmax_jax as sj
+
+
+@dataclass
+class Case:
+    name: str
+    target: str  # e.g. "<= 0.9x"; empty when the row has no target
+    anchor_name: str
+    anchor: Callable[..., object]
+    candidate: Callable[..., object]
+    args: tuple
+
+
+def compile_fn(fn: Callable[..., object], args: tuple) -> tuple[Callable[..., object], int]:
+    """Jit-compiles ``fn`` for ``args``; returns the executable and its temporary bytes."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
+    return compiled, temp
+
+
+def interleaved_medians(
+    fns: list[Callable[..., object]], args: tuple, repeats: int, warmup: int = 2
+) -> list[float]:
+    """Median wall time in seconds of each of ``fns``, measured round-robin."""
+    for fn in fns:
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def value_and_grad_of_mean(loss: Callable[..., jax.Array]) -> Callable[..., object]:
+    """Forward and gradient w.r.t. the first argument of ``loss(...).mean()``."""
+    return jax.value_and_grad(lambda z, *rest: loss(z, *rest).mean())
+
+
+def vjp_of(fn: Callable[[jax.Array], jax.Array]) -> Callable[..., object]:
+    """Forward and vector-Jacobian product with cotangent ``c``: ``grad(vdot(fn(z), c))``."""
+    return jax.value_and_grad(lambda z, c: jnp.vdot(fn(z), c))
+
+
+def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    logits = (3.0 * jax.random.normal(k1, (n, v))).astype(dtype)
+    int_labels = jax.random.randint(k2, (n,), 0, v)
+    dense_labels = jax.nn.softmax(jax.random.normal(k3, (n, v)))
+    cot = jax.random.normal(k3, (n, v)).astype(dtype)
+    bce_labels = (jax.random.uniform(k3, (n, v)) < 0.5).astype(dtype)
+    return [
+        Case(
+            "softmax_cross_entropy_with_integer_labels", "<= 0.9x",
+            "optax.softmax_cross_entropy_with_integer_labels",
+            value_and_grad_of_mean(optax.softmax_cross_entropy_with_integer_labels),
+            value_and_grad_of_mean(sj.softmax_cross_entropy_with_integer_labels),
+            (logits, int_labels),
+        ),
+        Case(
+            "softmax_cross_entropy (dense labels)", "<= 0.6x",
+            "optax.softmax_cross_entropy",
+            value_and_grad_of_mean(optax.softmax_cross_entropy),
+            value_and_grad_of_mean(sj.softmax_cross_entropy),
+            (logits, dense_labels),
+        ),
+        Case(
+            "softmax (forward + vjp)", "<= 1.0x", "jax.nn.softmax",
+            vjp_of(jax.nn.softmax), vjp_of(sj.softmax), (logits, cot),
+        ),
+        Case(
+            "log_softmax (forward + vjp)", "", "jax.nn.log_softmax",
+            vjp_of(jax.nn.log_softmax), vjp_of(sj.log_softmax), (logits, cot),
+        ),
+        Case(
+            "logsumexp (forward + grad)", "", "jax.nn.logsumexp",
+            value_and_grad_of_mean(jax.nn.logsumexp), value_and_grad_of_mean(sj.logsumexp),
+            (logits,),
+        ),
+        Case(
+            "sigmoid_binary_cross_entropy", "", "optax.sigmoid_binary_cross_entropy",
+            value_and_grad_of_mean(optax.sigmoid_binary_cross_entropy),
+            value_and_grad_of_mean(sj.sigmoid_binary_cross_entropy),
+            (logits, bce_labels),
+        ),
+    ]
+
+
+def run_cases(cases: list[Case], repeats: int) -> list[dict]:
+    rows = []
+    for case in cases:
+        anchor, anchor_mem = compile_fn(case.anchor, case.args)
+        cand, cand_mem = compile_fn(case.candidate, case.args)
+        t_anchor, t_cand = interleaved_medians([anchor, cand], case.args, repeats)
+        rows.append(
+            {
+                "function": case.name,
+                "anchor": case.anchor_name,
+                "anchor_ms": 1e3 * t_anchor,
+                "ms": 1e3 * t_cand,
+                "time_ratio": t_cand / t_anchor,
+                "target": case.target,
+                "anchor_temp_mib": anchor_mem / 2**20,
+                "temp_mib": cand_mem / 2**20,
+            }
+        )
+        print(f"  measured {case.name}", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| function | anchor | anchor ms | softmax_jax ms | time ratio | target"
+        " | anchor temp MiB | softmax_jax temp MiB |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['function']} | {r['anchor']} | {r['anchor_ms']:.1f} | {r['ms']:.1f}"
+            f" | {r['time_ratio']:.2f}x | {r['target']} | {r['anchor_temp_mib']:.0f}"
+            f" | {r['temp_mib']:.0f} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=["core", "fused", "all"], default="core")
+    parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
+    parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+
+    print(
+        f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()},"
+        f" {jax.device_count()} device(s)"
+    )
+    if args.suite in ("core", "all"):
+        print(f"\nCore: forward + gradient, float32, N={args.n}, V={args.v},"
+              f" median of {args.repeats} interleaved runs\n")
+        print_table(run_cases(core_cases(args.n, args.v, jnp.float32), args.repeats))
+    if args.suite in ("fused", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_fused import run_fused_benchmarks  # noqa: PLC0415  (optional, heavy)
+
+        run_fused_benchmarks(args.repeats)
+
+
+if __name__ == "__main__":
+    main()
