@@ -68,7 +68,13 @@ def _weighted_gap(y: jax.Array, z: jax.Array, norm: Normalizer, axis: int, mask:
     """
 
     def guarded() -> jax.Array:
-        return jnp.sum(jnp.where(y == 0, 0.0, y * (norm.m - z)), axis=axis, keepdims=True)
+        # Capping each gap at the largest float makes 0 * gap = 0 for a -inf logit; a positive
+        # target on such a logit then gets its true infinite loss back from the second sum.
+        # (Both stay clear of select-in-reduce, which XLA:CPU materialises as N x V.)
+        big = jnp.finfo(z.dtype).max
+        capped = jnp.sum(y * jnp.minimum(norm.m - z, big), axis=axis, keepdims=True)
+        hopeless = jnp.any((y > 0) & (z == -jnp.inf), axis=axis, keepdims=True)
+        return jnp.where(hopeless, jnp.inf, capped)
 
     if mask is not None:
         return guarded()
