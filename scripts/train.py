@@ -112,7 +112,12 @@ def run(args: argparse.Namespace) -> None:
             plot_curves({cost: state.history}, args.out / cost / "curves.png", title)
         atomic_write_json(
             args.out / "compare.json",
-            {"dataset": dataset.name, "config": config.identity(), "runs": histories},
+            {
+                "dataset": dataset.name,
+                "config": {k: v for k, v in config.identity().items() if k != "cost"}
+                | {"epochs": config.epochs},
+                "runs": histories,
+            },
         )
         print()
         print(mlp.format_summary(states))
@@ -136,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetError, CheckpointError) as exc:
         # Expected failures (bad data, unusable checkpoint): one line, no traceback.
         print(f"train.py: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # Writing the outputs failed (no space, no permission, a file where a folder should be).
+        where = exc.filename if exc.filename is not None else args.out
+        print(f"train.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

@@ -203,3 +203,10 @@ def test_load_digits_split() -> None:
 def test_load_dataset_unknown_name() -> None:
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         load_dataset("cifar")
+
+
+def test_load_mnist_rejects_empty_image_file(tmp_path: Path) -> None:
+    write_fake_mnist(tmp_path, gz=False)
+    write_idx(tmp_path / MNIST_FILES["test_images"], np.zeros((0, 28, 28), dtype=np.uint8))
+    with pytest.raises(DatasetError, match="holds no images"):
+        load_mnist(tmp_path)

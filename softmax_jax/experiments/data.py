@@ -72,10 +72,10 @@ class Dataset:
     def __post_init__(self) -> None:
         splits = (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test))
         for split, x, y in splits:
-            if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+            if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
                 raise ValueError(
-                    f"{self.name} {split} split: expected x [n, features] and y [n], got"
-                    f" x {x.shape} and y {y.shape}"
+                    f"{self.name} {split} split: expected x [n, features] and y [n] with n > 0,"
+                    f" got x {x.shape} and y {y.shape}"
                 )
         if self.x_train.shape[1] != self.x_test.shape[1]:
             raise ValueError(f"{self.name}: train and test images have different sizes")
@@ -237,6 +237,8 @@ def _images(path: Path) -> np.ndarray:
         raise DatasetError(path, f"expected images [n, rows, cols], got shape {images.shape}")
     if images.dtype != np.uint8:
         raise DatasetError(path, f"expected uint8 pixels, got {images.dtype}")
+    if images.shape[0] == 0:
+        raise DatasetError(path, "holds no images")
     return images.reshape(images.shape[0], -1).astype(np.float32) / np.float32(255.0)
 
 

@@ -103,6 +103,11 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Normalise types so that equal settings compare (and hash, and round-trip through
+        # the checkpoint's JSON) equal: hidden=[30] and (30,), eta=1 and 1.0.
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "eta", float(self.eta))
+        object.__setattr__(self, "l2", float(self.l2))
         if self.cost not in COSTS:
             raise ValueError(f"cost must be one of {', '.join(COSTS)}; got {self.cost!r}")
         if self.optimizer not in OPTIMIZERS:
@@ -220,6 +225,8 @@ def per_example_cost(cost: str, logits: jax.Array, labels: jax.Array) -> jax.Arr
 
 def l2_penalty(params: Params, l2: float, n_train: int) -> jax.Array:
     r"""Nielsen's :math:`\frac{\lambda}{2n}\sum w^2`, over the weights only (biases are free)."""
+    if l2 == 0:
+        return jnp.zeros((), jnp.float32)  # keep the squares out of the compiled step
     total = sum(jnp.sum(jnp.square(layer["w"])) for layer in params)
     return (0.5 * l2 / n_train) * jnp.asarray(total)
 
@@ -475,6 +482,8 @@ def train(
         if path.is_file():
             state = restore_state(path, config, dataset)
             say(f"resumed from {path} after epoch {state.epoch}")
+            if state.epoch >= config.epochs:
+                say(f"nothing to train: the checkpoint is at epoch {state.epoch}/{config.epochs}")
         else:
             say(f"no checkpoint at {path}; starting from epoch 0")
     if state is None:
