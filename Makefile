@@ -26,6 +26,7 @@ typecheck: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/worked_example.py
+	$(PY) scripts/slowdown.py --out runs/demo/slowdown
 	$(PY) scripts/train.py --compare --out runs/demo
 
 benchmark: $(STAMP)
