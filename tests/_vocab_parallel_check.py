@@ -1,0 +1,213 @@
+"""Vocab-parallel and batch-sharded checks, run in a subprocess with 8 simulated CPU devices.
+
+``tests/test_vocab_parallel.py`` starts this script with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (the flag must be set before JAX
+starts, hence the separate process). Each check compares values and gradients of
+``linear_softmax_cross_entropy`` run across devices with the same call on one device, and
+prints one JSON line per check: ``{"name": ..., "max_err": ...}``. Any exception fails the
+run with a non-zero exit status.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/_vocab_parallel_check.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from softmax_jax.fused import linear_softmax_cross_entropy  # noqa: E402
+
+N, D, V = 32, 8, 64  # V divisible by 8 shards, N by 2 data shards
+IGNORE = -100
+
+
+def _inputs(dtype=jnp.float32):
+    kx, kw, kb, ky = jax.random.split(jax.random.PRNGKey(42), 4)
+    x = jax.random.normal(kx, (N, D), dtype)
+    w = (jax.random.normal(kw, (D, V)) * 0.7).astype(dtype)
+    b = (jax.random.normal(kb, (V,)) * 0.3).astype(dtype)
+    labels = jax.random.randint(ky, (N,), 0, V)
+    labels = labels.at[3].set(IGNORE).at[17].set(IGNORE)
+    return x, w, b, labels
+
+
+def _max_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = max(1.0, float(np.max(np.abs(b))))
+    return float(np.max(np.abs(a - b))) / scale
+
+
+def _report(name: str, got, want) -> float:
+    errs = [_max_err(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want),
+                                             strict=True)]
+    err = max(errs)
+    print(json.dumps({"name": name, "max_err": err}), flush=True)
+    return err
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.2},
+    "all": {"label_smoothing": 0.1, "z_loss": 1e-2, "soft_cap": 4.0},
+}
+
+
+def check_vocab_parallel(mesh: Mesh, data_axis: str | None, options: dict, reduction: str,
+                         blocks: dict) -> None:
+    """shard_map over (data x) vocab against the unsharded call: value and d/dx, dw, db."""
+    x, w, b, labels = _inputs()
+    kw = dict(options, ignore_index=IGNORE)
+    ct = jax.random.normal(jax.random.PRNGKey(7), (N,))
+
+    def unsharded(x, w, b):
+        out = linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction, **kw)
+        return jnp.sum(out * ct) if reduction == "none" else out
+
+    def local(x, w, b, labels, ct):
+        out = linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, axis_name="vocab", **kw, **blocks
+        )
+        if reduction == "none":
+            out = jnp.sum(out * ct)
+        # Sum over data shards; "mean" is over the local tokens, so combine with the local
+        # counts to get the global mean.
+        if data_axis is not None:
+            if reduction == "mean":
+                count = jnp.sum(labels != IGNORE).astype(out.dtype)
+                out = jax.lax.psum(out * count, data_axis) / jax.lax.psum(count, data_axis)
+            else:
+                out = jax.lax.psum(out, data_axis)
+        return out
+
+    tok = P(data_axis) if data_axis else P()
+    sharded = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(data_axis, None), P(None, "vocab"), P("vocab"), tok, tok),
+        out_specs=P(),
+    )
+
+    def sharded_fn(x, w, b):
+        return sharded(x, w, b, labels, ct)
+
+    want = jax.value_and_grad(unsharded, argnums=(0, 1, 2))(x, w, b)
+    got = jax.jit(jax.value_and_grad(sharded_fn, argnums=(0, 1, 2)))(x, w, b)
+    opts = "+".join(options) or "plain"
+    name = f"vocab_parallel mesh={dict(mesh.shape)} {reduction} {opts} {blocks}"
+    err = _report(name, got, want)
+    assert err < 1e-5, (name, err)
+
+
+def check_per_token_values(mesh: Mesh) -> None:
+    """reduction='none' output sharded over data: per-token values equal the unsharded."""
+    x, w, b, labels = _inputs()
+    want = linear_softmax_cross_entropy(x, w, labels, b, reduction="none", ignore_index=IGNORE,
+                                        label_smoothing=0.3)
+    f = jax.shard_map(
+        lambda x, w, b, y: linear_softmax_cross_entropy(
+            x, w, y, b, reduction="none", ignore_index=IGNORE, label_smoothing=0.3,
+            axis_name="vocab"),
+        mesh=mesh,
+        in_specs=(P("data", None), P(None, "vocab"), P("vocab"), P("data")),
+        out_specs=P("data"),
+    )
+    got = jax.jit(f)(x, w, b, labels)
+    err = _report("per-token values, data x vocab", got, want)
+    assert err < 1e-5, err
+
+
+def check_out_of_range_label(mesh: Mesh) -> None:
+    """A label >= global V is NaN even though it is < V on no shard and >= V_local on all."""
+    x, w, b, labels = _inputs()
+    labels = labels.at[5].set(V)  # out of range globally
+    f = jax.shard_map(
+        lambda x, w, b, y: linear_softmax_cross_entropy(
+            x, w, y, b, reduction="none", ignore_index=IGNORE, axis_name="vocab"),
+        mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P("vocab"), P()),
+        out_specs=P(),
+    )
+    got = np.asarray(jax.jit(f)(x, w, b, labels))
+    assert np.isnan(got[5]) and np.isfinite(np.delete(got, 5)).all(), got
+    print(json.dumps({"name": "out-of-range label is NaN", "max_err": 0.0}), flush=True)
+
+
+def check_batch_sharded_jit(mesh: Mesh) -> None:
+    """Plain jit with batch-sharded NamedSharding inputs: XLA's partitioner does the work."""
+    x, w, b, labels = _inputs()
+    kw = {"ignore_index": IGNORE, "label_smoothing": 0.1, "token_block": 8}
+
+    def loss(x, w, b, y):
+        return linear_softmax_cross_entropy(x, w, y, b, **kw)
+
+    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b, labels)
+    rows = NamedSharding(mesh, P(mesh.axis_names))
+    rep = NamedSharding(mesh, P())
+    xs, ys = jax.device_put(x, rows), jax.device_put(labels, rows)
+    ws, bs = jax.device_put(w, rep), jax.device_put(b, rep)
+    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(xs, ws, bs, ys)
+    got = compiled.compile()(xs, ws, bs, ys)
+    err = _report("jit, batch-sharded NamedSharding over 8 devices", got, want)
+    assert err < 1e-5, err
+    assert got[1][0].sharding.is_equivalent_to(rows, 2), got[1][0].sharding
+
+
+def check_bf16(mesh: Mesh) -> None:
+    """bf16 inputs under shard_map: gradients in bf16, close to the f32 unsharded result."""
+    x, w, b, labels = _inputs()
+    want = jax.value_and_grad(
+        lambda x, w, b: linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE),
+        argnums=(0, 1, 2),
+    )(x, w, b)
+    xb, wb, bb = (a.astype(jnp.bfloat16) for a in (x, w, b))
+    f = jax.shard_map(
+        lambda x, w, b, y: linear_softmax_cross_entropy(
+            x, w, y, b, ignore_index=IGNORE, axis_name="vocab"),
+        mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P("vocab"), P()),
+        out_specs=P(),
+    )
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(xb, wb, bb, labels)
+    assert got[0].dtype == jnp.float32, got[0].dtype
+    assert all(g.dtype == jnp.bfloat16 for g in got[1]), [g.dtype for g in got[1]]
+    err = _report("bf16 vocab-parallel vs f32", got, want)
+    assert err < 2e-2, err
+
+
+def main() -> int:
+    assert jax.device_count() == 8, jax.devices()
+    devices = np.array(jax.devices())
+    vocab_mesh = Mesh(devices, ("vocab",))
+    grid_mesh = Mesh(devices.reshape(2, 4), ("data", "vocab"))
+    for reduction in ("mean", "sum", "none"):
+        for opts in OPTIONS.values():
+            check_vocab_parallel(vocab_mesh, None, opts, reduction, {})
+            check_vocab_parallel(grid_mesh, "data", opts, reduction, {})
+    # Small blocks: several token blocks and two-pass vocabulary blocks on each shard.
+    for reduction in ("mean", "none"):
+        blocks = {"token_block": 8, "vocab_block": 4}
+        check_vocab_parallel(grid_mesh, "data", OPTIONS["all"], reduction, blocks)
+        check_vocab_parallel(vocab_mesh, None, OPTIONS["smoothing"], reduction, blocks)
+    check_per_token_values(grid_mesh)
+    check_out_of_range_label(vocab_mesh)
+    check_batch_sharded_jit(Mesh(devices, ("batch",)))
+    check_batch_sharded_jit(grid_mesh)
+    check_bf16(vocab_mesh)
+    print(json.dumps({"name": "done", "max_err": 0.0}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
