@@ -1,20 +1,23 @@
 r"""The softmax family and the sigmoid, each with its analytic ``custom_vjp`` rule.
 
 Every function computes in at least float32 (bf16/f16 inputs are upcast, the result is cast
-back) and is stable for any finite input: the exponentials are taken of ``x - max(x)``. The
-shift is the notes' :math:`F = -\max_k x_k` trick. It changes nothing mathematically,
+back) and is stable for any finite input. Stability comes from the notes'
+:math:`F = -\max_k x_k` shift, which changes nothing mathematically,
 
 .. math::
     \frac{e^{x_i + F}}{\sum_k e^{x_k + F}} = \frac{e^F e^{x_i}}{e^F \sum_k e^{x_k}}
     = \frac{e^{x_i}}{\sum_k e^{x_k}},
 
-but it keeps every exponent at or below zero, so nothing overflows and the largest term is
-exactly 1.
+but keeps every exponent at or below zero, so nothing overflows. Since any constant works,
+the shift is only paid for where it is needed: :class:`Normalizer` first sums the unshifted
+exponentials in one pass and falls back to the two-pass shifted sum when a row's sum leaves
+a safe range (see :meth:`Normalizer.of`).
 
 Each rule sits right below its function and names the formula it implements. The rules are
-written in differentiable ``jnp`` so that reverse-over-reverse (``jax.jacrev(jax.grad(f))``)
-works. Forward mode (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available for a
-``custom_vjp`` function: JAX raises a ``TypeError`` saying so.
+written in differentiable ``jnp``, so reverse-over-reverse (``jax.jacrev(jax.grad(f))``) and
+forward-over-reverse (``jax.hessian(f)``) both work. Forward mode applied to the function
+itself (``jax.jvp``, ``jax.jacfwd``) is not available for a ``custom_vjp`` function: JAX
+raises a ``TypeError`` saying so.
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
 class Normalizer(NamedTuple):
     r"""The softmax normaliser of each row, kept as two parts: :math:`\mathrm{lse} = m + \log s`.
 
-    ``m`` is the row maximum (0 for a row with no finite maximum) and ``log_s`` is
-    :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes:
+    ``m`` is the shift: 0 on the single-pass path of :meth:`of`, otherwise the row maximum
+    (0 for a row with no finite maximum); ``log_s`` is :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes:
     for a row of four entries of :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m``
     and :math:`e^{z - \mathrm{lse}}` would give 1 for every entry, whereas
     :math:`e^{(z - m) - \log s}` gives the right 1/4. Both arrays keep ``axis`` as size 1.

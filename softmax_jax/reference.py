@@ -4,7 +4,7 @@ r"""The plain textbook formulas, written as directly as possible and differentia
 Tests and benchmarks compare the library against these. They are deliberately naive: no
 masking, no dtype handling, no special cases. The one concession is the max shift, applied
 through ``lax.stop_gradient``: it leaves values and derivatives unchanged mathematically
-(the notes' :math:`F = -\max_k a_k` argument) and lets the references run at scales where
+(the notes' :math:`F = -\max_k z_k` argument) and lets the references run at scales where
 :math:`e^{x}` alone would overflow.
 """
 

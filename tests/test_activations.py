@@ -113,9 +113,18 @@ def test_hessian_through_reverse_over_reverse(x64):
     np.testing.assert_allclose(h, np.diag(a) - np.outer(a, a), atol=1e-12)
 
 
+def test_jax_hessian_forward_over_reverse_works(x64):
+    x = jax.random.normal(jax.random.PRNGKey(13), (6,), dtype=jnp.float64)
+    h = jax.hessian(lambda z: sj.softmax_cross_entropy_with_integer_labels(z, 3))(x)
+    a = _np_softmax(np.asarray(x))
+    np.testing.assert_allclose(h, np.diag(a) - np.outer(a, a), atol=1e-12)
+
+
 def test_forward_mode_is_refused_with_jax_error():
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jvp(sj.softmax, (jnp.ones(3),), (jnp.ones(3),))
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jacfwd(sj.logsumexp)(jnp.ones(3))
 
 
 # --- axis and masks -------------------------------------------------------------------------
