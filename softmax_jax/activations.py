@@ -51,10 +51,11 @@ class Normalizer(NamedTuple):
     r"""The softmax normaliser of each row, kept as two parts: :math:`\mathrm{lse} = m + \log s`.
 
     ``m`` is the shift: 0 on the single-pass path of :meth:`of`, otherwise the row maximum
-    (0 for a row with no finite maximum); ``log_s`` is :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes:
-    for a row of four entries of :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m``
-    and :math:`e^{z - \mathrm{lse}}` would give 1 for every entry, whereas
-    :math:`e^{(z - m) - \log s}` gives the right 1/4. Both arrays keep ``axis`` as size 1.
+    (0 for a row with no finite maximum); ``log_s`` is :math:`\log\sum_k e^{z_k - m}`.
+    Keeping the parts apart matters at large magnitudes: for a row of four entries of
+    :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and :math:`e^{z - \mathrm{lse}}`
+    would give 1 for every entry, whereas :math:`e^{(z - m) - \log s}` gives the right 1/4.
+    Both arrays keep ``axis`` as size 1.
     """
 
     m: jax.Array
