@@ -186,6 +186,26 @@ def check_bf16(mesh: Mesh) -> None:
     assert err < 2e-2, err
 
 
+def check_unchecked_shard_map_is_refused(mesh: Mesh) -> None:
+    """Without check_vma the varying axes are unknown, so cotangents could not be summed
+    correctly: the call refuses rather than return wrong gradients."""
+    x, w, b, labels = _inputs()
+    f = jax.shard_map(
+        lambda x, w, y: linear_softmax_cross_entropy(x, w, y, axis_name="vocab"),
+        mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P()),
+        out_specs=P(),
+        check_vma=False,
+    )
+    try:
+        jax.jit(f)(x, w, labels)
+    except ValueError as e:
+        assert "check_vma" in str(e), e
+    else:
+        raise AssertionError("check_vma=False was accepted")
+    print(json.dumps({"name": "check_vma=False is refused", "max_err": 0.0}), flush=True)
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     devices = np.array(jax.devices())
@@ -205,6 +225,7 @@ def main() -> int:
     check_batch_sharded_jit(Mesh(devices, ("batch",)))
     check_batch_sharded_jit(grid_mesh)
     check_bf16(vocab_mesh)
+    check_unchecked_shard_map_is_refused(vocab_mesh)
     print(json.dumps({"name": "done", "max_err": 0.0}), flush=True)
     return 0
 

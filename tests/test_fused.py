@@ -1,0 +1,362 @@
+"""linear_softmax_cross_entropy against the unfused formula: x @ w + b, soft cap, core loss."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from _residuals import saved_residuals
+
+import softmax_jax as sj
+from softmax_jax.fused import linear_softmax_cross_entropy
+
+N, D, V = 37, 12, 101  # deliberately not multiples of any block size
+IGNORE = -100
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.15},
+    "z_loss": {"z_loss": 1e-2},
+    "soft_cap": {"soft_cap": 3.0},
+    "all": {"ignore_index": IGNORE, "label_smoothing": 0.3, "z_loss": 1e-3, "soft_cap": 5.0},
+}
+# auto: whole rows held (one token block); rows: whole rows, several padded token blocks;
+# two_pass: recomputed vocabulary blocks with a ragged last block.
+BLOCKS = {
+    "auto": {},
+    "rows": {"token_block": 8},
+    "two_pass": {"token_block": 16, "vocab_block": 24},
+}
+
+
+def _inputs(dtype=jnp.float32, n=N, d=D, v=V, seed=0):
+    kx, kw, kb, ky = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (n, d)).astype(dtype)
+    w = (jax.random.normal(kw, (d, v)) * 0.8).astype(dtype)
+    b = (jax.random.normal(kb, (v,)) * 0.5).astype(dtype)
+    labels = jax.random.randint(ky, (n,), 0, v)
+    labels = labels.at[3].set(IGNORE).at[n - 1].set(IGNORE)
+    return x, w, b, labels
+
+
+def unfused(x, w, labels, b=None, *, reduction="mean", soft_cap=None, ignore_index=None,
+            **kw):
+    """The reference: materialised logits, the optional cap, then the core loss."""
+    z = x @ w
+    if b is not None:
+        z = z + b
+    if soft_cap is not None:
+        z = soft_cap * jnp.tanh(z / soft_cap)
+    per = sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=ignore_index, **kw)
+    if reduction == "none":
+        return per
+    per = per.astype(jnp.promote_types(per.dtype, jnp.float32))
+    if reduction == "sum":
+        return per.sum()
+    count = labels.shape[0] if ignore_index is None else jnp.sum(labels != ignore_index)
+    return per.sum() / jnp.maximum(count, 1)
+
+
+def _value_and_grads(fn, x, w, b, reduction, cot):
+    """Value and gradients for x, w, b; "none" is contracted with the cotangent ``cot``."""
+
+    def scalar(x, w, b):
+        out = fn(x, w, b)
+        return (jnp.sum(out.astype(jnp.float32) * cot), out) if reduction == "none" else (
+            out, out)
+
+    vg = jax.jit(jax.value_and_grad(scalar, argnums=(0, 1, 2), has_aux=True))
+    (_, out), grads = vg(x, w, b)
+    return out, grads
+
+
+def _assert_close(got, want, rtol, atol):
+    for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g64, w64 = np.asarray(g, np.float64), np.asarray(w_, np.float64)
+        scale = max(1.0, float(np.max(np.abs(w64))))
+        np.testing.assert_allclose(g64, w64, rtol=rtol, atol=atol * scale)
+
+
+def _labels_for(opts, labels):
+    # Without ignore_index, -100 would be an out-of-range label (NaN): use valid ones.
+    return labels if "ignore_index" in opts else jnp.abs(labels) % V
+
+
+# --- values and gradients against the unfused formula -----------------------------------------
+
+
+def _check_against_unfused(reduction, opts, blocks):
+    x, w, b, labels = _inputs()
+    labels = _labels_for(opts, labels)
+    cot = jax.random.normal(jax.random.PRNGKey(9), (N,))
+    got = _value_and_grads(
+        lambda x, w, b: linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, **opts, **blocks),
+        x, w, b, reduction, cot)
+    want = _value_and_grads(
+        lambda x, w, b: unfused(x, w, labels, b, reduction=reduction, **opts),
+        x, w, b, reduction, cot)
+    _assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("opts", OPTIONS.values(), ids=OPTIONS.keys())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_each_option_matches_unfused_float32(reduction, opts):
+    """Every option alone (and all together, with ignore_index), on the two-pass path."""
+    _check_against_unfused(reduction, opts, BLOCKS["two_pass"])
+
+
+@pytest.mark.parametrize("blocks", BLOCKS.values(), ids=BLOCKS.keys())
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_each_block_layout_matches_unfused_float32(reduction, blocks):
+    """Held rows in one or several (padded) token blocks, and recomputed vocabulary blocks."""
+    _check_against_unfused(reduction, OPTIONS["all"], blocks)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_without_bias_matches_optax(reduction):
+    x, w, _, labels = _inputs()
+    labels = jnp.abs(labels) % V
+    per = optax.softmax_cross_entropy_with_integer_labels(x @ w, labels)
+    want = per.mean() if reduction == "mean" else per
+    got = linear_softmax_cross_entropy(x, w, labels, reduction=reduction)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    gx, gw = jax.grad(lambda x, w: linear_softmax_cross_entropy(x, w, labels), (0, 1))(x, w)
+    ox, ow = jax.grad(
+        lambda x, w: optax.softmax_cross_entropy_with_integer_labels(x @ w, labels).mean(),
+        (0, 1))(x, w)
+    _assert_close((gx, gw), (ox, ow), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "reduction,blocks",
+    [("mean", BLOCKS["auto"]), ("sum", BLOCKS["two_pass"]), ("none", BLOCKS["rows"])],
+    ids=["mean-auto", "sum-two_pass", "none-rows"],
+)
+def test_matches_unfused_float64(x64, reduction, blocks):
+    x, w, b, labels = (a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a
+                       for a in _inputs())
+    opts = OPTIONS["all"]
+    cot = jax.random.normal(jax.random.PRNGKey(9), (N,), jnp.float64)
+    got = _value_and_grads(
+        lambda x, w, b: linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, **opts, **blocks),
+        x, w, b, reduction, cot)
+    want = _value_and_grads(
+        lambda x, w, b: unfused(x, w, labels, b, reduction=reduction, **opts),
+        x, w, b, reduction, cot)
+    assert got[0].dtype == jnp.float64
+    assert all(g.dtype == jnp.float64 for g in got[1])
+    _assert_close(got, want, rtol=1e-11, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "reduction,blocks",
+    [("mean", BLOCKS["rows"]), ("none", BLOCKS["two_pass"])],
+    ids=["mean-rows", "none-two_pass"],
+)
+def test_half_precision(reduction, blocks, dtype):
+    """bf16/f16 inputs: math in f32, gradients in the input dtype, close to the f32 result
+    on the same (rounded) inputs."""
+    x, w, b, labels = _inputs(dtype)
+    opts = OPTIONS["all"]
+    cot = jax.random.normal(jax.random.PRNGKey(9), (N,))
+    got = _value_and_grads(
+        lambda x, w, b: linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, **opts, **blocks),
+        x, w, b, reduction, cot)
+    x32, w32, b32 = (a.astype(jnp.float32) for a in (x, w, b))
+    want = _value_and_grads(
+        lambda x, w, b: unfused(x, w, labels, b, reduction=reduction, **opts),
+        x32, w32, b32, reduction, cot)
+    loss, grads = got
+    assert loss.dtype == (dtype if reduction == "none" else jnp.float32)
+    assert [g.dtype for g in grads] == [dtype] * 3
+    tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
+    # Values: f32 inside, so only the final rounding of "none" to the input dtype differs.
+    _assert_close(loss, want[0], rtol=tol, atol=tol)
+    # Gradients: accumulated in f32, then rounded once to the input dtype.
+    _assert_close(grads, want[1], rtol=tol, atol=tol)
+
+
+def test_half_precision_reduction_is_not_rounded_to_bf16():
+    x, w, b, labels = _inputs(jnp.bfloat16)
+    got = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE)
+    want = unfused(*(a.astype(jnp.float32) for a in (x, w)), labels, b.astype(jnp.float32),
+                   ignore_index=IGNORE)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_mixed_input_dtypes_keep_each_gradient_dtype():
+    x, w, b, labels = _inputs()
+    x = x.astype(jnp.bfloat16)
+    grads = jax.grad(
+        lambda x, w, b: linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE),
+        argnums=(0, 1, 2))(x, w, b)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
+
+
+# --- ignore_index, invalid labels, reductions ----------------------------------------------
+
+
+def test_ignored_tokens_have_zero_loss_and_no_gradient():
+    x, w, b, labels = _inputs()
+    per = linear_softmax_cross_entropy(x, w, labels, b, reduction="none", ignore_index=IGNORE)
+    assert per[3] == 0 and per[N - 1] == 0
+    # Changing an ignored token's input changes nothing, and its dx row is 0.
+    gx = jax.grad(lambda x: linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE))(x)
+    np.testing.assert_array_equal(gx[3], 0.0)
+    x2 = x.at[3].set(1e3)
+    a = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE)
+    c = linear_softmax_cross_entropy(x2, w, labels, b, ignore_index=IGNORE)
+    assert a == c
+
+
+def test_mean_divides_by_the_number_of_counted_tokens():
+    x, w, b, labels = _inputs()
+    per = linear_softmax_cross_entropy(x, w, labels, b, reduction="none", ignore_index=IGNORE)
+    mean = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE)
+    total = linear_softmax_cross_entropy(x, w, labels, b, reduction="sum", ignore_index=IGNORE)
+    np.testing.assert_allclose(mean, per.sum() / (N - 2), rtol=1e-6)
+    np.testing.assert_allclose(total, per.sum(), rtol=1e-6)
+
+
+def test_all_ignored_mean_is_zero_with_zero_gradients():
+    x, w, b, _ = _inputs()
+    labels = jnp.full((N,), IGNORE)
+    loss, grads = jax.value_and_grad(
+        lambda x, w, b: linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE),
+        argnums=(0, 1, 2))(x, w, b)
+    assert loss == 0.0
+    for g in grads:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+@pytest.mark.parametrize(
+    "bad,blocks", [(V, BLOCKS["auto"]), (-1, BLOCKS["rows"]), (10**6, BLOCKS["two_pass"])]
+)
+def test_out_of_range_label_gives_nan(bad, blocks):
+    x, w, b, labels = _inputs()
+    labels = labels.at[5].set(bad)
+    per = linear_softmax_cross_entropy(x, w, labels, b, reduction="none", ignore_index=IGNORE,
+                                       **blocks)
+    assert np.isnan(per[5])
+    assert np.isfinite(np.delete(np.asarray(per), 5)).all()
+    assert np.isnan(linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE, **blocks))
+    gx = jax.grad(lambda x: linear_softmax_cross_entropy(
+        x, w, labels, b, reduction="none", ignore_index=IGNORE, **blocks).sum())(x)
+    assert np.isnan(gx[5]).all() and np.isfinite(np.delete(np.asarray(gx), 5, axis=0)).all()
+
+
+def test_large_logits_stay_finite():
+    x, w, b, labels = _inputs()
+    x = 300.0 * x  # logits in the thousands: exp would overflow without the max shift
+    labels = jnp.abs(labels) % V
+    loss, grads = jax.value_and_grad(
+        lambda x, w, b: linear_softmax_cross_entropy(x, w, labels, b, token_block=8,
+                                                     vocab_block=24), argnums=(0, 1, 2))(x, w, b)
+    assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads)
+    want = unfused(x, w, labels, b)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_traced_hyperparameters_under_jit():
+    x, w, b, labels = _inputs()
+
+    @jax.jit
+    def f(eps, lam, cap):
+        return linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE,
+                                            label_smoothing=eps, z_loss=lam, soft_cap=cap)
+
+    got = f(0.3, 1e-3, 5.0)
+    want = unfused(x, w, labels, b, **OPTIONS["all"])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def test_compiled_gradient_holds_no_n_by_v_buffer():
+    n, d, v = 1024, 32, 8192
+    x, w, _, labels = _inputs(n=n, d=d, v=v)
+    labels = jnp.abs(labels) % v
+    fused = jax.value_and_grad(
+        lambda x, w: linear_softmax_cross_entropy(x, w, labels, token_block=64), (0, 1))
+    plain = jax.value_and_grad(lambda x, w: unfused(x, w, labels), (0, 1))
+    temp = {
+        name: jax.jit(f).lower(x, w).compile().memory_analysis().temp_size_in_bytes
+        for name, f in [("fused", fused), ("plain", plain)]
+    }
+    logits_bytes = n * v * 4
+    assert temp["plain"] >= logits_bytes
+    assert temp["fused"] < logits_bytes / 4, temp
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_saved_residuals_are_small(reduction):
+    """Reverse mode keeps no N x V array: "mean" keeps the three gradients, "none" the inputs
+    and two numbers per token."""
+    x, w, b, labels = _inputs()
+    res = saved_residuals(
+        lambda x, w, b: linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, ignore_index=IGNORE).sum(),
+        x, w, b)
+    for shape, _ in res:
+        assert int(np.prod(shape)) <= max(D * V, N * D), res
+        assert shape not in ((N, V), (V, N)), res
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _call(**overrides):
+    x, w, b, labels = _inputs()
+    args = {"x": x, "w": w, "labels": labels, "b": b} | overrides
+    return linear_softmax_cross_entropy(
+        args.pop("x"), args.pop("w"), args.pop("labels"), args.pop("b"), **args)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        ({"x": jnp.ones((N,))}, ValueError, r"x must be a 2-D \[N, D\].*\(37,\)"),
+        ({"x": jnp.ones((N, D), jnp.int32)}, TypeError, "x must be a floating-point"),
+        ({"w": jnp.ones((V, D))}, ValueError, r"w must be \[D, V\] with D = x.shape\[1\] = 12"),
+        ({"w": jnp.ones((D,))}, ValueError, r"w must be a 2-D \[D, V\]"),
+        ({"labels": jnp.ones((N,))}, TypeError, "labels must be an integer array"),
+        ({"labels": jnp.ones((N, 1), jnp.int32)}, ValueError, r"labels must be a 1-D \[N\]"),
+        ({"labels": jnp.ones((N + 1,), jnp.int32)}, ValueError, r"labels.shape=\(38,\)"),
+        ({"b": jnp.ones((V + 1,))}, ValueError, r"b must be a 1-D \[V\].*\(102,\)"),
+        ({"b": jnp.ones((V,), jnp.int32)}, TypeError, "b must be a floating-point"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, ValueError, r"label_smoothing must lie in \[0, 1\]"),
+        ({"label_smoothing": -0.1}, ValueError, "label_smoothing"),
+        ({"z_loss": -1.0}, ValueError, "z_loss"),
+        ({"soft_cap": 0.0}, ValueError, "soft_cap must be > 0"),
+        ({"soft_cap": -2.0}, ValueError, "soft_cap must be > 0"),
+        ({"token_block": 0}, ValueError, "token_block must be a positive int"),
+        ({"vocab_block": 2.5}, ValueError, "vocab_block must be a positive int"),
+        ({"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
+        ({"axis_name": "vocab"}, ValueError, "axis_name='vocab'.*shard_map"),
+        ({"x": jnp.ones((0, D))}, ValueError, "at least one token"),
+    ],
+)
+def test_bad_arguments_raise_at_call_time(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_integer_label_dtypes_are_accepted():
+    x, w, b, labels = _inputs()
+    labels = jnp.abs(labels) % V
+    want = linear_softmax_cross_entropy(x, w, labels, b)
+    for dt in (jnp.int8, jnp.uint8, jnp.int16, jnp.uint32):
+        small = (labels % 100).astype(dt)
+        got = linear_softmax_cross_entropy(x, w, small, b)
+        np.testing.assert_allclose(
+            got, linear_softmax_cross_entropy(x, w, small.astype(jnp.int32), b), rtol=1e-6)
+    assert np.isfinite(want)
