@@ -3,10 +3,12 @@
 Every function is pure, jit-compiled and differentiable in reverse mode through a
 ``jax.custom_vjp`` rule that implements the textbook derivative (for example the
 cross-entropy gradient ``a - y``), so users get exact, memory-lean gradients inside their own
-training loops.
+training loops. ``linear_softmax_cross_entropy`` fuses the output layer with the loss so that
+the N x V logits of a large vocabulary are never materialised.
 """
 
 from softmax_jax.activations import log_softmax, logsumexp, sigmoid, softmax
+from softmax_jax.fused import linear_softmax_cross_entropy
 from softmax_jax.losses import (
     log_likelihood,
     quadratic_cost,
@@ -18,6 +20,7 @@ from softmax_jax.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "linear_softmax_cross_entropy",
     "log_likelihood",
     "log_softmax",
     "logsumexp",
