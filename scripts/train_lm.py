@@ -1,0 +1,183 @@
+"""Trains a small next-token model on Python's standard library with the fused 32k-vocab head.
+
+Word-level tokens of the interpreter's own .py files (nothing to download), Bengio's neural
+language model (context embeddings -> GELU layer -> softmax over the vocabulary), and
+softmax_jax's linear_softmax_cross_entropy as the output layer, so the batch x vocab logits
+are never materialised. Batches are sharded over the local devices with NamedSharding under
+jax.jit (data parallel).
+
+Examples:
+
+    python scripts/train_lm.py                          # 32k vocab, 300 steps, all devices
+    python scripts/train_lm.py --devices 8              # 8 simulated CPU devices
+    python scripts/train_lm.py --steps 50 --vocab 8000 --max-files 200 --out runs/lm_small
+
+Writes DIR/metrics.json (settings, corpus statistics, per-step loss, held-out evaluations,
+final held-out perplexity and the unigram baseline) and DIR/loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="train_lm.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--vocab", type=int, default=32000,
+                      help="vocabulary size including <unk> (default 32000)")
+    data.add_argument("--max-files", type=int, default=None,
+                      help="use this many stdlib files, evenly spaced (default: all)")
+    data.add_argument("--heldout-every", type=int, default=20,
+                      help="hold out every N-th file (default 20)")
+    model = parser.add_argument_group("model and training")
+    model.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
+    model.add_argument("--embed", type=int, default=64, help="embedding width (default 64)")
+    model.add_argument("--hidden", type=int, default=256,
+                       help="width of the state fed to the head (default 256)")
+    model.add_argument("--batch-size", type=int, default=1024,
+                       help="tokens per step, split over the devices (default 1024)")
+    model.add_argument("--steps", type=int, default=300, help="default 300")
+    model.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    model.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
+    model.add_argument("--z-loss", type=float, default=0.0, help="default 0")
+    model.add_argument("--seed", type=int, default=0, help="default 0")
+    run = parser.add_argument_group("run")
+    run.add_argument("--devices", type=int, default=None,
+                     help="data-parallel devices (default: all); on CPU this many host"
+                          " devices are simulated")
+    run.add_argument("--eval-every", type=int, default=50,
+                     help="held-out evaluation interval in steps (default 50)")
+    run.add_argument("--eval-positions", type=int, default=8192,
+                     help="held-out positions per interval evaluation (default 8192)")
+    run.add_argument("--final-eval-positions", type=int, default=65536,
+                     help="held-out positions for the final perplexity (default 65536)")
+    run.add_argument("--out", type=Path, default=Path("runs/lm"), help="default runs/lm")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.devices is not None and args.devices < 1:
+        parser.error(f"--devices must be positive, got {args.devices}")
+    if args.max_files is not None and args.max_files < 2:
+        parser.error(f"--max-files must be at least 2, got {args.max_files}")
+    if args.heldout_every < 2:
+        parser.error(f"--heldout-every must be at least 2, got {args.heldout_every}")
+    if args.devices is not None and args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
+        )
+    return args
+
+
+def _simulate_host_devices(n: int) -> None:
+    """Asks XLA for ``n`` CPU devices; only effective before JAX initialises."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(
+        f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    if args.devices is not None:
+        _simulate_host_devices(args.devices)
+
+    import jax
+
+    from softmax_jax.experiments import lm
+    from softmax_jax.experiments.checkpoint import atomic_write_json
+
+    try:
+        cfg = lm.LMConfig(
+            vocab_size=args.vocab,
+            context=args.context,
+            embed_dim=args.embed,
+            hidden=args.hidden,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            learning_rate=args.lr,
+            label_smoothing=args.label_smoothing,
+            z_loss=args.z_loss,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            eval_positions=args.eval_positions,
+            final_eval_positions=args.final_eval_positions,
+        )
+        mesh = lm.make_mesh(args.devices)
+        if cfg.batch_size % mesh.size:
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
+            )
+    except ValueError as exc:
+        print(f"train_lm.py: error: {exc}", file=sys.stderr)
+        return 2
+
+    progress = not args.no_progress and sys.stderr.isatty()
+    if progress:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write
+    else:
+        log = print
+
+    try:
+        corpus = lm.load_corpus(cfg.vocab_size, args.max_files, args.heldout_every)
+    except lm.CorpusError as exc:
+        print(f"train_lm.py: error: {exc}", file=sys.stderr)
+        return 1
+    stats = corpus.describe()
+    if stats["vocab_size"] < cfg.vocab_size:
+        print(
+            f"train_lm.py: error: the training text has only {stats['vocab_size'] - 1} distinct"
+            f" tokens, fewer than --vocab {cfg.vocab_size} - 1; lower --vocab",
+            file=sys.stderr,
+        )
+        return 1
+    log(
+        f"stdlib corpus: {stats['train_tokens']:,} training tokens from {stats['train_files']}"
+        f" files, {stats['heldout_tokens']:,} held-out tokens from {stats['heldout_files']}"
+        f" files; vocabulary {stats['vocab_size']:,} (held-out <unk> rate"
+        f" {stats['heldout_unk_rate']:.1%})"
+    )
+    log(
+        f"{mesh.size} {jax.default_backend()} device(s), batch {cfg.batch_size}"
+        f" ({cfg.batch_size // mesh.size} per device), head {cfg.hidden} x {cfg.vocab_size}"
+    )
+    unigram = lm.unigram_perplexity(corpus)
+    try:
+        result = lm.train(cfg, corpus, mesh, progress=progress, log=log)
+        summary = result.summary() | {
+            "corpus": stats,
+            "unigram_heldout_perplexity": unigram,
+            "backend": jax.default_backend(),
+        }
+        atomic_write_json(args.out / "metrics.json", summary)
+        lm.plot_losses(result, args.out / "loss.png")
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else args.out
+        print(f"train_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ntrain_lm.py: interrupted", file=sys.stderr)
+        return 130
+    print(
+        f"held-out perplexity {result.final['perplexity']:.2f}"
+        f" (unigram baseline {unigram:.2f})"
+    )
+    elapsed = time.perf_counter() - start
+    print(f"wrote {args.out}/metrics.json and loss.png; done in {elapsed:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
