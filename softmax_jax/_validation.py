@@ -46,6 +46,15 @@ def check_same_shape(name_a: str, a: jax.Array, name_b: str, b: jax.Array) -> No
         )
 
 
+def as_float_pair(
+    name_a: str, a: jax.typing.ArrayLike, name_b: str, b: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+    """Both arguments as floating-point arrays of one shape (an element-wise loss's inputs)."""
+    arr_a, arr_b = as_float_array(name_a, a), as_float_array(name_b, b)
+    check_same_shape(name_a, arr_a, name_b, arr_b)
+    return arr_a, arr_b
+
+
 def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
     """Returns ``axis`` as a non-negative int, checking its type and range."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):

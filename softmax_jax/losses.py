@@ -441,9 +441,7 @@ def log_likelihood(probs: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) ->
       >>> print(sj.log_likelihood(a, jnp.array([0.0, 1.0, 0.0])))
       1.4076
     """
-    probs = _v.as_float_array("probs", probs)
-    labels = _v.as_float_array("labels", labels)
-    _v.check_same_shape("probs", probs, "labels", labels)
+    probs, labels = _v.as_float_pair("probs", probs, "labels", labels)
     _v.canonical_axis(-1, probs.ndim, "probs")
     return _log_likelihood_jit(probs, labels)
 
@@ -511,9 +509,7 @@ def sigmoid_binary_cross_entropy(
       >>> print(jax.grad(lambda z: sj.sigmoid_binary_cross_entropy(z, 0.0))(2.0))
       0.8808
     """
-    logits = _v.as_float_array("logits", logits)
-    labels = _v.as_float_array("labels", labels)
-    _v.check_same_shape("logits", logits, "labels", labels)
+    logits, labels = _v.as_float_pair("logits", logits, "labels", labels)
     return _sigmoid_bce_jit(logits, labels)
 
 
@@ -572,8 +568,6 @@ def quadratic_cost(
       >>> print(sj.quadratic_cost(jnp.array([0.82, 0.5]), jnp.array([0.0, 0.5])))
       0.3362
     """
-    activations = _v.as_float_array("activations", activations)
-    targets = _v.as_float_array("targets", targets)
-    _v.check_same_shape("activations", activations, "targets", targets)
+    activations, targets = _v.as_float_pair("activations", activations, "targets", targets)
     _v.canonical_axis(-1, activations.ndim, "activations")
     return _quadratic_jit(activations, targets)
