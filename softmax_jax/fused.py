@@ -56,9 +56,14 @@ Under plain :func:`jax.jit` with batch-sharded ``NamedSharding`` inputs nothing 
 needed: token blocks are taken as strided rows, so a block spans every data shard and XLA's
 SPMD partitioner keeps each device on its own rows.
 
-Limitations: no forward-mode differentiation (a ``custom_vjp``) and no second-order
-derivatives (the gradient rule is not itself differentiated; use the unfused
-:func:`softmax_jax.softmax_cross_entropy_with_integer_labels` for Hessian-vector products).
+Limitations: reverse mode only (``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` raise, as
+for any ``custom_vjp``). Second-order derivatives are not a goal: reverse-over-reverse
+(``jax.grad`` of a function of the gradient) does differentiate the blockwise rules, which
+are plain ``jnp``, and agrees with the unfused loss in the tests, but it keeps what those
+loops need for their own reverse pass, so the memory savings are gone. Use the unfused
+:func:`softmax_jax.softmax_cross_entropy_with_integer_labels` for Hessian-vector products.
+With ``axis_name``, ``shard_map`` must run with its default ``check_vma=True`` (the varying
+axes decide which cotangents are summed); the call refuses otherwise.
 """
 
 from __future__ import annotations
@@ -262,9 +267,9 @@ def _logits_block(
     params: _Params,
     cfg: _Config,
     ct: np.dtype,
-) -> tuple[jax.Array, jax.Array | None]:
+) -> jax.Array:
     """Logits ``[tokens, width]`` of columns ``start:start+width`` in ``ct``, soft-capped
-    when asked; also returns ``tanh(z / cap)`` (for the chain-rule factor) or None."""
+    when asked."""
     w_j = _cols(w, start, width)
     if w_j.dtype != x_c.dtype:
         w_j = w_j.astype(jnp.promote_types(w_j.dtype, x_c.dtype))
@@ -272,10 +277,9 @@ def _logits_block(
     z = _matmul(x_c, w_j, (1, 0), ct)
     if b is not None:
         z = z + _cols(b, start, width).astype(ct)
-    if not cfg.capped:
-        return z, None
-    t = jnp.tanh(z / params.cap)
-    return params.cap * t, t
+    if cfg.capped:
+        z = params.cap * jnp.tanh(z / params.cap)
+    return z
 
 
 def _target_mask(loc: jax.Array, width: int) -> jax.Array:
@@ -300,7 +304,6 @@ def _row_terms(
 
 def _delta(
     c: jax.Array,
-    t: jax.Array | None,
     loc: jax.Array,
     m: jax.Array,
     log_s: jax.Array,
@@ -311,7 +314,8 @@ def _delta(
 ) -> jax.Array:
     r"""``r_i * dloss/dz`` for one block:
     :math:`a(1 + 2\lambda\,\mathrm{lse}) - (1 - \epsilon)\,\mathrm{onehot}(y) - \epsilon / V`,
-    times :math:`1 - \tanh^2(z/\mathrm{cap})` under a soft cap."""
+    times :math:`1 - \tanh^2(z/\mathrm{cap}) = 1 - (c/\mathrm{cap})^2` under a soft cap
+    (``c`` being the capped logit, so nothing beyond the logits needs keeping)."""
     a = jnp.exp((c - m[:, None]) - log_s[:, None])
     if cfg.zloss:
         a = a * (1.0 + 2.0 * params.lam * (m + log_s))[:, None]
@@ -319,8 +323,8 @@ def _delta(
     d = a - jnp.where(_target_mask(loc, c.shape[1]), hit, 0.0)
     if cfg.smoothing:
         d = d - params.eps / v_global
-    if t is not None:
-        d = d * (1.0 - jnp.square(t))
+    if cfg.capped:
+        d = d * (1.0 - jnp.square(c / params.cap))
     # where, not a product: rows with r = 0 (ignored, padding) may hold inf or NaN.
     return jnp.where(r[:, None] == 0, 0.0, r[:, None] * d)
 
@@ -426,17 +430,17 @@ def _blockwise(
         tok = [take(a, k) for a in tok_views]
         loc, sc = tok[0], tok[1]
         r_c = tok[2] if want_grad else None
-        held: tuple[jax.Array, jax.Array | None] | None = None
+        held: jax.Array | None = None
 
         if want_stats:
             if hold_rows:
                 held = _logits_block(x_c, w, b, 0, v, params, cfg, ct)
-                m, s, zy, zs = _row_terms(held[0], loc, v, cfg.smoothing)
+                m, s, zy, zs = _row_terms(held, loc, v, cfg.smoothing)
             else:
 
                 def stats_body(acc, start, width):
                     m0, s0, zy0, zs0 = acc
-                    c, _ = _logits_block(x_c, w, b, start, width, params, cfg, ct)
+                    c = _logits_block(x_c, w, b, start, width, params, cfg, ct)
                     bm, bs, bzy, bzs = _row_terms(c, loc - start, width, cfg.smoothing)
                     m1 = jnp.maximum(m0, bm)
                     s1 = s0 * jnp.exp(m0 - m1) + bs * jnp.exp(bm - m1)
@@ -466,11 +470,10 @@ def _blockwise(
             def grad_body(acc, start, width):
                 dx0, dw0, db0 = acc
                 if held is not None:
-                    c = _cols(held[0], start, width)
-                    t = None if held[1] is None else _cols(held[1], start, width)
+                    c = _cols(held, start, width)
                 else:
-                    c, t = _logits_block(x_c, w, b, start, width, params, cfg, ct)
-                delta = _delta(c, t, loc - start, m, log_s, r_c, params, v_global, cfg)
+                    c = _logits_block(x_c, w, b, start, width, params, cfg, ct)
+                delta = _delta(c, loc - start, m, log_s, r_c, params, v_global, cfg)
                 w_j = _cols(w, start, width).astype(ct)
                 dx1 = dx0 + _matmul(delta, w_j, (1, 1), ct)
                 dw1 = _add_cols(dw0, start, _matmul(x_ct, delta, (0, 0), ct))
@@ -678,7 +681,8 @@ def linear_softmax_cross_entropy(
         \frac{\partial\ell}{\partial b} = \textstyle\sum_i \delta_i .
 
     Only ``token_block x vocab_block`` logits exist at any time (see the module docstring
-    for the algorithm). Reverse mode only; second-order derivatives are not supported.
+    for the algorithm). Reverse mode only; second-order derivatives are not a supported use
+    (see the module docstring).
 
     Args:
       x: ``[N, D]`` floating-point inputs of the output layer (hidden states).
@@ -695,7 +699,9 @@ def linear_softmax_cross_entropy(
       z_loss: :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
       soft_cap: optional :math:`\mathrm{cap} > 0` for Gemma-style logit soft-capping.
       axis_name: the ``shard_map`` mesh axis (or tuple of axes) over which ``w`` and ``b``
-        are sharded along the vocabulary; None when the vocabulary is not sharded.
+        are sharded along the vocabulary (``check_vma=True``, the default, is required);
+        None when the vocabulary is not sharded. ``labels`` stay global ids; any other mesh
+        axis (a data axis) is left alone, so ``"mean"`` is over this device's tokens.
       token_block: rows of ``x`` per block. Default: about ``2**23 / V`` when whole rows
         are held (a 32 MiB float32 block), else 1024.
       vocab_block: vocabulary columns per block. At least ``V`` means whole rows are held

@@ -360,3 +360,27 @@ def test_integer_label_dtypes_are_accepted():
         np.testing.assert_allclose(
             got, linear_softmax_cross_entropy(x, w, small.astype(jnp.int32), b), rtol=1e-6)
     assert np.isfinite(want)
+
+
+# --- differentiation modes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_reverse_over_reverse_agrees_with_unfused(reduction):
+    x, w, b, labels = _inputs(n=6, d=4, v=7)
+    labels = jnp.abs(labels) % 7
+
+    def grad_norm(loss):
+        return lambda x: jnp.sum(jax.grad(lambda x: loss(x).sum())(x) ** 2)
+
+    got = jax.grad(grad_norm(
+        lambda x: linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction)))(x)
+    want = jax.grad(grad_norm(lambda x: unfused(x, w, labels, b, reduction=reduction)))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_mode_raises():
+    x, w, b, labels = _inputs(n=6, d=4, v=7)
+    labels = jnp.abs(labels) % 7
+    with pytest.raises(TypeError):
+        jax.jvp(lambda x: linear_softmax_cross_entropy(x, w, labels, b), (x,), (x,))
