@@ -19,14 +19,12 @@ hits both alike. Ratios below 1 mean the fused loss is smaller or faster.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
+from benchmark import compile_fn, interleaved_medians  # the same timing for every table
 
 from softmax_jax.fused import linear_softmax_cross_entropy
 
@@ -43,29 +41,6 @@ def _anchor(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _fused(x: jax.Array, w: jax.Array, labels: jax.Array) -> jax.Array:
     return linear_softmax_cross_entropy(x, w, labels)
-
-
-def _compile(fn: Callable[..., jax.Array], args: tuple) -> tuple[Callable[..., object], int]:
-    """value_and_grad of ``fn`` w.r.t. ``x`` and ``w``, compiled; and its temp bytes."""
-    compiled = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    return compiled, temp
-
-
-def _interleaved_medians(
-    fns: list[Callable[..., object]], args: tuple, repeats: int, warmup: int = 1
-) -> list[float]:
-    for fn in fns:
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def _inputs(n: int, d: int, v: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -85,8 +60,8 @@ def run_fused_benchmarks(repeats: int = 15) -> list[dict]:
     rows = []
     for n, d, v, mem_target, time_target in CASES:
         args = _inputs(n, d, v)
-        anchor, anchor_temp = _compile(_anchor, args)
-        fused, fused_temp = _compile(_fused, args)
+        anchor, anchor_temp = compile_fn(jax.value_and_grad(_anchor, argnums=(0, 1)), args)
+        fused, fused_temp = compile_fn(jax.value_and_grad(_fused, argnums=(0, 1)), args)
         # Same numbers on both sides, or the comparison means nothing.
         (la, (dxa, dwa)), (lf, (dxf, dwf)) = anchor(*args), fused(*args)
         err = max(
@@ -94,7 +69,7 @@ def run_fused_benchmarks(repeats: int = 15) -> list[dict]:
             float(jnp.max(jnp.abs(dxa - dxf)) / jnp.max(jnp.abs(dxa))),
             float(jnp.max(jnp.abs(dwa - dwf)) / jnp.max(jnp.abs(dwa))),
         )
-        t_anchor, t_fused = _interleaved_medians([anchor, fused], args, repeats)
+        t_anchor, t_fused = interleaved_medians([anchor, fused], args, repeats, warmup=1)
         mem_ratio = fused_temp / anchor_temp
         time_ratio = t_fused / t_anchor
         rows.append(
