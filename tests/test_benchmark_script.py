@@ -1,0 +1,23 @@
+"""The benchmark script runs end to end on small inputs and reports every row."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_core_benchmark_small_run_prints_a_complete_table():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "32", "--v", "50",
+         "--repeats", "2"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| softmax") or
+            line.startswith("| log") or line.startswith("| sigmoid")]
+    assert len(rows) == 6, out
+    for row in rows:
+        ratio = float(row.split("|")[5].strip().rstrip("x"))
+        assert 0.0 < ratio < 100.0, row
