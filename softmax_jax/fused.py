@@ -37,8 +37,14 @@ Otherwise step 2 recomputes each vocabulary block (four matrix products, as in A
 Cross-Entropy); the working memory is then ``token_block x vocab_block`` logits.
 
 For ``reduction="mean"`` and ``"sum"`` the gradients are computed inside the forward pass
-and the backward pass only scales them by the incoming cotangent. For ``reduction="none"``
-the forward pass keeps the per-token log-sum-exp and the backward pass recomputes the blocks.
+(in float32, or float64 under x64) and are the only residuals; the backward pass just scales
+them by the incoming cotangent. For ``reduction="none"`` the forward pass keeps two numbers
+per token, the maximum and :math:`\log s` (together the log-sum-exp), and the backward pass
+recomputes the blocks with the per-token cotangents as row weights.
+
+On a 2-core CPU (``scripts/bench_fused.py``), value and gradient at ``N=4096, D=256,
+V=32000`` take about 1/23 of the unfused optax loss's temporary memory and 0.85-0.9 of its
+time; at ``N=2048, D=128, V=131072``, about 1/55 of the memory.
 
 Vocabulary parallelism
 ----------------------
