@@ -62,12 +62,13 @@ Under plain :func:`jax.jit` with batch-sharded ``NamedSharding`` inputs nothing 
 needed: token blocks are taken as strided rows, so a block spans every data shard and XLA's
 SPMD partitioner keeps each device on its own rows.
 
-Limitations: reverse mode only (``jax.jvp``, ``jax.jacfwd`` and ``jax.hessian`` raise, as
-for any ``custom_vjp``). Second-order derivatives are not a goal: reverse-over-reverse
-(``jax.grad`` of a function of the gradient) does differentiate the blockwise rules, which
-are plain ``jnp``, and agrees with the unfused loss in the tests, but it keeps what those
-loops need for their own reverse pass, so the memory savings are gone. Use the unfused
-:func:`softmax_jax.softmax_cross_entropy_with_integer_labels` for Hessian-vector products.
+Differentiation: ``jax.jvp`` and ``jax.jacfwd`` of the loss itself raise (it is a
+``custom_vjp``). Second-order derivatives are not a goal, but ``jax.hessian``
+(forward-over-reverse) and reverse-over-reverse do work: they differentiate the blockwise
+rules, which are plain ``jnp``, and agree with the unfused loss in the tests. They keep what
+those loops need for their own derivative, so the memory savings are gone and the unfused
+:func:`softmax_jax.softmax_cross_entropy_with_integer_labels` serves as well.
+
 With ``axis_name``, ``shard_map`` must run with its default ``check_vma=True`` (the varying
 axes decide which cotangents are summed); the call refuses otherwise.
 """
@@ -687,8 +688,8 @@ def linear_softmax_cross_entropy(
         \frac{\partial\ell}{\partial b} = \textstyle\sum_i \delta_i .
 
     Only ``token_block x vocab_block`` logits exist at any time (see the module docstring
-    for the algorithm). Reverse mode only; second-order derivatives are not a supported use
-    (see the module docstring).
+    for the algorithm). Reverse mode; ``jax.jvp``/``jax.jacfwd`` of the loss raise, and
+    second derivatives work but without the memory savings (see the module docstring).
 
     Args:
       x: ``[N, D]`` floating-point inputs of the output layer (hidden states).

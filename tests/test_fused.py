@@ -379,6 +379,14 @@ def test_reverse_over_reverse_agrees_with_unfused(reduction):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
+def test_hessian_agrees_with_unfused():
+    x, w, b, labels = _inputs(n=5, d=3, v=7)
+    labels = jnp.abs(labels) % 7
+    got = jax.hessian(lambda x: linear_softmax_cross_entropy(x, w, labels, b))(x)
+    want = jax.hessian(lambda x: unfused(x, w, labels, b))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_forward_mode_raises():
     x, w, b, labels = _inputs(n=6, d=4, v=7)
     labels = jnp.abs(labels) % 7
