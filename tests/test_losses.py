@@ -279,6 +279,35 @@ def test_ignore_index_and_out_of_range_labels():
     assert np.isnan(sj.softmax_cross_entropy_with_integer_labels(logits, labels)[1])
 
 
+def test_integer_gradient_scatter_under_vmap_and_any_axis(x64):
+    """The one-hot part of the gradient is a scatter-add; check it under vmap (which batches
+    the scatter), on a middle class axis, and with ignored and out-of-range labels, against
+    jax.grad of the plain formula in float64."""
+    logits = jax.random.normal(jax.random.PRNGKey(21), (3, 4, 6), dtype=jnp.float64)
+    labels = jnp.array([[0, 5, -100, 2], [6, 1, 1, -1], [3, 3, 0, 4]])
+    keep = (labels >= 0) & (labels < 6)
+
+    def plain(z, y):  # the reference with the bad rows dropped the same way
+        return jnp.where(keep, ref.softmax_cross_entropy_with_integer_labels(
+            z, jnp.where(keep, y, 0)), 0.0)
+
+    w = jnp.arange(1.0, 13.0).reshape(3, 4)
+    want = jax.grad(lambda z: (w * plain(z, labels)).sum())(logits)
+    f = lambda z, y: sj.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        z, y, ignore_index=-100)
+    got = jax.vmap(jax.grad(lambda z, y, w: (w * f(z, y)).sum()))(logits, labels, w)
+    ok = np.asarray(keep)
+    np.testing.assert_allclose(got[ok], want[ok], rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(got[0, 2], 0.0)  # ignore_index
+    assert np.all(np.isnan(got[1, 0])) and np.all(np.isnan(got[1, 3]))  # out of range
+    # the same loss with the classes on the middle axis
+    moved = jnp.moveaxis(logits, 2, 1)
+    g_mid = jax.grad(lambda z: (w * sj.softmax_cross_entropy_with_integer_labels(
+        z, labels, axis=1, ignore_index=-100)).sum())(moved)
+    np.testing.assert_allclose(jnp.moveaxis(g_mid, 1, 2)[ok], want[ok], rtol=1e-12,
+                               atol=1e-14)
+
+
 def test_ignore_index_rows_may_hold_nan_logits():
     logits = jnp.array([[jnp.nan, 1.0], [0.0, 1.0]])
     f = lambda z: sj.softmax_cross_entropy_with_integer_labels(  # noqa: E731
