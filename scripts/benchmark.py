@@ -10,11 +10,19 @@ buffers it allocates beyond arguments and outputs.
 
     python scripts/benchmark.py                  # core table, N=4096, V=32000, f32
     python scripts/benchmark.py --suite all      # plus the fused large-vocabulary loss
+    python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
+
+On Linux, every N x V gradient is a fresh allocation that glibc maps with ``mmap``; the first
+write to each 4 KiB page then costs a page fault, about 0.13 s for 500 MiB on the project's
+2-core machine, paid alike by every implementation. ``--hugepages`` re-runs the script with
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35), which asks for transparent huge
+pages on those mappings, so that the table shows the work the functions themselves do.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,6 +35,8 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
+
+HUGEPAGES = "glibc.malloc.hugetlb=1"
 
 
 @dataclass
@@ -159,11 +169,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument(
+        "--hugepages", action="store_true",
+        help=f"run with GLIBC_TUNABLES={HUGEPAGES} (transparent huge pages for large buffers)",
+    )
     args = parser.parse_args(argv)
+    if args.hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
+        # glibc reads its tunables at start-up, so the setting needs a fresh process.
+        tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t)
+        script = str(Path(__file__).resolve())
+        rest = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, script, *rest],
+                  {**os.environ, "GLIBC_TUNABLES": tunables})
 
+    malloc = os.environ.get("GLIBC_TUNABLES") or "default"
     print(
         f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()},"
-        f" {jax.device_count()} device(s)"
+        f" {jax.device_count()} device(s), glibc tunables: {malloc}"
     )
     if args.suite in ("core", "all"):
         print(f"\nCore: forward + gradient, float32, N={args.n}, V={args.v},"
