@@ -55,6 +55,35 @@ def as_float_pair(
     return arr_a, arr_b
 
 
+def as_binary_targets(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
+    """Targets of an element-wise binary loss, as optax takes them: floating-point
+    probabilities, or integer/boolean 0/1 labels (cast to ``logits``'s dtype), of
+    ``logits``'s shape or a shape that broadcasts to it.
+
+    Only ``labels`` may be broadcast: a result larger than ``logits`` (``(N, 1)`` logits with
+    ``(N,)`` labels giving ``(N, N)``) raises ``ValueError`` instead of silently turning into
+    an outer product.
+    """
+    arr = jnp.asarray(labels)
+    if jnp.issubdtype(arr.dtype, jnp.bool_) or jnp.issubdtype(arr.dtype, jnp.integer):
+        arr = arr.astype(logits.dtype)
+    elif not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"labels must be floating-point probabilities or integer/boolean 0/1 labels,"
+            f" got dtype {arr.dtype} (shape {tuple(arr.shape)})"
+        )
+    try:
+        shape = np.broadcast_shapes(arr.shape, logits.shape)
+    except ValueError:
+        shape = None
+    if shape != logits.shape:
+        raise ValueError(
+            f"labels.shape={tuple(arr.shape)} must equal or broadcast to"
+            f" logits.shape={tuple(logits.shape)}"
+        )
+    return arr
+
+
 def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
     """Returns ``axis`` as a non-negative int, checking its type and range."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):

@@ -505,7 +505,8 @@ def _sigmoid_bce_bwd(res, g):
 
 
 _sigmoid_bce.defvjp(_sigmoid_bce_fwd, _sigmoid_bce_bwd)
-_sigmoid_bce_jit = jax.jit(_sigmoid_bce)
+# Labels are broadcast inside the compiled function, so an eager call never materialises them.
+_sigmoid_bce_jit = jax.jit(lambda z, y: _sigmoid_bce(z, jnp.broadcast_to(y, z.shape)))
 
 
 def sigmoid_binary_cross_entropy(
@@ -522,7 +523,10 @@ def sigmoid_binary_cross_entropy(
 
     Args:
       logits: floating-point logits :math:`z`.
-      labels: floating-point targets :math:`y \in [0, 1]`, same shape.
+      labels: targets :math:`y \in [0, 1]`: floating-point probabilities, or integer or
+        boolean 0/1 labels (as optax takes them), of ``logits``'s shape or a shape that
+        broadcasts to it (the gradient of broadcast float labels is summed back to their
+        shape). Shapes that would enlarge ``logits`` raise ``ValueError``.
 
     Returns:
       Element-wise losses, ``logits``'s shape and dtype.
@@ -534,8 +538,11 @@ def sigmoid_binary_cross_entropy(
       [0.6931 2.1269]
       >>> print(jax.grad(lambda z: sj.sigmoid_binary_cross_entropy(z, 0.0))(2.0))
       0.8808
+      >>> print(sj.sigmoid_binary_cross_entropy(jnp.array([[0.0, 2.0]]), jnp.array([1, 0])))
+      [[0.6931 2.1269]]
     """
-    logits, labels = _v.as_float_pair("logits", logits, "labels", labels)
+    logits = _v.as_float_array("logits", logits)
+    labels = _v.as_binary_targets(logits, labels)
     return _sigmoid_bce_jit(logits, labels)
 
 

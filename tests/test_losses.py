@@ -163,6 +163,26 @@ def test_hessian_of_cross_entropy_is_the_softmax_jacobian(x64):
 # --- agreement with optax --------------------------------------------------------------------
 
 
+def test_sigmoid_bce_takes_integer_labels_and_broadcast_labels_like_optax():
+    logits, _, soft = _data(seed=22)
+    binary = (soft > soft.mean()).astype(jnp.int32)
+    for labels in (binary, binary.astype(bool), binary.astype(jnp.uint8)):
+        np.testing.assert_allclose(sj.sigmoid_binary_cross_entropy(logits, labels),
+                                   optax.sigmoid_binary_cross_entropy(logits, labels),
+                                   rtol=1e-6, atol=1e-7)
+    row = soft[0]  # one target vector for every example
+    got = sj.sigmoid_binary_cross_entropy(logits, row)
+    np.testing.assert_allclose(got, optax.sigmoid_binary_cross_entropy(logits, row),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got, sj.sigmoid_binary_cross_entropy(
+        logits, jnp.broadcast_to(row, logits.shape)), rtol=0, atol=0)
+    # the broadcast labels' gradient is summed back to their shape: -sum_n g z
+    gz, gy = jax.grad(lambda z, y: sj.sigmoid_binary_cross_entropy(z, y).sum(),
+                      argnums=(0, 1))(logits, row)
+    np.testing.assert_allclose(gy, -logits.sum(0), rtol=1e-5)
+    np.testing.assert_allclose(gz, jax.nn.sigmoid(logits) - row, rtol=1e-5, atol=1e-7)
+
+
 def test_agrees_with_optax():
     logits, labels, soft = _data(seed=5)
     pairs = [
