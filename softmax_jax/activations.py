@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from softmax_jax import _axes
 from softmax_jax import _validation as _v
 
 __all__ = ["log_softmax", "logsumexp", "sigmoid", "softmax"]
@@ -146,7 +147,9 @@ _softmax_jit = jax.jit(_softmax, static_argnums=(1,))
 
 
 def softmax(
-    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+    x: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Softmax along ``axis``, stable for any finite input.
 
@@ -158,7 +161,7 @@ def softmax(
 
     Args:
       x: floating-point array of scores (logits).
-      axis: the axis to normalise over.
+      axis: the axis to normalise over, or a tuple of axes normalised over together.
       where: optional boolean mask of ``x``'s shape (or that shape without ``axis``); masked
         entries get probability 0 and take no part in the normalisation. A fully masked row
         is all zeros.
@@ -175,7 +178,11 @@ def softmax(
       [0.2689 0.7311 0.0000]
     """
     x = _v.as_float_array("x", x)
-    axis = _v.canonical_axis(axis, x.ndim)
+    axis = _axes.class_axes(axis, x.ndim)
+    if isinstance(axis, tuple):
+        flat = _axes.Flattening.of(x.shape, axis)
+        out = softmax(flat.flatten(x), -1, flat.where(where))
+        return flat.unflatten(out)
     return _softmax_jit(x, axis, _v.prepare_where(where, x.shape, axis))
 
 
@@ -219,7 +226,9 @@ _log_softmax_jit = jax.jit(_log_softmax, static_argnums=(1,))
 
 
 def log_softmax(
-    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+    x: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Log of the softmax along ``axis``, without ever forming the softmax itself.
 
@@ -230,7 +239,7 @@ def log_softmax(
 
     Args:
       x: floating-point array of logits.
-      axis: the axis to normalise over.
+      axis: the axis to normalise over, or a tuple of axes normalised over together.
       where: optional boolean mask (``x``'s shape, or that shape without ``axis``); masked
         entries come out as :math:`-\infty` and get zero gradient.
 
@@ -244,7 +253,11 @@ def log_softmax(
       [-2.4076 -1.4076 -0.4076]
     """
     x = _v.as_float_array("x", x)
-    axis = _v.canonical_axis(axis, x.ndim)
+    axis = _axes.class_axes(axis, x.ndim)
+    if isinstance(axis, tuple):
+        flat = _axes.Flattening.of(x.shape, axis)
+        out = log_softmax(flat.flatten(x), -1, flat.where(where))
+        return flat.unflatten(out)
     return _log_softmax_jit(x, axis, _v.prepare_where(where, x.shape, axis))
 
 
@@ -285,7 +298,9 @@ _logsumexp_jit = jax.jit(_logsumexp, static_argnums=(1,))
 
 
 def logsumexp(
-    x: jax.typing.ArrayLike, axis: int = -1, where: jax.typing.ArrayLike | None = None
+    x: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     r"""Stable :math:`\log\sum_k e^{x_k}` along ``axis`` (the axis is reduced away).
 
@@ -296,7 +311,7 @@ def logsumexp(
 
     Args:
       x: floating-point array.
-      axis: the axis to reduce.
+      axis: the axis to reduce, or a tuple of axes.
       where: optional boolean mask; masked entries are left out of the sum. A fully masked
         row (or a row of :math:`-\infty`) gives :math:`-\infty`.
 
@@ -311,7 +326,11 @@ def logsumexp(
       0.6931
     """
     x = _v.as_float_array("x", x)
-    axis = _v.canonical_axis(axis, x.ndim)
+    axis = _axes.class_axes(axis, x.ndim)
+    if isinstance(axis, tuple):
+        flat = _axes.Flattening.of(x.shape, axis)
+        out = logsumexp(flat.flatten(x), -1, flat.where(where))
+        return out
     return _logsumexp_jit(x, axis, _v.prepare_where(where, x.shape, axis))
 
 

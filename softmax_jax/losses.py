@@ -28,6 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from softmax_jax import _axes
 from softmax_jax import _validation as _v
 from softmax_jax.activations import Normalizer, masked_fill
 
@@ -169,7 +170,7 @@ _dense_ce_jit = jax.jit(_dense_ce, static_argnums=(5, 6, 7))
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
     *,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
@@ -191,7 +192,7 @@ def softmax_cross_entropy(
     Args:
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: floating-point target distributions, same shape as ``logits``.
-      axis: the class axis.
+      axis: the class axis, or a tuple of axes that together index the classes.
       where: optional boolean mask (``logits``'s shape, or that shape without ``axis``).
         Masked classes are left out of the normaliser and the sum; a fully masked row gives
         loss 0 and gradient 0.
@@ -223,7 +224,13 @@ def softmax_cross_entropy(
             " softmax_cross_entropy_with_integer_labels"
         )
     _v.check_same_shape("logits", logits, "labels", labels)
-    axis = _v.canonical_axis(axis, logits.ndim, "logits")
+    axis = _axes.class_axes(axis, logits.ndim, "logits")
+    if isinstance(axis, tuple):
+        flat = _axes.Flattening.of(logits.shape, axis)
+        return softmax_cross_entropy(
+            flat.flatten(logits), flat.flatten(labels), -1, flat.where(where),
+            label_smoothing=label_smoothing, z_loss=z_loss,
+        )
     mask = _v.prepare_where(where, logits.shape, axis)
     eps, smoothing = _v.hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
     lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None)
@@ -337,7 +344,7 @@ _int_ce_jit = jax.jit(_int_ce, static_argnums=(5, 6, 7, 8))
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
-    axis: int = -1,
+    axis: int | tuple[int, ...] = -1,
     where: jax.typing.ArrayLike | None = None,
     *,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
@@ -359,7 +366,8 @@ def softmax_cross_entropy_with_integer_labels(
     Args:
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: integer class indices, ``logits``'s shape without ``axis``.
-      axis: the class axis.
+      axis: the class axis, or a tuple of axes; a label is then a flat (C-order) index into
+        the class axes taken in the order given, as in optax.
       where: optional boolean mask (``logits``'s shape, or that shape without ``axis``).
         Masked classes are left out of the normaliser; a label on a masked class has
         probability 0 and an infinite loss; a fully masked row gives loss 0 and gradient 0.
@@ -389,12 +397,20 @@ def softmax_cross_entropy_with_integer_labels(
         # Narrow or unsigned labels are widened so that comparisons with the class count and
         # the class iota cannot wrap around. uint32 values >= 2**31 become negative: invalid.
         labels = labels.astype(jnp.int32)
-    axis = _v.canonical_axis(axis, logits.ndim, "logits")
-    expected = logits.shape[:axis] + logits.shape[axis + 1 :]
+    axis = _axes.class_axes(axis, logits.ndim, "logits")
+    classes = axis if isinstance(axis, tuple) else (axis,)
+    expected = tuple(n for d, n in enumerate(logits.shape) if d not in classes)
     if labels.shape != expected:
         raise ValueError(
             f"labels.shape={tuple(labels.shape)} must be logits.shape={tuple(logits.shape)}"
             f" without axis {axis}, i.e. {tuple(expected)}"
+        )
+    if isinstance(axis, tuple):
+        # A label is a flat index into the class axes, in the order given (optax's reading).
+        flat = _axes.Flattening.of(logits.shape, axis)
+        return softmax_cross_entropy_with_integer_labels(
+            flat.flatten(logits), labels, -1, flat.where(where),
+            label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
         )
     if ignore_index is not None and (
         isinstance(ignore_index, bool) or not isinstance(ignore_index, int)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -255,6 +257,41 @@ def test_axis_equals_moveaxis():
     g2 = jax.grad(lambda z: sj.softmax_cross_entropy(
         z, onehot, axis=1, label_smoothing=0.1).sum())(logits)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("axes", [(1, 2), (2, 1), (-1, 0)])
+def test_tuple_of_class_axes_matches_optax_and_jax_nn(axes):
+    """Several class axes are flattened in the order given, as optax and jax.nn do: values,
+    gradients, masks, and integer labels read as flat indices into the class slice."""
+    x = jax.random.normal(jax.random.PRNGKey(31), (3, 4, 5))
+    soft = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(32), x.shape), axes)
+    keep = tuple(d for d in range(3) if d not in {a % 3 for a in axes})
+    k = int(np.prod([x.shape[a] for a in axes]))
+    labels = jax.random.randint(jax.random.PRNGKey(33), tuple(x.shape[d] for d in keep), 0, k)
+    mask = jax.random.uniform(jax.random.PRNGKey(34), x.shape) < 0.7
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+    close(sj.softmax(x, axes), jax.nn.softmax(x, axes))
+    close(sj.log_softmax(x, axes, where=mask), jax.nn.log_softmax(x, axes, where=mask))
+    close(sj.logsumexp(x, axes), jax.nn.logsumexp(x, axes))
+    close(sj.softmax_cross_entropy(x, soft, axes), optax.softmax_cross_entropy(x, soft, axes))
+    close(sj.softmax_cross_entropy_with_integer_labels(x, labels, axes),
+          optax.softmax_cross_entropy_with_integer_labels(x, labels, axes))
+    c = jax.random.normal(jax.random.PRNGKey(35), x.shape)
+    close(jax.grad(lambda z: jnp.vdot(sj.softmax(z, axes), c))(x),
+          jax.grad(lambda z: jnp.vdot(jax.nn.softmax(z, axes), c))(x))
+    order = keep + tuple(a % 3 for a in axes)  # the one-hot target, built by hand
+    onehot = jax.nn.one_hot(labels, k).reshape(tuple(x.shape[d] for d in order))
+    onehot = onehot.transpose(tuple(int(i) for i in np.argsort(order)))
+    close(jax.grad(lambda z: sj.softmax_cross_entropy_with_integer_labels(
+              z, labels, axes, label_smoothing=0.1).sum())(x),
+          jax.grad(lambda z: optax.softmax_cross_entropy(
+              z, 0.9 * onehot + 0.1 / k,
+              axes).sum())(x))
+    # one flag per row: a fully masked row gives loss 0
+    rows = jnp.ones(labels.shape, bool).at[(0,) * labels.ndim].set(False)
+    got = sj.softmax_cross_entropy_with_integer_labels(x, labels, axes, where=rows)
+    assert got[(0,) * labels.ndim] == 0.0
+    close(got[1:], sj.softmax_cross_entropy_with_integer_labels(x, labels, axes)[1:])
 
 
 # --- PyTorch's conventions ------------------------------------------------------------------

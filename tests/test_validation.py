@@ -18,7 +18,16 @@ P = jnp.full((4, 5), 0.2)
     [
         (lambda: sj.softmax(jnp.arange(5)), TypeError, r"x must be a floating-point.*int32"),
         (lambda: sj.softmax(Z, axis=2), ValueError, r"axis=2 is out of range"),
-        (lambda: sj.softmax(Z, axis=(0, 1)), TypeError, r"axis must be a single int"),
+        (lambda: sj.softmax(Z, axis=1.0), TypeError, r"axis must be a single int"),
+        (lambda: sj.softmax(Z, axis=(0, 1.0)), TypeError, r"axis must be an int or a tuple"),
+        (lambda: sj.softmax(Z, axis=(1, -1)), ValueError, r"names the same axis of x twice"),
+        (lambda: sj.logsumexp(Z, axis=()), ValueError, r"at least one axis"),
+        (lambda: sj.softmax(Z, axis=(0, 2)), ValueError, r"axis=2 is out of range"),
+        (lambda: sj.softmax(Z, axis=(0, 1), where=jnp.ones(3, bool)), ValueError,
+         r"where.shape=\(3,\) must broadcast"),
+        (lambda: sj.softmax_cross_entropy_with_integer_labels(
+            Z[None], jnp.zeros(5, jnp.int32), axis=(0, 2)), ValueError,
+         r"labels.shape=\(5,\) must be logits.shape=\(1, 4, 5\) without axis \(0, 2\)"),
         (lambda: sj.softmax(jnp.float32(1.0)), ValueError, r"at least one dimension"),
         (lambda: sj.softmax(Z, where=jnp.ones((3,), bool)), ValueError, r"where.shape=\(3,\)"),
         (lambda: sj.softmax(Z, where=jnp.ones((4, 5))), TypeError, r"where must be a boolean"),

@@ -1,0 +1,82 @@
+"""Normalising over several axes at once, as optax and ``jax.nn`` allow with a tuple ``axis``.
+
+The class axes are moved to the end, in the caller's order, and merged into one; the
+single-axis function runs on that, and same-shape results are put back. An integer label
+is then a flat (C-order) index into the slice spanned by the class axes, in the caller's
+order, which is optax's convention. Gradients flow through the transpose and reshape as
+usual; the ``custom_vjp`` rules see one class axis.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softmax_jax import _validation as _v
+
+
+def class_axes(axis: object, ndim: int, name: str = "x") -> int | tuple[int, ...]:
+    """``axis`` as a non-negative int, or as a tuple of two or more distinct non-negative
+    ints (in the caller's order). A one-element tuple is read as its element."""
+    if not isinstance(axis, tuple):
+        return _v.canonical_axis(axis, ndim, name)
+    if not axis:
+        raise ValueError("axis must name at least one axis, got ()")
+    for a in axis:
+        if isinstance(a, bool) or not isinstance(a, numbers.Integral):
+            raise TypeError(f"axis must be an int or a tuple of ints, got {axis!r}")
+    axes = tuple(_v.canonical_axis(a, ndim, name) for a in axis)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis={axis!r} names the same axis of {name} twice")
+    return axes[0] if len(axes) == 1 else axes
+
+
+class Flattening(NamedTuple):
+    """How an array of ``shape`` maps to one with the class axes merged at the end."""
+
+    shape: tuple[int, ...]
+    batch: tuple[int, ...]  # the other axes, in order
+    classes: tuple[int, ...]  # the class axes, in the caller's order
+
+    @staticmethod
+    def of(shape: tuple[int, ...], classes: tuple[int, ...]) -> Flattening:
+        batch = tuple(d for d in range(len(shape)) if d not in classes)
+        return Flattening(tuple(shape), batch, classes)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[d] for d in self.batch)
+
+    def flatten(self, x: jax.Array) -> jax.Array:
+        """``x`` (of ``shape``) as ``batch_shape + (prod of the class sizes,)``."""
+        return jnp.transpose(x, self.batch + self.classes).reshape(self.batch_shape + (-1,))
+
+    def unflatten(self, y: jax.Array) -> jax.Array:
+        """The inverse of :meth:`flatten`."""
+        order = self.batch + self.classes
+        y = y.reshape(tuple(self.shape[d] for d in order))
+        return jnp.transpose(y, tuple(int(i) for i in np.argsort(order)))
+
+    def where(self, where: jax.typing.ArrayLike | None) -> jax.Array | None:
+        """The mask for the flattened array: one flag per row (``batch_shape``) or a mask
+        broadcasting to ``shape``."""
+        if where is None:
+            return None
+        mask = jnp.asarray(where)
+        if mask.shape == self.batch_shape:
+            return mask
+        try:
+            full = np.broadcast_shapes(mask.shape, self.shape) == self.shape
+        except ValueError:
+            full = False
+        if not full:
+            raise ValueError(
+                f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
+                f" {self.shape} or equal that shape without axes {self.classes},"
+                f" {self.batch_shape}"
+            )
+        return self.flatten(jnp.broadcast_to(mask, self.shape))
