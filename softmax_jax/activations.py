@@ -77,13 +77,7 @@ class Normalizer(NamedTuple):
         float rounding. If any row falls outside that range (or is NaN), the shifted
         two-pass form is computed instead, through ``lax.cond``.
         """
-        s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
-        safe = jnp.all((s >= 2.0**-32) & (s <= 2.0**32))
-        return jax.lax.cond(
-            safe,
-            lambda: Normalizer(jnp.zeros_like(s), jnp.log(s)),
-            lambda: Normalizer.shifted(z, axis),
-        )
+        return Normalizer(*_normaliser(axis)(z))
 
     @staticmethod
     def shifted(z: jax.Array, axis: int) -> Normalizer:
@@ -103,6 +97,52 @@ class Normalizer(NamedTuple):
     def prob(self, z: jax.Array) -> jax.Array:
         r""":math:`a = e^{(z - m) - \log s}`: the softmax, 0 on masked entries and empty rows."""
         return jnp.exp(self.log_prob(z))
+
+
+def _single_or_two_pass(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """The body of :meth:`Normalizer.of`: one unshifted pass if every row allows it."""
+    s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
+    safe = jnp.all((s >= 2.0**-32) & (s <= 2.0**32))
+    return jax.lax.cond(
+        safe,
+        lambda: (jnp.zeros_like(s), jnp.log(s)),
+        lambda: tuple(Normalizer.shifted(z, axis)),
+    )
+
+
+@functools.cache
+def _normaliser(axis: int):
+    r""":meth:`Normalizer.of` along ``axis``, with its own batching and derivative rules.
+
+    Batching: under ``jax.vmap`` the mapped axis is simply one more row axis, so the rule
+    calls the same computation with ``axis + 1``. Left to ``vmap``, the ``lax.cond`` on a
+    per-example predicate would become a ``select`` that runs both branches (the max pass
+    and a second sum of exponentials) for every example.
+
+    Derivative: the shift ``m`` is a constant (tangent 0) and
+    :math:`d\log s = \sum_k a_k\,dz_k`, so that ``custom_vmap`` (which has no autodiff
+    rule of its own) stays differentiable to any order.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def batchable(z):
+        return _single_or_two_pass(z, axis)
+
+    @batchable.def_vmap
+    def _batched(axis_size, in_batched, z):  # z arrives with the mapped axis first
+        return _normaliser(axis + 1)(z), (True, True)
+
+    of = jax.custom_jvp(batchable)
+
+    @of.defjvp
+    def _tangent(primals, tangents):
+        (z,), (dz,) = primals, tangents
+        m, log_s = of(z)
+        a = Normalizer(m, log_s).prob(z)
+        d_log_s = jnp.sum(jnp.where(a == 0, 0.0, a * dz), axis=axis, keepdims=True)
+        return (m, log_s), (jnp.zeros_like(m), d_log_s)
+
+    return of
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,26 +65,65 @@ def _weighted_gap(y: jax.Array, z: jax.Array, norm: Normalizer, axis: int, mask:
     = \mathrm{NaN}`. Guarding every term with ``where`` makes the reduction about 5x slower,
     and so does a broadcast shift, so the common case (``m = 0``, the unshifted normaliser)
     sums :math:`-y z` directly, and the guarded sum is only computed, through ``lax.cond``,
-    in a call where some row came out NaN.
+    in a call where some row came out NaN (see :func:`_gap`).
+    """
+    if mask is not None:
+        return _guarded_gap(y, z, norm.m, axis)
+    return _gap(axis)(y, z, norm.m)
+
+
+def _guarded_gap(y: jax.Array, z: jax.Array, m: jax.Array, axis: int) -> jax.Array:
+    """The weighted gap with every term made safe, for masked calls and NaN rows."""
+    # Capping each gap at the largest float makes 0 * gap = 0 for a -inf logit; a positive
+    # target on such a logit then gets its true infinite loss back from the second sum.
+    # (Both stay clear of select-in-reduce, which XLA:CPU materialises as N x V.)
+    big = jnp.finfo(z.dtype).max
+    capped = jnp.sum(y * jnp.minimum(m - z, big), axis=axis, keepdims=True)
+    hopeless = jnp.any((y > 0) & (z == -jnp.inf), axis=axis, keepdims=True)
+    return jnp.where(hopeless, jnp.inf, capped)
+
+
+def _fast_or_guarded_gap(y: jax.Array, z: jax.Array, m: jax.Array, axis: int) -> jax.Array:
+    out = jax.lax.cond(
+        jnp.all(m == 0),
+        lambda: -jnp.sum(y * z, axis=axis, keepdims=True),
+        lambda: jnp.sum(y * (m - z), axis=axis, keepdims=True),
+    )
+    return jax.lax.cond(
+        jnp.any(jnp.isnan(out)), lambda: _guarded_gap(y, z, m, axis), lambda: out
+    )
+
+
+@functools.cache
+def _gap(axis: int):
+    r"""The unmasked weighted gap along ``axis``, with its own batching and derivative rules
+    (as for the normaliser, :func:`softmax_jax.activations._normaliser`): under ``vmap`` the
+    mapped axis becomes one more row axis, so the ``lax.cond`` choices stay choices instead of
+    running every branch; the tangent is
+    :math:`\sum_k \dot y_k (m - z_k) - y_k \dot z_k + \dot m \sum_k y_k`.
     """
 
-    def guarded() -> jax.Array:
-        # Capping each gap at the largest float makes 0 * gap = 0 for a -inf logit; a positive
-        # target on such a logit then gets its true infinite loss back from the second sum.
-        # (Both stay clear of select-in-reduce, which XLA:CPU materialises as N x V.)
-        big = jnp.finfo(z.dtype).max
-        capped = jnp.sum(y * jnp.minimum(norm.m - z, big), axis=axis, keepdims=True)
-        hopeless = jnp.any((y > 0) & (z == -jnp.inf), axis=axis, keepdims=True)
-        return jnp.where(hopeless, jnp.inf, capped)
+    @jax.custom_batching.custom_vmap
+    def batchable(y, z, m):
+        return _fast_or_guarded_gap(y, z, m, axis)
 
-    if mask is not None:
-        return guarded()
-    out = jax.lax.cond(
-        jnp.all(norm.m == 0),
-        lambda: -jnp.sum(y * z, axis=axis, keepdims=True),
-        lambda: jnp.sum(y * (norm.m - z), axis=axis, keepdims=True),
-    )
-    return jax.lax.cond(jnp.any(jnp.isnan(out)), guarded, lambda: out)
+    @batchable.def_vmap
+    def _batched(axis_size, in_batched, y, z, m):
+        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, b in zip((y, z, m), in_batched, strict=True)]
+        return _gap(axis + 1)(*args), True
+
+    gap = jax.custom_jvp(batchable)
+
+    @gap.defjvp
+    def _tangent(primals, tangents):
+        (y, z, m), (dy, dz, dm) = primals, tangents
+        big = jnp.finfo(z.dtype).max
+        d = jnp.sum(dy * jnp.minimum(m - z, big) - jnp.where(y == 0, 0.0, y * dz),
+                    axis=axis, keepdims=True)
+        return gap(y, z, m), d + dm * jnp.sum(y, axis=axis, keepdims=True)
+
+    return gap
 
 
 def _any_unmasked(mask: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:

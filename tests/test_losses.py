@@ -510,6 +510,51 @@ def test_inside_an_optax_training_loop():
     assert float(jnp.mean(jnp.argmax(x @ params, -1) == y)) > 0.9
 
 
+@pytest.mark.parametrize("name", ["integer", "dense", "softmax", "log_softmax", "logsumexp"])
+def test_vmap_keeps_the_single_pass_choice_and_matches_the_batched_call(name):
+    """vmap of a per-example call equals the batched call (values, gradients, nested vmap,
+    shared labels), and the normaliser's lax.cond survives vmap as a cond instead of turning
+    into a select that runs both the single-pass and the two-pass sums."""
+    logits, labels, soft = _data(seed=23)
+    logits = logits.at[2, 1].set(3e38)  # one row needs the shifted path, for the whole batch
+    c = jax.random.normal(jax.random.PRNGKey(24), logits.shape)
+    fns = {
+        "integer": lambda z, i: sj.softmax_cross_entropy_with_integer_labels(z, labels[i]),
+        "dense": lambda z, i: sj.softmax_cross_entropy(z, soft[0], label_smoothing=0.1),
+        "softmax": lambda z, i: jnp.vdot(sj.softmax(z), c[i]),
+        "log_softmax": lambda z, i: jnp.vdot(sj.log_softmax(z), c[i]),
+        "logsumexp": lambda z, i: sj.logsumexp(z),
+    }
+    f = fns[name]
+    rows = jnp.arange(logits.shape[0])
+    value, grad = jax.vmap(jax.value_and_grad(f))(logits, rows)
+    for r in range(logits.shape[0]):
+        # the batch takes the shifted path (row 2 needs it); single rows mostly do not, so
+        # the two agree to float32 rounding rather than bit for bit
+        v_r, g_r = jax.value_and_grad(f)(logits[r], rows[r])
+        np.testing.assert_allclose(value[r], v_r, rtol=1e-5)
+        np.testing.assert_allclose(grad[r], g_r, rtol=1e-5, atol=1e-6)
+    # nested: a (2, 3) grid of examples
+    nested = jax.vmap(jax.vmap(f))(logits.reshape(2, 3, -1), rows.reshape(2, 3))
+    np.testing.assert_allclose(nested.reshape(-1), value, rtol=1e-6)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(jax.value_and_grad(f)))(logits, rows))
+    assert " cond[" in jaxpr, jaxpr
+
+
+def test_second_derivatives_under_vmap(x64):
+    """jax.hessian (forward-over-reverse) under vmap goes through the normaliser's custom
+    batching and tangent rules: per example, diag(a) - a a^T."""
+    z = jax.random.normal(jax.random.PRNGKey(25), (3, 4), dtype=jnp.float64)
+    labels = jnp.array([0, 3, 1])
+    h = jax.vmap(jax.hessian(sj.softmax_cross_entropy_with_integer_labels))(z, labels)
+    y = jax.nn.one_hot(labels, 4, dtype=jnp.float64)
+    hd = jax.vmap(jax.hessian(sj.softmax_cross_entropy))(z, y)
+    for r in range(3):
+        a = np.asarray(jax.nn.softmax(z[r]))
+        np.testing.assert_allclose(h[r], np.diag(a) - np.outer(a, a), atol=1e-12)
+        np.testing.assert_allclose(hd[r], np.diag(a) - np.outer(a, a), atol=1e-12)
+
+
 # --- property-based -------------------------------------------------------------------------
 
 
