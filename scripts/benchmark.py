@@ -106,6 +106,20 @@ def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
             (logits, dense_labels),
         ),
         Case(
+            "softmax_cross_entropy_with_integer_labels, vmapped per example", "",
+            "the same optax function, vmapped",
+            value_and_grad_of_mean(jax.vmap(optax.softmax_cross_entropy_with_integer_labels)),
+            value_and_grad_of_mean(jax.vmap(sj.softmax_cross_entropy_with_integer_labels)),
+            (logits, int_labels),
+        ),
+        Case(
+            "softmax_cross_entropy (dense labels), vmapped per example", "",
+            "the same optax function, vmapped",
+            value_and_grad_of_mean(jax.vmap(optax.softmax_cross_entropy)),
+            value_and_grad_of_mean(jax.vmap(sj.softmax_cross_entropy)),
+            (logits, dense_labels),
+        ),
+        Case(
             "softmax (forward + vjp)", "<= 1.0x", "jax.nn.softmax",
             vjp_of(jax.nn.softmax), vjp_of(sj.softmax), (logits, cot),
         ),
