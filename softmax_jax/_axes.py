@@ -69,11 +69,7 @@ class Flattening(NamedTuple):
         mask = jnp.asarray(where)
         if mask.shape == self.batch_shape:
             return mask
-        try:
-            full = np.broadcast_shapes(mask.shape, self.shape) == self.shape
-        except ValueError:
-            full = False
-        if not full:
+        if not _v.broadcasts_to(mask.shape, self.shape):
             raise ValueError(
                 f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
                 f" {self.shape} or equal that shape without axes {self.classes},"

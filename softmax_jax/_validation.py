@@ -55,6 +55,14 @@ def as_float_pair(
     return arr_a, arr_b
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of ``shape`` broadcasts to exactly ``target`` (without enlarging it)."""
+    try:
+        return np.broadcast_shapes(tuple(shape), tuple(target)) == tuple(target)
+    except ValueError:
+        return False
+
+
 def as_binary_targets(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
     """Targets of an element-wise binary loss, as optax takes them: floating-point
     probabilities, or integer/boolean 0/1 labels (cast to ``logits``'s dtype), of
@@ -72,11 +80,7 @@ def as_binary_targets(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Ar
             f"labels must be floating-point probabilities or integer/boolean 0/1 labels,"
             f" got dtype {arr.dtype} (shape {tuple(arr.shape)})"
         )
-    try:
-        shape = np.broadcast_shapes(arr.shape, logits.shape)
-    except ValueError:
-        shape = None
-    if shape != logits.shape:
+    if not broadcasts_to(arr.shape, logits.shape):
         raise ValueError(
             f"labels.shape={tuple(arr.shape)} must equal or broadcast to"
             f" logits.shape={tuple(logits.shape)}"
@@ -116,14 +120,11 @@ def prepare_where(
     if mask.shape == row_shape and len(shape) > 0:
         mask = jnp.expand_dims(mask, axis)
     else:
-        try:
-            if np.broadcast_shapes(mask.shape, shape) != tuple(shape):
-                raise ValueError
-        except ValueError:
+        if not broadcasts_to(mask.shape, shape):
             raise ValueError(
                 f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
                 f" {tuple(shape)} or equal that shape without axis {axis}, {tuple(row_shape)}"
-            ) from None
+            )
         mask = jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
