@@ -99,6 +99,25 @@ class Normalizer(NamedTuple):
         return jnp.exp(self.log_prob(z))
 
 
+def batched_as_rows(body, factory, axis: int):
+    """``body`` (a computation done row by row along ``axis``) as a ``custom_vmap`` whose
+    batching rule treats the mapped axis as one more row axis: it calls ``factory(axis + 1)``,
+    the same function built for that axis, on the arguments with the mapped axis first
+    (unmapped ones broadcast to it). Control flow inside ``body`` (a ``lax.cond``) then
+    decides once for the whole batch instead of becoming a ``select`` over every branch.
+    """
+    batchable = jax.custom_batching.custom_vmap(body)
+
+    @batchable.def_vmap
+    def _batched(axis_size, in_batched, *args):
+        mapped = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                  for a, b in zip(args, in_batched, strict=True)]
+        out = factory(axis + 1)(*mapped)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return batchable
+
+
 def _single_or_two_pass(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
     """The body of :meth:`Normalizer.of`: one unshifted pass if every row allows it."""
     s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
@@ -114,25 +133,19 @@ def _single_or_two_pass(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
 def _normaliser(axis: int):
     r""":meth:`Normalizer.of` along ``axis``, with its own batching and derivative rules.
 
-    Batching: under ``jax.vmap`` the mapped axis is simply one more row axis, so the rule
-    calls the same computation with ``axis + 1``. Left to ``vmap``, the ``lax.cond`` on a
-    per-example predicate would become a ``select`` that runs both branches (the max pass
-    and a second sum of exponentials) for every example.
+    Batching (:func:`batched_as_rows`): under ``jax.vmap`` the mapped axis is one more row
+    axis, so the rule calls the same computation with ``axis + 1``. Left to ``vmap``, the
+    ``lax.cond`` on a per-example predicate would become a ``select`` that runs both branches
+    (the max pass and a second sum of exponentials) for every example.
 
     Derivative: the shift ``m`` is a constant (tangent 0) and
     :math:`d\log s = \sum_k a_k\,dz_k`, so that ``custom_vmap`` (which has no autodiff
     rule of its own) stays differentiable to any order.
     """
 
-    @jax.custom_batching.custom_vmap
-    def batchable(z):
-        return _single_or_two_pass(z, axis)
-
-    @batchable.def_vmap
-    def _batched(axis_size, in_batched, z):  # z arrives with the mapped axis first
-        return _normaliser(axis + 1)(z), (True, True)
-
-    of = jax.custom_jvp(batchable)
+    of = jax.custom_jvp(
+        batched_as_rows(lambda z: _single_or_two_pass(z, axis), _normaliser, axis)
+    )
 
     @of.defjvp
     def _tangent(primals, tangents):
@@ -369,8 +382,7 @@ def logsumexp(
     axis = _axes.class_axes(axis, x.ndim)
     if isinstance(axis, tuple):
         flat = _axes.Flattening.of(x.shape, axis)
-        out = logsumexp(flat.flatten(x), -1, flat.where(where))
-        return out
+        return logsumexp(flat.flatten(x), -1, flat.where(where))
     return _logsumexp_jit(x, axis, _v.prepare_where(where, x.shape, axis))
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from softmax_jax import _axes
 from softmax_jax import _validation as _v
-from softmax_jax.activations import Normalizer, masked_fill
+from softmax_jax.activations import Normalizer, batched_as_rows, masked_fill
 
 __all__ = [
     "log_likelihood",
@@ -103,17 +103,9 @@ def _gap(axis: int):
     :math:`\sum_k \dot y_k (m - z_k) - y_k \dot z_k + \dot m \sum_k y_k`.
     """
 
-    @jax.custom_batching.custom_vmap
-    def batchable(y, z, m):
-        return _fast_or_guarded_gap(y, z, m, axis)
-
-    @batchable.def_vmap
-    def _batched(axis_size, in_batched, y, z, m):
-        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-                for a, b in zip((y, z, m), in_batched, strict=True)]
-        return _gap(axis + 1)(*args), True
-
-    gap = jax.custom_jvp(batchable)
+    gap = jax.custom_jvp(
+        batched_as_rows(lambda y, z, m: _fast_or_guarded_gap(y, z, m, axis), _gap, axis)
+    )
 
     @gap.defjvp
     def _tangent(primals, tangents):
@@ -356,11 +348,10 @@ def _int_ce_bwd(axis, smoothing, zloss, ignore_index, res, g):
         a = a * (1.0 + 2.0 * lam * _finite_lse(norm))
     on_label = 1.0 - eps if smoothing else jnp.ones((), ct)
     off_label = eps / _class_count(z.shape, axis, mask) if smoothing else None
-    row = g.astype(ct) * scale
-    row_k = jnp.expand_dims(row, axis)
     # The barrier has XLA compute the per-row factors once, instead of fusing their
     # arithmetic into (and repeating it for) every element of the gradient.
-    row, row_k = jax.lax.optimization_barrier((row, row_k))
+    row = jax.lax.optimization_barrier(g.astype(ct) * scale)
+    row_k = jnp.expand_dims(row, axis)
     if ct == logits.dtype:
         grad = a if off_label is None else a - off_label
         # where, not a product, for rows scaled by 0: their logits may hold inf or NaN.
