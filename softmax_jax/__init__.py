@@ -8,6 +8,11 @@ the N x V logits of a large vocabulary are never materialised.
 """
 
 from softmax_jax.activations import log_softmax, logsumexp, sigmoid, softmax
+from softmax_jax.divergences import (
+    distillation_loss,
+    kl_divergence,
+    kl_divergence_with_log_targets,
+)
 from softmax_jax.fused import linear_softmax_cross_entropy
 from softmax_jax.losses import (
     log_likelihood,
@@ -20,6 +25,9 @@ from softmax_jax.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "distillation_loss",
+    "kl_divergence",
+    "kl_divergence_with_log_targets",
     "linear_softmax_cross_entropy",
     "log_likelihood",
     "log_softmax",
