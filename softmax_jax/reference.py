@@ -83,3 +83,60 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
 def quadratic_cost(activations: jax.Array, targets: jax.Array) -> jax.Array:
     r""":math:`C = \tfrac12 \lVert a - y \rVert^2` over the last axis."""
     return 0.5 * jnp.sum((activations - targets) ** 2, axis=-1)
+
+
+def forward_kl_distillation(
+    student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r""":math:`T^2\,\mathrm{KL}(P \| Q) = T^2 \sum_c p_c (\log p_c - \log q_c)`, with
+    :math:`P = \mathrm{softmax}(z_t / T)` and :math:`Q = \mathrm{softmax}(z_s / T)`."""
+    log_p = log_softmax(teacher_logits / temperature, axis)
+    log_q = log_softmax(student_logits / temperature, axis)
+    return temperature**2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
+
+
+def reverse_kl_distillation(
+    student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
+    temperature: float = 1.0,
+) -> jax.Array:
+    r""":math:`T^2\,\mathrm{KL}(Q \| P)`."""
+    return forward_kl_distillation(teacher_logits, student_logits, axis, temperature)
+
+
+def jsd_distillation(
+    student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
+    temperature: float = 1.0, beta: float = 0.5,
+) -> jax.Array:
+    r""":math:`T^2 (\beta\,\mathrm{KL}(P \| M) + (1 - \beta)\,\mathrm{KL}(Q \| M))` with
+    :math:`M = \beta P + (1 - \beta) Q`, the generalised Jensen-Shannon divergence."""
+    p = softmax(teacher_logits / temperature, axis)
+    q = softmax(student_logits / temperature, axis)
+    m = beta * p + (1.0 - beta) * q
+    kl_pm = jnp.sum(p * (jnp.log(p) - jnp.log(m)), axis=axis)
+    kl_qm = jnp.sum(q * (jnp.log(q) - jnp.log(m)), axis=axis)
+    return temperature**2 * (beta * kl_pm + (1.0 - beta) * kl_qm)
+
+
+def distillation_loss(
+    student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
+    temperature: float = 1.0, beta: float = 0.0,
+) -> jax.Array:
+    """The three cases, chosen by a concrete ``beta``: 0 forward KL, 1 reverse KL, else JSD."""
+    if beta == 0.0:
+        return forward_kl_distillation(student_logits, teacher_logits, axis, temperature)
+    if beta == 1.0:
+        return reverse_kl_distillation(student_logits, teacher_logits, axis, temperature)
+    return jsd_distillation(student_logits, teacher_logits, axis, temperature, beta)
+
+
+def kl_divergence(log_predictions: jax.Array, targets: jax.Array, axis: int = -1) -> jax.Array:
+    r""":math:`\sum_c y_c (\log y_c - \log a_c)` (strictly positive targets)."""
+    return jnp.sum(targets * (jnp.log(targets) - log_predictions), axis=axis)
+
+
+def kl_divergence_with_log_targets(
+    log_predictions: jax.Array, log_targets: jax.Array, axis: int = -1
+) -> jax.Array:
+    r""":math:`\sum_c e^{\log y_c} (\log y_c - \log a_c)`."""
+    return jnp.sum(jnp.exp(log_targets) * (log_targets - log_predictions), axis=axis)
