@@ -11,9 +11,12 @@ Examples:
     python scripts/train_lm.py                          # 32k vocab, 300 steps, all devices
     python scripts/train_lm.py --devices 8              # 8 simulated CPU devices
     python scripts/train_lm.py --steps 50 --vocab 8000 --max-files 200 --out runs/lm_small
+    python scripts/train_lm.py --steps 600 --resume     # continue runs/lm to step 600
 
 Writes DIR/metrics.json (settings, corpus statistics, per-step loss, held-out evaluations,
-final held-out perplexity and the unigram baseline) and DIR/loss.png.
+final held-out perplexity and the unigram baseline), DIR/loss.png and DIR/checkpoint.npz
+(parameters, Adam state and batch generator, rewritten atomically at every evaluation; a
+resumed run continues bit-for-bit, and distill_lm.py can take it as its teacher).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--final-eval-positions", type=int, default=65536,
                      help="held-out positions for the final perplexity (default 65536)")
     run.add_argument("--out", type=Path, default=Path("runs/lm"), help="default runs/lm")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint in --out up to --steps")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.devices is not None and args.devices < 1:
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from softmax_jax.experiments import lm
-    from softmax_jax.experiments.checkpoint import atomic_write_json
+    from softmax_jax.experiments.checkpoint import CheckpointError, atomic_write_json
 
     try:
         cfg = lm.LMConfig(
@@ -155,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     unigram = lm.unigram_perplexity(corpus)
     try:
-        result = lm.train(cfg, corpus, mesh, progress=progress, log=log)
+        result = lm.train(cfg, corpus, mesh, out_dir=args.out, resume=args.resume,
+                          progress=progress, log=log)
         summary = result.summary() | {
             "corpus": stats,
             "unigram_heldout_perplexity": unigram,
@@ -163,19 +169,26 @@ def main(argv: list[str] | None = None) -> int:
         }
         atomic_write_json(args.out / "metrics.json", summary)
         lm.plot_losses(result, args.out / "loss.png")
+    except CheckpointError as exc:
+        print(f"train_lm.py: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         where = exc.filename if exc.filename is not None else args.out
         print(f"train_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ntrain_lm.py: interrupted", file=sys.stderr)
+        print(
+            f"\ntrain_lm.py: interrupted; the checkpoint of the last evaluation is in {args.out},"
+            " continue with --resume",
+            file=sys.stderr,
+        )
         return 130
     print(
         f"held-out perplexity {result.final['perplexity']:.2f}"
         f" (unigram baseline {unigram:.2f})"
     )
     elapsed = time.perf_counter() - start
-    print(f"wrote {args.out}/metrics.json and loss.png; done in {elapsed:.1f} s")
+    print(f"wrote {args.out}/metrics.json, loss.png and checkpoint.npz; done in {elapsed:.1f} s")
     return 0
 
 

@@ -169,6 +169,65 @@ def test_plot_losses_writes_a_png(corpus, tmp_path):
     assert (tmp_path / "sub" / "loss.png").read_bytes().startswith(PNG_MAGIC)
 
 
+# --- checkpoints and resuming ----------------------------------------------------------------
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def test_resumed_training_is_bit_for_bit_an_uninterrupted_run(corpus, tmp_path):
+    mesh = lm.make_mesh(1)
+    straight = lm.train(small_config(steps=10, eval_every=4), corpus, mesh, log=_quiet)
+    lines: list[str] = []
+    first = lm.train(small_config(steps=6, eval_every=4), corpus, mesh, out_dir=tmp_path,
+                     log=_quiet)
+    assert (tmp_path / lm.CHECKPOINT_NAME).is_file() and first.resumed_from == 0
+    resumed = lm.train(small_config(steps=10, eval_every=4), corpus, mesh, out_dir=tmp_path,
+                       resume=True, log=lines.append)
+    assert resumed.resumed_from == 6 and "resumed from" in lines[0] and "step 6" in lines[0]
+    for name in straight.params:
+        np.testing.assert_array_equal(resumed.params[name], straight.params[name], err_msg=name)
+    assert resumed.history == straight.history  # every step's loss, exactly
+    assert resumed.final == straight.final
+    # The interrupted run's last evaluation (step 6) stays in the record.
+    assert [e["step"] for e in resumed.evals] == [0, 4, 6, 8, 10]
+    assert resumed.summary()["resumed_from_step"] == 6
+
+
+def test_resume_without_a_checkpoint_starts_at_step_zero(corpus, tmp_path):
+    lines: list[str] = []
+    result = lm.train(small_config(steps=2), corpus, lm.make_mesh(1), out_dir=tmp_path,
+                      resume=True, log=lines.append)
+    assert "starting from step 0" in lines[0] and result.resumed_from == 0
+    with pytest.raises(ValueError, match="resume needs an output directory"):
+        lm.train(small_config(steps=2), corpus, lm.make_mesh(1), resume=True)
+
+
+def test_resume_refuses_another_model_or_corpus(corpus, tmp_path):
+    from softmax_jax.experiments.checkpoint import CheckpointError
+
+    mesh = lm.make_mesh(1)
+    lm.train(small_config(steps=2), corpus, mesh, out_dir=tmp_path, log=_quiet)
+    with pytest.raises(CheckpointError, match=r"hidden 32 \(now 48\); drop --resume"):
+        lm.train(small_config(steps=4, hidden=48), corpus, mesh, out_dir=tmp_path, resume=True)
+    other = lm.load_corpus(vocab_size=300, max_files=8, heldout_every=3)
+    with pytest.raises(CheckpointError, match="another corpus"):
+        lm.train(small_config(steps=4), other, mesh, out_dir=tmp_path, resume=True)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        lm.load_params(tmp_path / "junk.npz", corpus)
+
+
+def test_load_params_reads_the_model_widths_from_the_checkpoint(corpus, tmp_path):
+    cfg = small_config(steps=3, hidden=40, embed_dim=8)
+    result = lm.train(cfg, corpus, lm.make_mesh(1), out_dir=tmp_path, log=_quiet)
+    params, loaded_cfg, step = lm.load_params(tmp_path / lm.CHECKPOINT_NAME, corpus)
+    assert loaded_cfg == cfg and step == 3
+    for name in params:
+        np.testing.assert_array_equal(params[name], result.params[name], err_msg=name)
+
+
 # --- the script, data-parallel on simulated devices ------------------------------------------
 
 
@@ -217,6 +276,23 @@ def test_script_rejects_bad_flags(tmp_path, args, message):
     proc = run_script(*args, cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_script_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    common = (*SCRIPT_ARGS, "--devices", "1", "--out", out)
+    first = run_script(*common, "--steps", "3", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert (out / "checkpoint.npz").is_file()
+    again = run_script(*common, "--steps", "6", "--resume", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "at step 3" in again.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 3
+    assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
+    changed = run_script(*common, "--steps", "9", "--hidden", "40", "--resume", cwd=tmp_path)
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "hidden 32 (now 40)" in changed.stderr
 
 
 def test_script_reports_unwritable_output_in_one_line(tmp_path):
