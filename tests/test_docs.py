@@ -1,4 +1,4 @@
-"""Keeps docs/*.md honest: their code runs and every function, rule and test they cite exists.
+"""Keeps docs/*.md and docs/zh/*.md honest: their code runs and everything they cite exists.
 
 - Plain ``python`` blocks are executed in order, one namespace per document, so a guide's
   examples cannot rot. A block that imports a package which is not installed (Equinox, say)
@@ -7,6 +7,10 @@
   print options of the docstring examples.
 - Every ``path`` or ``path::name`` in backticks must name an existing file and, for
   ``::name``, a ``def``/``class`` (each part of a dotted name) or module-level assignment.
+- The Chinese derivations cite exactly what the English ones cite, so neither can fall behind.
+
+Documents are named by their path under ``docs/`` (``derivations.md``, ``zh/derivations.md``),
+which keeps test ids and code-block namespaces apart for the translations.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = sorted((ROOT / "docs").glob("*.md"))
+DOCS_DIR = ROOT / "docs"
+DOCS = sorted(DOCS_DIR.glob("*.md")) + sorted((DOCS_DIR / "zh").glob("*.md"))
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _CITATION = re.compile(
@@ -39,7 +44,7 @@ class Block:
 
     @property
     def id(self) -> str:
-        return f"{self.doc.name}:L{self.line}"
+        return f"{_doc_name(self.doc)}:L{self.line}"
 
     @property
     def is_doctest(self) -> bool:
@@ -77,7 +82,7 @@ def script_results() -> dict[str, str | Exception | None]:
     None (ran), a skip reason (str), or the exception it raised."""
     results: dict[str, str | Exception | None] = {}
     for doc in DOCS:
-        namespace: dict[str, object] = {"__name__": f"docs_{doc.stem}"}
+        namespace: dict[str, object] = {"__name__": "docs_" + _doc_name(doc)[:-3].replace("/", "_")}
         for block in (b for b in SCRIPT_BLOCKS if b.doc == doc):
             missing = _missing_packages(block.code)
             if missing:
@@ -137,10 +142,19 @@ def test_doctest_blocks_run(block: Block) -> None:
     assert runner.failures == 0, "".join(out)
 
 
+def _doc_name(doc: Path) -> str:
+    return doc.relative_to(DOCS_DIR).as_posix()
+
+
+def _cited(doc: Path) -> Iterator[tuple[str, str | None]]:
+    for m in _CITATION.finditer(doc.read_text(encoding="utf-8")):
+        yield m.group(1), m.group(2)
+
+
 def _citations() -> Iterator[tuple[str, str, str | None]]:
     for doc in DOCS:
-        for m in _CITATION.finditer(doc.read_text(encoding="utf-8")):
-            yield doc.name, m.group(1), m.group(2)
+        for path, name in _cited(doc):
+            yield _doc_name(doc), path, name
 
 
 CITATIONS = sorted(set(_citations()), key=lambda c: (c[0], c[1], c[2] or ""))
@@ -156,6 +170,20 @@ def _defines(source: str, name: str) -> bool:
 def test_docs_cite_something() -> None:
     assert DOCS, "no docs/*.md found"
     assert any(doc == "derivations.md" for doc, _, _ in CITATIONS)
+    assert any(doc == "zh/derivations.md" for doc, _, _ in CITATIONS)
+
+
+def test_chinese_derivations_cite_what_the_english_ones_cite() -> None:
+    english = set(_cited(DOCS_DIR / "derivations.md"))
+    chinese = set(_cited(DOCS_DIR / "zh" / "derivations.md"))
+
+    def show(targets: set[tuple[str, str | None]]) -> list[str]:
+        return sorted(f"{p}::{n}" if n else p for p, n in targets)
+
+    assert english == chinese, (
+        f"only in docs/derivations.md: {show(english - chinese)}; "
+        f"only in docs/zh/derivations.md: {show(chinese - english)}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -171,13 +199,14 @@ def test_cited_names_exist(doc: str, path: str, name: str | None) -> None:
         assert _defines(source, part), f"{doc} cites {path}::{name}, but {part!r} is not defined"
 
 
-def test_derivations_numbers_match_the_library() -> None:
+@pytest.mark.parametrize("doc", ["derivations.md", "zh/derivations.md"])
+def test_derivations_numbers_match_the_library(doc: str) -> None:
     import jax
     import jax.numpy as jnp
 
     import softmax_jax as sj
 
-    text = (ROOT / "docs" / "derivations.md").read_text(encoding="utf-8")
+    text = (DOCS_DIR / doc).read_text(encoding="utf-8")
     z = jnp.array([2.0, 3.0, 4.0])
     a = np.asarray(sj.softmax(z), np.float64)
     grad = np.asarray(jax.grad(sj.softmax_cross_entropy_with_integer_labels)(z, 1))
@@ -185,4 +214,4 @@ def test_derivations_numbers_match_the_library() -> None:
     wanted = [f"{v:.5f}" for v in a] + [f"{v:.4f}".replace("-", "−") for v in grad]
     wanted += [f"{loss:.4f}", f"{np.exp(2.0):.5f}", f"{np.exp([2.0, 3.0, 4.0]).sum():.5f}"]
     missing = [w for w in wanted if w not in text]
-    assert not missing, f"docs/derivations.md lacks the library's values {missing}"
+    assert not missing, f"docs/{doc} lacks the library's values {missing}"
