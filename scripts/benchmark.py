@@ -6,10 +6,12 @@ candidate, anchor, candidate, ...) so that drift in machine load hits both alike
 reported figure is the median. Ratios below 1 mean softmax_jax is faster or smaller.
 
 Memory is XLA's own account of the compiled program (``memory_analysis()``): the temporary
-buffers it allocates beyond arguments and outputs.
+buffers it allocates beyond arguments and outputs. The compile and timing helpers are
+``softmax_jax.experiments.timing``; the fused suite is ``scripts/bench_fused.py``.
 
     python scripts/benchmark.py                  # core table, N=4096, V=32000, f32
-    python scripts/benchmark.py --suite all      # plus the fused large-vocabulary loss
+    python scripts/benchmark.py --suite all      # plus the fused large-vocabulary losses
+    python scripts/benchmark.py --suite fused --quick   # the fused tables on small shapes
     python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
 
 On Linux, every N x V gradient is a fresh allocation that glibc maps with ``mmap``; the first
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
+from softmax_jax.experiments.timing import compile_fn, interleaved_medians
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 
@@ -47,30 +48,6 @@ class Case:
     anchor: Callable[..., object]
     candidate: Callable[..., object]
     args: tuple
-
-
-def compile_fn(fn: Callable[..., object], args: tuple) -> tuple[Callable[..., object], int]:
-    """Jit-compiles ``fn`` for ``args``; returns the executable and its temporary bytes."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    mem = compiled.memory_analysis()
-    temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
-    return compiled, temp
-
-
-def interleaved_medians(
-    fns: list[Callable[..., object]], args: tuple, repeats: int, warmup: int = 2
-) -> list[float]:
-    """Median wall time in seconds of each of ``fns``, measured round-robin."""
-    for fn in fns:
-        for _ in range(warmup):
-            jax.block_until_ready(fn(*args))
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def value_and_grad_of_mean(loss: Callable[..., jax.Array]) -> Callable[..., object]:
@@ -184,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument(
+        "--quick", action="store_true",
+        help="fused suite on small shapes (a smoke test of the tables, not a measurement)",
+    )
+    parser.add_argument(
         "--hugepages", action="store_true",
         help=f"run with GLIBC_TUNABLES={HUGEPAGES} (transparent huge pages for large buffers)",
     )
@@ -209,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_fused import run_fused_benchmarks  # noqa: PLC0415  (optional, heavy)
 
-        run_fused_benchmarks(args.repeats)
+        run_fused_benchmarks(args.repeats, quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,71 @@ def test_core_benchmark_small_run_prints_a_complete_table(extra):
     for row in rows:
         ratio = float(row.split("|")[5].strip().rstrip("x"))
         assert 0.0 < ratio < 100.0, row
+
+
+def _table(out: str, header_start: str) -> list[list[str]]:
+    """The data rows (cells) of the markdown table whose header starts with header_start."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_fused_suite_quick_run_prints_every_table():
+    import softmax_jax as sj
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused", "--quick",
+         "--repeats", "1"],
+        capture_output=True, text=True, check=True, timeout=600,
+    ).stdout
+    ce = _table(out, "| N | D | V | anchor temp MiB")
+    assert [r[:3] for r in ce] == [["96", "16", "300"], ["64", "8", "1000"]], out
+    chunked = _table(out, "| loss | N | D | V | chunked ms")
+    assert [r[0] for r in chunked] == ["cross-entropy", "distillation (T=2, beta=0)"] * 2
+    for row in chunked:
+        # The chunked anchor returns the unfused composition's numbers (relative error).
+        assert float(row[9]) < 1e-4, row
+    for row in chunked[0::2]:  # the fused cross-entropy is there and agrees too
+        assert float(row[10]) < 1e-4, row
+        assert 0.0 < float(row[6].split("x")[0]) < 100.0, row
+    bf16 = _table(out, "| loss | N | D | V | fused temp MiB")
+    assert [r[:4] for r in bf16][0] == ["cross-entropy", "256", "64", "4096"]
+    assert float(bf16[0][4]) > 0.0
+    if hasattr(sj, "linear_softmax_distillation"):
+        assert len(_table(out, "| N | D | V | anchor temp MiB")) == 2
+        assert all(float(r[10]) < 1e-4 for r in chunked[1::2]), chunked
+        assert float(bf16[1][4]) > 0.0
+    else:
+        assert "linear_softmax_distillation does not exist" in out
+
+
+def test_timing_helpers_measure_and_compare():
+    import jax
+    import jax.numpy as jnp
+
+    from softmax_jax.experiments.timing import (
+        compile_fn,
+        interleaved_medians,
+        max_rel_err,
+        temp_bytes,
+    )
+
+    def f(x):
+        return jnp.sum(jnp.exp(x)[:, None] * x[None, :])  # a 64 x 64 temporary
+
+    x = jnp.arange(64.0)
+    compiled, temp = compile_fn(f, (x,))
+    assert float(compiled(x)) == float(f(x))
+    assert temp == temp_bytes(f, (jax.ShapeDtypeStruct((64,), jnp.float32),))
+    calls = []
+    times = interleaved_medians([lambda x: calls.append("a") or x,
+                                 lambda x: calls.append("b") or x], (x,), repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then round-robin
+    assert len(times) == 2 and all(t >= 0.0 for t in times)
+    assert max_rel_err({"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([1.0, 4.0])}) == 0.5
+    assert max_rel_err(jnp.array([0.5]), jnp.array([0.25])) == 0.25  # absolute below 1
