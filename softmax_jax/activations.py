@@ -8,10 +8,11 @@ back) and is stable for any finite input. Stability comes from the notes'
     \frac{e^{x_i + F}}{\sum_k e^{x_k + F}} = \frac{e^F e^{x_i}}{e^F \sum_k e^{x_k}}
     = \frac{e^{x_i}}{\sum_k e^{x_k}},
 
-but keeps every exponent at or below zero, so nothing overflows. Since any constant works,
-the shift is only paid for where it is needed: :class:`Normalizer` first sums the unshifted
-exponentials in one pass and falls back to the two-pass shifted sum when a row's sum leaves
-a safe range (see :meth:`Normalizer.of`).
+but keeps every exponent at or below zero, so nothing overflows. :class:`Normalizer` always
+applies it, row by row: each row is shifted by its own maximum, so a row's value and gradient
+are bit for bit the same whatever else is in the batch, and at the largest logit
+:math:`x_i + F = 0` exactly, so the log-probability there is not the difference of two
+large numbers.
 
 Each rule sits right below its function and names the formula it implements. The rules are
 written in differentiable ``jnp``, so reverse-over-reverse (``jax.jacrev(jax.grad(f))``) and
@@ -51,12 +52,11 @@ def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
 class Normalizer(NamedTuple):
     r"""The softmax normaliser of each row, kept as two parts: :math:`\mathrm{lse} = m + \log s`.
 
-    ``m`` is the shift: 0 on the single-pass path of :meth:`of`, otherwise the row maximum
-    (0 for a row with no finite maximum); ``log_s`` is :math:`\log\sum_k e^{z_k - m}`.
-    Keeping the parts apart matters at large magnitudes: for a row of four entries of
-    :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and :math:`e^{z - \mathrm{lse}}`
-    would give 1 for every entry, whereas :math:`e^{(z - m) - \log s}` gives the right 1/4.
-    Both arrays keep ``axis`` as size 1.
+    ``m`` is the row maximum (0 for a row with no finite maximum) and ``log_s`` is
+    :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes: for
+    a row of four entries of :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and
+    :math:`e^{z - \mathrm{lse}}` would give 1 for every entry, whereas
+    :math:`e^{(z - m) - \log s}` gives the right 1/4. Both arrays keep ``axis`` as size 1.
     """
 
     m: jax.Array
@@ -66,23 +66,15 @@ class Normalizer(NamedTuple):
     def of(z: jax.Array, axis: int) -> Normalizer:
         r"""Normaliser of ``z`` along ``axis``; masked entries must already be :math:`-\infty`.
 
-        A row of only :math:`-\infty` gets ``m = 0`` and ``log_s = -inf`` rather than NaN.
-        NaN entries propagate through the sum.
-
-        The max shift only matters where :math:`e^{z}` would overflow or underflow, or where
-        large logits make :math:`\log s` and :math:`z` cancel. Rows whose unshifted sum
-        lies in :math:`[2^{-32}, 2^{32}]` (ordinary logits: :math:`\max_k z_k` within about
-        :math:`\pm 22`) are summed unshifted, in one pass over ``z`` instead of two; there
-        :math:`\log s` is small, so the rounding it adds is of the order of the logits' own
-        float rounding. If any row falls outside that range (or is NaN), the shifted
-        two-pass form is computed instead, through ``lax.cond``.
+        Two passes over ``z``: :math:`m = \max_k z_k`, then :math:`\log\sum_k e^{z_k - m}`.
+        Every row is shifted by its own maximum, whatever the other rows hold, so a row's
+        result does not depend on the rest of the batch, and :math:`z_k - m` is exact at the
+        largest logit, so :math:`\log a_k` there is :math:`-\log s` with no cancellation
+        between two large numbers. A row of only :math:`-\infty` (or an empty row) gets
+        ``m = 0`` and ``log_s = -inf`` rather than NaN; NaN entries propagate through the
+        sum. ``m`` carries no derivative: any shift gives the same normaliser.
         """
-        return Normalizer(*_normaliser(axis)(z))
-
-    @staticmethod
-    def shifted(z: jax.Array, axis: int) -> Normalizer:
-        r"""The two-pass form: :math:`m = \max_k z_k`, then :math:`\log\sum_k e^{z_k - m}`."""
-        m = jnp.max(z, axis=axis, keepdims=True)
+        m = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True, initial=-jnp.inf))
         m = jnp.where(jnp.isfinite(m), m, 0.0)
         return Normalizer(m, jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)))
 
@@ -116,46 +108,6 @@ def batched_as_rows(body, factory, axis: int):
         return out, jax.tree.map(lambda _: True, out)
 
     return batchable
-
-
-def _single_or_two_pass(z: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
-    """The body of :meth:`Normalizer.of`: one unshifted pass if every row allows it."""
-    s = jnp.sum(jnp.exp(z), axis=axis, keepdims=True)
-    safe = jnp.all((s >= 2.0**-32) & (s <= 2.0**32))
-    return jax.lax.cond(
-        safe,
-        lambda: (jnp.zeros_like(s), jnp.log(s)),
-        lambda: tuple(Normalizer.shifted(z, axis)),
-    )
-
-
-@functools.cache
-def _normaliser(axis: int):
-    r""":meth:`Normalizer.of` along ``axis``, with its own batching and derivative rules.
-
-    Batching (:func:`batched_as_rows`): under ``jax.vmap`` the mapped axis is one more row
-    axis, so the rule calls the same computation with ``axis + 1``. Left to ``vmap``, the
-    ``lax.cond`` on a per-example predicate would become a ``select`` that runs both branches
-    (the max pass and a second sum of exponentials) for every example.
-
-    Derivative: the shift ``m`` is a constant (tangent 0) and
-    :math:`d\log s = \sum_k a_k\,dz_k`, so that ``custom_vmap`` (which has no autodiff
-    rule of its own) stays differentiable to any order.
-    """
-
-    of = jax.custom_jvp(
-        batched_as_rows(lambda z: _single_or_two_pass(z, axis), _normaliser, axis)
-    )
-
-    @of.defjvp
-    def _tangent(primals, tangents):
-        (z,), (dz,) = primals, tangents
-        m, log_s = of(z)
-        a = Normalizer(m, log_s).prob(z)
-        d_log_s = jnp.sum(jnp.where(a == 0, 0.0, a * dz), axis=axis, keepdims=True)
-        return (m, log_s), (jnp.zeros_like(m), d_log_s)
-
-    return of
 
 
 # --------------------------------------------------------------------------------------------

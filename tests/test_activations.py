@@ -292,3 +292,46 @@ def test_property_softmax_family(shape, scale, seed, data):
     ga = cot * a
     want_g = ga - a * ga.sum(axis=axis, keepdims=True)
     np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-5)
+
+
+# --- per-example results do not depend on the rest of the batch (issue 9, section 4) --------
+
+
+@pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, sj.logsumexp], ids=FAMILY_IDS)
+def test_rows_are_bitwise_independent_of_other_rows(fn):
+    """One unrelated row with a logit of 100 (outside any unshifted fast path) leaves every
+    other row's value and gradient bit for bit as they were."""
+    x = jax.random.normal(jax.random.PRNGKey(30), (6, 12)) * 3
+    extra = jnp.zeros((1, 12)).at[0, 5].set(100.0)
+    cot = jax.random.normal(jax.random.PRNGKey(31), fn(x).shape)
+    out, g = _vjp(fn, x, cot)
+    extra_cot = jnp.ones((1, *cot.shape[1:]), cot.dtype)
+    out2, g2 = _vjp(fn, jnp.concatenate([x, extra]), jnp.concatenate([cot, extra_cot]))
+    np.testing.assert_array_equal(out2[:6], out)
+    np.testing.assert_array_equal(g2[:6], g)
+
+
+def _label_gradient_median_error(fn, x: np.ndarray) -> float:
+    """Median relative error, against float64, of the gradient entry at each row's largest
+    logit, with the one-hot cotangent on that entry: ``1 - a_y`` (log_softmax) or
+    ``a_y (1 - a_y)`` (softmax), where cancellation shows any rounding of ``x_y - lse``."""
+    label = np.argmax(x, axis=-1)
+    cot = np.eye(x.shape[-1], dtype=np.float32)[label]
+    rows = np.arange(x.shape[0])
+    _, g = _vjp(fn, jnp.asarray(x), jnp.asarray(cot))
+    with jax.enable_x64(True):
+        _, want = _vjp(fn, jnp.asarray(x, jnp.float64), jnp.asarray(cot, jnp.float64))
+    got, want = np.asarray(g, np.float64)[rows, label], np.asarray(want)[rows, label]
+    return float(np.median(np.abs(got - want) / np.abs(want)))
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_label_gradient_is_as_accurate_as_jax_nn(name):
+    """Large-ish logits (about 10, so that ``lse`` is too): ``x_y - lse`` must not be
+    computed as the difference of two large numbers."""
+    ours, theirs = getattr(sj, name), getattr(jax.nn, name)
+    rng = np.random.default_rng(32)
+    x = (rng.normal(size=(256, 16)) * 3 + 10).astype(np.float32)
+    # the reference is the float64 computation of jax.nn (the plain shifted formula)
+    mine, nn = _label_gradient_median_error(ours, x), _label_gradient_median_error(theirs, x)
+    assert mine <= nn * 1.05, (mine, nn)
