@@ -84,7 +84,8 @@ def test_distillation_gradients_match_reference_float64(x64, beta, temperature):
     np.testing.assert_allclose(ours(*args), plain(*args), rtol=1e-12)
     got = jax.grad(ours, argnums=argnums)(*args)
     want = jax.grad(plain, argnums=argnums)(*args)
-    for name, g, w in zip(["student", "teacher", "temperature", "beta"], got, want):
+    for name, g, w in zip(["student", "teacher", "temperature", "beta"][:len(got)], got, want,
+                          strict=True):
         assert np.all(np.isfinite(g)), name
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12, err_msg=name)
 
@@ -121,7 +122,7 @@ def test_traced_beta_gives_the_static_results(beta):
     np.testing.assert_allclose(traced(s, t, beta), static(s, t), rtol=1e-6)
     g_static = jax.grad(_weighted(static), argnums=(0, 1))(s, t)
     g_traced = jax.grad(_weighted(traced), argnums=(0, 1))(s, t, jnp.float32(beta))
-    for a, b in zip(g_traced, g_static):
+    for a, b in zip(g_traced, g_static, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -140,15 +141,15 @@ def test_beta_derivative_is_nan_at_the_jumps_and_exact_inside():
     assert f(1e-6) < 1e-4 * f(0.0)
 
 
-def test_temperature_derivative_is_exact_not_zero():
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_temperature_derivative_is_exact_not_zero(beta):
     s, t = _logits(seed=6)
-    for beta in (0.0, 0.5, 1.0):
-        f = lambda T: sj.distillation_loss(s, t, temperature=T, beta=beta).sum()  # noqa: E731
-        eps = 1e-3
-        fd = (f(2.0 + eps) - f(2.0 - eps)) / (2 * eps)
-        got = jax.grad(f)(2.0)
-        assert abs(got) > 1e-2
-        np.testing.assert_allclose(got, fd, rtol=2e-3)
+    f = lambda T: sj.distillation_loss(s, t, temperature=T, beta=beta).sum()  # noqa: E731
+    eps = 1e-3
+    fd = (f(2.0 + eps) - f(2.0 - eps)) / (2 * eps)
+    got = jax.grad(f)(2.0)
+    assert abs(got) > 1e-2
+    np.testing.assert_allclose(got, fd, rtol=2e-3)
 
 
 # --- hyper-parameters out of range -----------------------------------------------------------
@@ -156,7 +157,8 @@ def test_temperature_derivative_is_exact_not_zero():
 
 @pytest.mark.parametrize("kwargs,name", [
     ({"temperature": 0.0}, "temperature"), ({"temperature": -1.0}, "temperature"),
-    ({"beta": -0.1}, "beta"), ({"beta": 1.5}, "beta"), ({"temperature": float("nan")}, "temperature"),
+    ({"beta": -0.1}, "beta"), ({"beta": 1.5}, "beta"),
+    ({"temperature": float("nan")}, "temperature"),
 ])
 def test_concrete_out_of_range_hyperparameters_raise(kwargs, name):
     s, t = _logits()
@@ -223,23 +225,29 @@ def test_where_equals_slicing_classes_away(beta):
     np.testing.assert_allclose(f(s, t), g(s[:, keep], t[:, keep]), rtol=1e-5)
     gm = jax.grad(_weighted(f), argnums=(0, 1))(s, t)
     gs = jax.grad(_weighted(g), argnums=(0, 1))(s[:, keep], t[:, keep])
-    for a, b in zip(gm, gs):
+    for a, b in zip(gm, gs, strict=True):
         np.testing.assert_allclose(a[:, keep], b, rtol=1e-5, atol=1e-7)
         assert np.all(a[:, ~keep] == 0)
 
 
-def test_fully_masked_row_gives_zero_loss_and_zero_gradients():
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_fully_masked_row_gives_zero_loss_and_zero_gradients(beta):
     s, t = _logits(seed=10)
+    s = s.at[1, 0].set(jnp.nan)  # the masked row's NaN must not leak either
     rows = jnp.array([True, False, True, True, True])[:, None]  # a per-row mask is (N, 1)
-    for beta in (0.0, 0.5, 1.0):
-        f = lambda s, t, T: sj.distillation_loss(s, t, where=rows, temperature=T,  # noqa: E731
-                                                 beta=beta)
-        loss = f(s, t, 2.0)
-        assert loss[1] == 0
-        np.testing.assert_allclose(np.delete(np.asarray(loss), 1), np.delete(
-            np.asarray(sj.distillation_loss(s, t, temperature=2.0, beta=beta)), 1), rtol=1e-6)
-        gs, gt, g_temp = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(s, t, 2.0)
-        assert np.all(gs[1] == 0) and np.all(gt[1] == 0) and np.isfinite(g_temp)
+    f = lambda s, t, T: sj.distillation_loss(s, t, where=rows, temperature=T,  # noqa: E731
+                                             beta=beta)
+    loss = f(s, t, 2.0)
+    assert loss[1] == 0
+    np.testing.assert_allclose(np.delete(np.asarray(loss), 1), np.delete(
+        np.asarray(sj.distillation_loss(s, t, temperature=2.0, beta=beta)), 1), rtol=1e-6)
+    gs, gt, g_temp = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(s, t, 2.0)
+    assert np.all(gs[1] == 0) and np.all(gt[1] == 0) and np.isfinite(g_temp)
+    g_rest = jax.grad(lambda T: sj.distillation_loss(s[2:], t[2:], temperature=T,
+                                                     beta=beta).sum())(2.0)
+    g_first = jax.grad(lambda T: sj.distillation_loss(s[:1], t[:1], temperature=T,
+                                                      beta=beta).sum())(2.0)
+    np.testing.assert_allclose(g_temp, g_rest + g_first, rtol=1e-5)
 
 
 @pytest.mark.parametrize("axis", [(1, 2), (2, 0), None])
@@ -303,46 +311,55 @@ def test_jit_and_vmap():
     np.testing.assert_allclose(per_row(s, t), sj.distillation_loss(s, t, beta=0.5), rtol=1e-6)
     schedule = jnp.array([0.0, 0.2, 1.0])  # vmap over beta: each value takes its own case
     over_beta = jax.vmap(lambda b: sj.distillation_loss(s, t, beta=b))(schedule)
-    for b, row in zip([0.0, 0.2, 1.0], over_beta):
+    for b, row in zip([0.0, 0.2, 1.0], over_beta, strict=True):
         np.testing.assert_allclose(row, sj.distillation_loss(s, t, beta=b), rtol=1e-5)
     g = jax.vmap(jax.grad(lambda s, t: sj.distillation_loss(s, t, temperature=2.0)))(s, t)
     np.testing.assert_allclose(g, 2.0 * (jax.nn.softmax(s / 2) - jax.nn.softmax(t / 2)),
                                atol=1e-6)
 
 
-def test_blockwise_use_of_the_terms_module_equals_the_loss():
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("beta_value", [0.0, 0.35, 1.0])
+def test_blockwise_use_of_the_terms_module_equals_the_loss(beta_value, traced):
     """The fused engine's recipe (docstring of _distillation_terms), over two class blocks."""
     s, t = _logits(seed=15, shape=(4, 10))
     temperature, g = jnp.float32(1.5), jnp.arange(1.0, 5.0)[:, None]
-    for beta_value in (0.0, 0.35, 1.0):
-        beta, kind = jnp.float32(beta_value), terms.kind_of(beta_value)
-        log_q = jax.nn.log_softmax(s / temperature)
-        log_p = jax.nn.log_softmax(t / temperature)
-        blocks = [slice(0, 6), slice(6, 10)]
-        kl_p = jnp.zeros((4, 1))
-        kl_q = jnp.zeros((4, 1))
-        for b in blocks:
-            log_m = terms.log_mixture(log_p[:, b], log_q[:, b], beta, kind)
-            part = terms.RowSums.of(terms.element_terms(log_p[:, b], log_q[:, b], log_m, kind), -1)
-            kl_p, kl_q = kl_p + part.kl_p, kl_q + part.kl_q
-        rows = terms.RowSums(kl_p, kl_q)
-        div = terms.divergence(rows, beta, kind)
-        want = sj.distillation_loss(s, t, temperature=temperature, beta=beta_value)
-        np.testing.assert_allclose(temperature**2 * div[:, 0], want, rtol=1e-6)
-        ds, dt, t_sum = [], [], 0.0
-        for b in blocks:
-            log_m = terms.log_mixture(log_p[:, b], log_q[:, b], beta, kind)
-            ds.append(terms.student_grad(log_p[:, b], log_q[:, b], log_m, rows, beta, kind))
-            dt.append(terms.teacher_grad(log_p[:, b], log_q[:, b], log_m, rows, beta, kind))
-            t_sum = t_sum + jnp.sum(terms.temperature_term(
-                ds[-1], log_q[:, b], dt[-1], log_p[:, b]), -1, keepdims=True)
-        d_temp = jnp.sum(g * terms.temperature_cotangent(temperature, div, t_sum))
-        want_s, want_t, want_temp = jax.grad(
-            lambda s, t, T: jnp.sum(g[:, 0] * sj.distillation_loss(
-                s, t, temperature=T, beta=beta_value)), argnums=(0, 1, 2))(s, t, temperature)
-        np.testing.assert_allclose(g * temperature * jnp.concatenate(ds, -1), want_s, atol=1e-6)
-        np.testing.assert_allclose(g * temperature * jnp.concatenate(dt, -1), want_t, atol=1e-6)
-        np.testing.assert_allclose(d_temp, want_temp, rtol=1e-5)
+    beta = jnp.float32(beta_value)
+    kind = "traced" if traced else terms.kind_of(beta_value)
+    log_q = jax.nn.log_softmax(s / temperature)
+    log_p = jax.nn.log_softmax(t / temperature)
+    blocks = [slice(0, 6), slice(6, 10)]
+    kl_p = jnp.zeros((4, 1))
+    kl_q = jnp.zeros((4, 1))
+    for b in blocks:
+        log_m = terms.log_mixture(log_p[:, b], log_q[:, b], beta, kind)
+        part = terms.RowSums.of(terms.element_terms(log_p[:, b], log_q[:, b], log_m, kind), -1)
+        kl_p, kl_q = kl_p + part.kl_p, kl_q + part.kl_q
+    rows = terms.RowSums(kl_p, kl_q)
+    div = terms.divergence(rows, beta, kind)
+    want = sj.distillation_loss(s, t, temperature=temperature, beta=beta_value)
+    np.testing.assert_allclose(temperature**2 * div[:, 0], want, rtol=1e-6)
+    ds, dt, t_sum = [], [], 0.0
+    for b in blocks:
+        log_m = terms.log_mixture(log_p[:, b], log_q[:, b], beta, kind)
+        ds.append(terms.student_grad(log_p[:, b], log_q[:, b], log_m, rows, beta, kind))
+        dt.append(terms.teacher_grad(log_p[:, b], log_q[:, b], log_m, rows, beta, kind))
+        t_sum = t_sum + jnp.sum(terms.temperature_term(
+            ds[-1], log_q[:, b], dt[-1], log_p[:, b]), -1, keepdims=True)
+    d_temp = jnp.sum(g * terms.temperature_cotangent(temperature, div, t_sum))
+    want_s, want_t, want_temp = jax.grad(
+        lambda s, t, T: jnp.sum(g[:, 0] * sj.distillation_loss(
+            s, t, temperature=T, beta=beta_value)), argnums=(0, 1, 2))(s, t, temperature)
+    np.testing.assert_allclose(g * temperature * jnp.concatenate(ds, -1), want_s, atol=1e-6)
+    np.testing.assert_allclose(g * temperature * jnp.concatenate(dt, -1), want_t, atol=1e-6)
+    np.testing.assert_allclose(d_temp, want_temp, rtol=1e-5)
+    d_beta = jnp.sum(g * terms.beta_cotangent(temperature, rows, beta, kind))
+    if beta_value in (0.0, 1.0):
+        assert np.isnan(d_beta)
+    else:
+        want_beta = jax.grad(lambda b: jnp.sum(g[:, 0] * sj.distillation_loss(
+            s, t, temperature=temperature, beta=b)))(beta)
+        np.testing.assert_allclose(d_beta, want_beta, rtol=1e-5)
 
 
 def test_kind_of_and_hyperparameters():
@@ -386,18 +403,19 @@ def _kl_inputs(seed=20, shape=(N, V)):
 ])
 def test_kl_divergence_matches_optax(axis, where):
     log_a, y = _kl_inputs()
-    for ours, theirs, targets in [
+    pairs = [
         (sj.kl_divergence, optax.losses.kl_divergence, y),
         (sj.kl_divergence_with_log_targets, optax.losses.kl_divergence_with_log_targets,
          jnp.log(y)),
-    ]:
+    ]
+    for ours, theirs, targets in pairs:
+        ours_at = _weighted(lambda a, b, f=ours: f(a, b, axis, where))
+        theirs_at = _weighted(lambda a, b, f=theirs: f(a, b, axis, where))
         np.testing.assert_allclose(ours(log_a, targets, axis, where),
                                    theirs(log_a, targets, axis, where), rtol=1e-6, atol=1e-7)
-        got = jax.grad(_weighted(lambda a, b: ours(a, b, axis, where)), argnums=(0, 1))(
-            log_a, targets)
-        want = jax.grad(_weighted(lambda a, b: theirs(a, b, axis, where)), argnums=(0, 1))(
-            log_a, targets)
-        for g, w in zip(got, want):
+        got = jax.grad(ours_at, argnums=(0, 1))(log_a, targets)
+        want = jax.grad(theirs_at, argnums=(0, 1))(log_a, targets)
+        for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
@@ -458,7 +476,7 @@ def test_kl_divergence_against_plain_formula_float64(x64):
         np.testing.assert_allclose(ours(log_a, b), plain(log_a, b), rtol=1e-13)
         got = jax.grad(_weighted(ours), argnums=(0, 1))(log_a, b)
         want = jax.grad(_weighted(plain), argnums=(0, 1))(log_a, b)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(g, w, rtol=1e-12)
 
 
