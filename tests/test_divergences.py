@@ -90,6 +90,25 @@ def test_distillation_gradients_match_reference_float64(x64, beta, temperature):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+def test_second_derivatives_match_reference_float64(x64, beta):
+    """The rules are differentiable jnp, so reverse-over-reverse and jax.hessian work."""
+    s, t = _logits(jnp.float64, seed=16, shape=(3, 5))
+    ours = lambda s, t: sj.distillation_loss(s, t, temperature=1.7, beta=beta).sum()  # noqa: E731
+    plain = lambda s, t: ref.distillation_loss(s, t, -1, 1.7, beta).sum()  # noqa: E731
+    for arg in (0, 1):
+        want = jax.hessian(plain, argnums=arg)(s, t)
+        np.testing.assert_allclose(jax.hessian(ours, argnums=arg)(s, t), want, atol=1e-12)
+        np.testing.assert_allclose(jax.jacrev(jax.grad(ours, argnums=arg), argnums=arg)(s, t),
+                                   want, atol=1e-12)
+
+
+def test_zero_rows_give_a_zero_length_result():
+    empty = jnp.zeros((0, V))
+    assert sj.distillation_loss(empty, empty, beta=0.5).shape == (0,)
+    assert sj.kl_divergence(empty, empty).shape == (0,)
+
+
 def test_student_gradient_is_temperature_times_q_minus_p():
     s, t = _logits(seed=2)
     temperature = 3.0
