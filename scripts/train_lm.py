@@ -22,7 +22,6 @@ resumed run continues bit-for-bit, and distill_lm.py can take it as its teacher)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -82,24 +81,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _simulate_host_devices(n: int) -> None:
-    """Asks XLA for ``n`` CPU devices; only effective before JAX initialises."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = " ".join(
-        f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")
-    )
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    if args.devices is not None:
-        _simulate_host_devices(args.devices)
-
     import jax
 
     from softmax_jax.experiments import lm
+
+    if args.devices is not None:
+        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError, atomic_write_json
 
     try:

@@ -60,6 +60,7 @@ from softmax_jax.experiments.lm_model import (
     init_params,
     loss_fn,
     make_mesh,
+    simulate_host_devices,
 )
 from softmax_jax.experiments.lm_plot import plot_distillation, plot_losses
 from softmax_jax.experiments.lm_train import (
@@ -95,6 +96,7 @@ __all__ = [
     "plot_losses",
     "restore_state",
     "save_state",
+    "simulate_host_devices",
     "stdlib_files",
     "tokenize",
     "train",

@@ -94,7 +94,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def _check_corpus(path: Path, meta: dict[str, Any], corpus: Corpus) -> None:
     if meta.get("corpus") != corpus.fingerprint():
         raise CheckpointError(
-            path, "written for another corpus (vocabulary, files or held-out split differ)"
+            path,
+            "written for another corpus (vocabulary, files or held-out split differ: use the"
+            " --vocab, --max-files and --heldout-every it was trained with)",
         )
 
 

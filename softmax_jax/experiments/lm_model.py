@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "init_params",
     "loss_fn",
     "make_mesh",
+    "simulate_host_devices",
 ]
 
 #: Label of padding positions in evaluation batches (skipped through ``ignore_index``).
@@ -123,6 +125,19 @@ def loss_fn(
         z_loss=cfg.z_loss,
         token_block=token_block,
     )
+
+
+def simulate_host_devices(n: int) -> None:
+    """Asks XLA for ``n`` CPU devices, for data parallelism on one machine.
+
+    XLA reads the flag when JAX first starts a backend, so call this before any array is
+    created or any device is listed; importing JAX earlier is fine.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    flags = " ".join(
+        f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")
+    )
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

@@ -1,0 +1,211 @@
+"""Distils a wider next-token model into a narrower one through the fused distillation head.
+
+The teacher is train_lm.py's model (stdlib source, word-level tokens), trained briefly here
+or loaded from a train_lm.py checkpoint. The student, narrower, is then trained twice for the
+same steps, from the same initial parameters, on the same batches: once on the labels alone
+(softmax_jax.linear_softmax_cross_entropy), once through softmax_jax.linear_softmax_distillation
+(hard_weight * CE(labels) + (1 - hard_weight) * T^2 * KL(teacher || student), neither model's
+batch x vocab logits materialised). Both are judged by held-out perplexity on the labels, and
+the report says which is lower, whichever it is.
+
+Examples:
+
+    python scripts/distill_lm.py                              # 8k vocab, 200 steps each
+    python scripts/distill_lm.py --temperature 2 --hard-weight 0
+    python scripts/train_lm.py --vocab 8000 --out runs/teacher
+    python scripts/distill_lm.py --teacher-checkpoint runs/teacher/checkpoint.npz
+
+Writes DIR/metrics.json (settings, corpus statistics, the teacher's and both students'
+held-out perplexities, per-step losses and evaluations), DIR/distill.png and, when the
+teacher is trained here, DIR/teacher/checkpoint.npz (reusable with --teacher-checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _add_flags(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_argument_group("data")
+    data.add_argument("--vocab", type=int, default=8000,
+                      help="vocabulary size including <unk> (default 8000)")
+    data.add_argument("--max-files", type=int, default=None,
+                      help="use this many stdlib files, evenly spaced (default: all)")
+    data.add_argument("--heldout-every", type=int, default=20,
+                      help="hold out every N-th file (default 20)")
+    train = parser.add_argument_group("training (teacher and students)")
+    train.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
+    train.add_argument("--batch-size", type=int, default=512,
+                       help="tokens per step, split over the devices (default 512)")
+    train.add_argument("--steps", type=int, default=200,
+                       help="steps of each student (default 200)")
+    train.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    train.add_argument("--seed", type=int, default=0, help="default 0")
+    teacher = parser.add_argument_group("teacher")
+    teacher.add_argument("--teacher-embed", type=int, default=64, help="default 64")
+    teacher.add_argument("--teacher-hidden", type=int, default=256, help="default 256")
+    teacher.add_argument("--teacher-steps", type=int, default=200, help="default 200")
+    teacher.add_argument("--teacher-checkpoint", type=Path, default=None,
+                         help="load the teacher from this train_lm.py checkpoint instead of"
+                              " training one (its widths come from the file)")
+    student = parser.add_argument_group("student")
+    student.add_argument("--embed", type=int, default=32, help="default 32")
+    student.add_argument("--hidden", type=int, default=64, help="default 64")
+    distil = parser.add_argument_group("distillation")
+    distil.add_argument("--temperature", type=float, default=1.0, help="T (default 1)")
+    distil.add_argument("--hard-weight", type=float, default=0.5,
+                        help="weight of the label cross-entropy (default 0.5)")
+    distil.add_argument("--beta", type=float, default=0.0,
+                        help="0: forward KL, 1: reverse KL, between: generalised JSD (default 0)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--devices", type=int, default=None,
+                     help="data-parallel devices (default: all); on CPU this many host"
+                          " devices are simulated")
+    run.add_argument("--eval-every", type=int, default=50,
+                     help="held-out evaluation interval in steps (default 50)")
+    run.add_argument("--eval-positions", type=int, default=4096,
+                     help="held-out positions per interval evaluation (default 4096)")
+    run.add_argument("--final-eval-positions", type=int, default=32768,
+                     help="held-out positions for the final perplexities (default 32768)")
+    run.add_argument("--out", type=Path, default=Path("runs/distill"),
+                     help="default runs/distill")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="distill_lm.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_flags(parser)
+    args = parser.parse_args(argv)
+    if args.devices is not None and args.devices < 1:
+        parser.error(f"--devices must be positive, got {args.devices}")
+    if args.max_files is not None and args.max_files < 2:
+        parser.error(f"--max-files must be at least 2, got {args.max_files}")
+    if args.heldout_every < 2:
+        parser.error(f"--heldout-every must be at least 2, got {args.heldout_every}")
+    if args.devices is not None and args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
+        )
+    try:
+        args.configs = _configs(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(teacher LMConfig, student LMConfig, DistillConfig); their checks become usage errors."""
+    from softmax_jax.experiments.lm import LMConfig
+    from softmax_jax.experiments.lm_distill import DistillConfig
+
+    shared = {
+        "vocab_size": args.vocab, "context": args.context, "batch_size": args.batch_size,
+        "learning_rate": args.lr, "seed": args.seed, "eval_every": args.eval_every,
+        "eval_positions": args.eval_positions,
+        "final_eval_positions": args.final_eval_positions,
+    }
+    teacher = LMConfig(**shared, embed_dim=args.teacher_embed, hidden=args.teacher_hidden,
+                       steps=args.teacher_steps)
+    student = LMConfig(**shared, embed_dim=args.embed, hidden=args.hidden, steps=args.steps)
+    distill = DistillConfig(temperature=args.temperature, hard_weight=args.hard_weight,
+                            beta=args.beta)
+    return teacher, student, distill
+
+
+def _report(summary: dict[str, Any], unigram: float) -> str:
+    """The closing line: all perplexities, and which student is lower, by how much."""
+    ppl = summary["heldout_perplexity"]
+    hard, distilled = ppl["hard"], ppl["distilled"]
+    better = "distilled" if distilled < hard else "hard-label"
+    return (
+        f"held-out perplexity: teacher {summary['teacher']['final_heldout']['perplexity']:.2f},"
+        f" hard-label student {hard:.2f}, distilled student {distilled:.2f}"
+        f" (unigram baseline {unigram:.2f}); the {better} student is lower by"
+        f" {abs(hard - distilled):.2f} ({abs(hard - distilled) / hard:.1%} of the hard-label"
+        " student's)"
+    )
+
+
+def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
+    """Loads the corpus, distils, writes the outputs; returns the closing report line."""
+    import jax
+
+    from softmax_jax.experiments import lm
+    from softmax_jax.experiments.checkpoint import atomic_write_json
+    from softmax_jax.experiments.lm_distill import run_distillation
+
+    teacher_cfg, student_cfg, dcfg = args.configs
+    mesh = lm.make_mesh(args.devices)
+    if student_cfg.batch_size % mesh.size:
+        raise ValueError(
+            f"--batch-size {student_cfg.batch_size} must be divisible by the {mesh.size} devices"
+        )
+    corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
+    stats = corpus.describe()
+    if stats["vocab_size"] < args.vocab:
+        raise ValueError(f"the training text has only {stats['vocab_size'] - 1} distinct"
+                         f" tokens, fewer than --vocab {args.vocab} - 1; lower --vocab")
+    log(f"stdlib corpus: {stats['train_tokens']:,} training tokens, {stats['heldout_tokens']:,}"
+        f" held-out; vocabulary {stats['vocab_size']:,}; {mesh.size}"
+        f" {jax.default_backend()} device(s)")
+    result = run_distillation(
+        teacher_cfg, student_cfg, dcfg, corpus, mesh, teacher_checkpoint=args.teacher_checkpoint,
+        out_dir=args.out, progress=not args.no_progress and sys.stderr.isatty(), log=log)
+    unigram = lm.unigram_perplexity(corpus)
+    summary = result.summary()
+    atomic_write_json(args.out / "metrics.json", summary | {
+        "corpus": stats, "unigram_heldout_perplexity": unigram,
+        "backend": jax.default_backend(), "devices": mesh.size,
+    })
+    lm.plot_distillation(
+        {"hard labels": result.students["hard"], "distilled": result.students["distilled"]},
+        result.teacher_final["loss"], args.out / "distill.png",
+        f"student hidden {student_cfg.hidden} from teacher hidden {result.teacher_config.hidden},"
+        f" T={dcfg.temperature:g}, hard weight {dcfg.hard_weight:g}")
+    return _report(summary, unigram)
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    from softmax_jax.experiments import lm
+
+    if args.devices is not None:
+        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
+    from softmax_jax.experiments.checkpoint import CheckpointError
+
+    log = print
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        log = tqdm.write
+    try:
+        report = run(args, log)
+    except (ValueError, lm.CorpusError, CheckpointError) as exc:
+        print(f"distill_lm.py: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else args.out
+        print(f"distill_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ndistill_lm.py: interrupted", file=sys.stderr)
+        return 130
+    print(report)
+    print(f"wrote {args.out}/metrics.json and distill.png;"
+          f" done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
