@@ -18,10 +18,17 @@ import numpy as np
 
 from softmax_jax import _validation as _v
 
+Mask = jax.Array | None
+
 
 def class_axes(axis: object, ndim: int, name: str = "x") -> int | tuple[int, ...]:
     """``axis`` as a non-negative int, or as a tuple of two or more distinct non-negative
-    ints (in the caller's order). A one-element tuple is read as its element."""
+    ints (in the caller's order). A one-element tuple is read as its element, and ``None``
+    means every axis, as in ``jax.nn`` and optax."""
+    if axis is None:
+        if ndim == 0:
+            raise ValueError(f"{name} must have at least one dimension, got a scalar")
+        axis = tuple(range(ndim))
     if not isinstance(axis, tuple):
         return _v.canonical_axis(axis, ndim, name)
     if not axis:
@@ -62,17 +69,40 @@ class Flattening(NamedTuple):
         return jnp.transpose(y, tuple(int(i) for i in np.argsort(order)))
 
     def where(self, where: jax.typing.ArrayLike | None) -> jax.Array | None:
-        """The mask for the flattened array: one flag per row (``batch_shape``) or a mask
-        broadcasting to ``shape``."""
+        """The mask for the flattened array, from a mask that broadcasts to ``shape``
+        (NumPy broadcasting, nothing more)."""
         if where is None:
             return None
-        mask = jnp.asarray(where)
-        if mask.shape == self.batch_shape:
-            return mask
-        if not _v.broadcasts_to(mask.shape, self.shape):
-            raise ValueError(
-                f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
-                f" {self.shape} or equal that shape without axes {self.classes},"
-                f" {self.batch_shape}"
-            )
+        mask = _v.check_where(where, self.shape, self.classes)
         return self.flatten(jnp.broadcast_to(mask, self.shape))
+
+
+# Per-class and per-row helpers for a single class axis ``axis`` (kept as size 1 where a
+# result is per row).
+
+
+def class_count(shape: tuple[int, ...], axis: int, mask: Mask) -> jax.Array | int:
+    """K, the number of classes taking part: the axis length, or the unmasked count per row."""
+    if mask is None:
+        return shape[axis]
+    return jnp.sum(jnp.broadcast_to(mask, shape), axis=axis, keepdims=True)
+
+
+def any_unmasked(mask: Mask, shape: tuple[int, ...], axis: int) -> jax.Array | None:
+    """Per row: does any class take part (None without a mask)?"""
+    return None if mask is None else jnp.any(jnp.broadcast_to(mask, shape), axis=axis)
+
+
+def along_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """The shape that makes a per-class vector broadcast along ``axis`` of ``ndim`` axes."""
+    return tuple(-1 if d == axis else 1 for d in range(ndim))
+
+
+def along(vector: jax.Array | None, ndim: int, axis: int) -> jax.Array | None:
+    """A per-class vector shaped to broadcast along ``axis`` of an ``ndim``-D array."""
+    return None if vector is None else vector.reshape(along_shape(ndim, axis))
+
+
+def reduce_to_classes(x: jax.Array, axis: int) -> jax.Array:
+    """Sums ``x`` over every axis but ``axis``: a per-class cotangent."""
+    return jnp.sum(x, axis=tuple(d for d in range(x.ndim) if d != axis))

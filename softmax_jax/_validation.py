@@ -91,9 +91,7 @@ def as_binary_targets(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Ar
 def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
     """Returns ``axis`` as a non-negative int, checking its type and range."""
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        raise TypeError(
-            f"axis must be a single int (softmax_jax normalises over one axis), got {axis!r}"
-        )
+        raise TypeError(f"axis must be an int, a tuple of ints or None, got {axis!r}")
     axis = int(axis)
     if ndim == 0:
         raise ValueError(f"{name} must have at least one dimension to normalise over, got a scalar")
@@ -102,31 +100,41 @@ def canonical_axis(axis: object, ndim: int, name: str = "x") -> int:
     return axis % ndim
 
 
-def prepare_where(
-    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axis: int
-) -> jax.Array | None:
-    """Returns the ``where`` mask as a boolean array of ``shape``'s rank that broadcasts to it.
+def check_where(
+    where: jax.typing.ArrayLike, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array:
+    """The ``where`` mask as a boolean array that broadcasts to ``shape`` (NumPy broadcasting
+    only, as in ``jax.nn`` and optax), raising ``ValueError`` otherwise.
 
-    Accepted: ``shape`` itself or anything that broadcasts to it (a per-class mask of shape
-    ``(V,)``, say), and ``shape`` without ``axis`` (one flag per row, as optax allows), which
-    gets ``axis`` re-inserted as size 1. The per-row reading wins when both apply.
+    A mask of ``shape`` without the class ``axes`` is refused rather than read as one flag
+    per row: a ``(V,)`` class mask with ``N == V`` would be ambiguous. The message shows
+    the per-row spelling, the mask with the class axes re-inserted as size 1.
     """
-    if where is None:
-        return None
     mask = jnp.asarray(where)
     if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
         raise TypeError(f"where must be a boolean mask, got dtype {mask.dtype}")
-    row_shape = shape[:axis] + shape[axis + 1 :]
-    if mask.shape == row_shape and len(shape) > 0:
-        mask = jnp.expand_dims(mask, axis)
-    else:
-        if not broadcasts_to(mask.shape, shape):
-            raise ValueError(
-                f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
-                f" {tuple(shape)} or equal that shape without axis {axis}, {tuple(row_shape)}"
-            )
-        mask = jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
+    if not broadcasts_to(mask.shape, tuple(shape)):
+        hint = ""
+        row_shape = tuple(n for d, n in enumerate(shape) if d not in axes)
+        if mask.shape == row_shape:
+            index = ", ".join("None" if d in axes else ":" for d in range(len(shape)))
+            hint = f"; for one flag per row pass where[{index}]"
+        raise ValueError(
+            f"where.shape={tuple(mask.shape)} must broadcast to the input shape"
+            f" {tuple(shape)}{hint}"
+        )
     return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def prepare_where(
+    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axis: int
+) -> jax.Array | None:
+    """The ``where`` mask (see :func:`check_where`) with leading size-1 axes added, so that
+    it has ``shape``'s rank and broadcasts to it."""
+    if where is None:
+        return None
+    mask = check_where(where, shape, (axis,))
+    return jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
 
 
 def hyperparameter(
@@ -136,7 +144,8 @@ def hyperparameter(
 
     Returns the value as an array (so a traced or changing value does not recompile) and a
     static flag that is ``False`` only for a concrete zero, letting the compiled code drop
-    the term entirely. Concrete values are range-checked; traced ones cannot be.
+    the term entirely. Concrete values are range-checked (``ValueError``); traced ones
+    cannot be, and are replaced by NaN where they fall outside the range.
     """
     arr = jnp.asarray(value)
     if arr.ndim != 0:
@@ -144,7 +153,10 @@ def hyperparameter(
     if not (jnp.issubdtype(arr.dtype, jnp.floating) or jnp.issubdtype(arr.dtype, jnp.integer)):
         raise TypeError(f"{name} must be a real number, got dtype {arr.dtype}")
     if isinstance(value, jax.core.Tracer):
-        return arr, True
+        # A traced value cannot raise; out of range it becomes NaN, so the result is NaN
+        # rather than a plausible number.
+        ok = arr >= low if high is None else (arr >= low) & (arr <= high)
+        return jnp.where(ok, arr, jnp.nan), True
     concrete = float(np.asarray(value))
     upper = "inf" if high is None else f"{high:g}"
     if not (concrete >= low and (high is None or concrete <= high)):
