@@ -1,0 +1,249 @@
+r"""The per-example terms of the integer-label softmax cross-entropy, written once.
+
+Both the core loss (:func:`softmax_jax.softmax_cross_entropy_with_integer_labels`, which
+sees whole rows of logits) and the blockwise large-vocabulary losses (``softmax_jax.fused``,
+which see one block of a row at a time) reduce a row to a few numbers first:
+
+- ``nll``: :math:`-\log a_y`, the negative log-probability of the label;
+- ``uniform``: :math:`\frac1K \sum_c w_c\,(-\log a_c)`, the smoothing term (unweighted:
+  :math:`w_c = 1`);
+- ``lse``: :math:`\log\sum_c e^{z_c}`, for the z-loss.
+
+This module turns those numbers into the loss and into the coefficients of the logit
+gradient, so the semantics of label smoothing (PyTorch's convention), the z-loss, class
+weights (PyTorch's ``weight``), ``ignore_index`` and invalid labels live in one place:
+
+.. math::
+    \ell = (1 - \epsilon)\,w_y\,\mathrm{nll} + \epsilon\,\mathrm{uniform}
+           + \lambda\,\mathrm{lse}^2 ,
+
+    \frac{\partial\ell}{\partial z_c} = a_c\,\big((1 - \epsilon) w_y + \epsilon W / K
+           + 2\lambda\,\mathrm{lse}\big) - (1 - \epsilon)\,w_y\,[c = y] - \epsilon\,w_c / K,
+
+with :math:`W = \sum_c w_c` over the :math:`K` classes taking part. Unweighted, the
+coefficient of :math:`a` is :math:`1 + 2\lambda\,\mathrm{lse}` and the gradient is the notes'
+:math:`a - y` with a smoothed :math:`y`. The loss is linear in :math:`\epsilon` and
+:math:`\lambda`, so their exact derivatives are one number per example:
+:math:`\partial\ell/\partial\epsilon = \mathrm{uniform} - w_y\,\mathrm{nll}` and
+:math:`\partial\ell/\partial\lambda = \mathrm{lse}^2`.
+
+Every product whose coefficient may be exactly 0 while its other factor is infinite
+(:math:`\epsilon = 0` with a :math:`-\infty` logit, :math:`a_c = 0` with an overflowing
+:math:`2\lambda\,\mathrm{lse}`, an ignored example) goes through :func:`times`, which gives 0
+there: the limit, and what the Python literal 0 would give, never :math:`0 \cdot \infty`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from softmax_jax import _validation as _v
+
+_INT32 = np.iinfo(np.int32)
+
+
+class Options(NamedTuple):
+    """Static (hashable) choices of one call."""
+
+    smoothing: bool  # False only for a concrete label_smoothing of 0: the term is dropped
+    zloss: bool  # likewise for z_loss
+    ignore_index: int | None
+    weighted: bool  # class weights given
+
+
+class Params(NamedTuple):
+    """The traced hyper-parameters, as 0-d arrays (new values do not recompile)."""
+
+    eps: jax.Array
+    lam: jax.Array
+
+    def astype(self, dtype: np.dtype) -> Params:
+        return Params(self.eps.astype(dtype), self.lam.astype(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
+    """Integer class labels as a JAX array of at least 32 signed bits.
+
+    Narrow or unsigned labels are widened so that comparisons with the class count cannot
+    wrap (uint32 values of 2**31 and more become negative, hence invalid). NumPy 64-bit
+    labels beyond the int32 range raise ``ValueError`` when JAX runs without x64, where
+    converting them would silently wrap onto a valid class (2**32 + 1 would read as 1).
+    """
+    x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
+    if not x64 and isinstance(labels, (np.ndarray, np.generic)):
+        host = np.asarray(labels)
+        if (
+            np.issubdtype(host.dtype, np.integer)
+            and host.dtype.itemsize > 4
+            and host.size
+            and (host.min() < _INT32.min or host.max() > _INT32.max)
+        ):
+            raise ValueError(
+                f"labels hold values outside the int32 range ({int(host.min())} to"
+                f" {int(host.max())}); without jax_enable_x64 they would wrap onto other"
+                " classes"
+            )
+    arr = _v.as_int_array("labels", labels, hint)
+    if arr.dtype.itemsize < 4 or not jnp.issubdtype(arr.dtype, jnp.signedinteger):
+        arr = arr.astype(jnp.int32)
+    return arr
+
+
+def check_ignore_index(ignore_index: object) -> int | None:
+    """``ignore_index`` as a Python int (NumPy integers accepted) or None."""
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+    return int(ignore_index)
+
+
+def check_class_weights(class_weights: object, num_classes: int) -> jax.Array | None:
+    """``class_weights`` as a 1-D floating-point array of one weight per class, or None."""
+    if class_weights is None:
+        return None
+    arr = jnp.asarray(class_weights)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise TypeError(
+            f"class_weights must be a floating-point array, got dtype {arr.dtype}"
+            f" (shape {tuple(arr.shape)})"
+        )
+    if arr.shape != (num_classes,):
+        raise ValueError(
+            f"class_weights must be a 1-D array of one weight per class, shape"
+            f" ({num_classes},), got shape {tuple(arr.shape)}"
+        )
+    return arr
+
+
+def hyperparameters(
+    label_smoothing: object, z_loss: object, ignore_index: object, weighted: bool
+) -> tuple[Params, Options]:
+    """Checks the cross-entropy hyper-parameters; see :func:`_validation.hyperparameter`
+    (a concrete value out of range raises, a traced one cannot)."""
+    eps, smoothing = _v.hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
+    lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None)
+    options = Options(smoothing, zloss, check_ignore_index(ignore_index), weighted)
+    return Params(eps, lam), options
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example terms
+# --------------------------------------------------------------------------------------------
+
+
+def times(coef: jax.Array, x: jax.Array) -> jax.Array:
+    """``coef * x``, but exactly 0 where ``coef`` is 0, even if ``x`` is infinite or NaN."""
+    return jnp.where(coef == 0, 0.0, coef * x)
+
+
+def row_scale(
+    labels: jax.Array, num_classes: int | jax.Array, ignore_index: int | None,
+    keep: jax.Array | None = None, dtype: np.dtype | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(scale, valid)`` per example: ``scale`` is 1 for a counted example, 0 for an ignored
+    one (or one that ``keep`` drops, such as a fully masked row) and NaN for a label outside
+    ``[0, num_classes)``, so a bad label never yields a plausible loss or gradient;
+    ``valid`` says whether the label is in range."""
+    dtype = np.dtype(np.float32) if dtype is None else dtype
+    valid = (labels >= 0) & (labels < num_classes)
+    scale = jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
+    drop = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
+    if keep is not None:
+        drop = drop | ~keep
+    return jnp.where(drop, jnp.zeros((), dtype), scale), valid
+
+
+def safe_labels(labels: jax.Array, valid: jax.Array) -> jax.Array:
+    """Labels with the out-of-range ones replaced by class 0, for gathers (their example is
+    NaN through its scale anyway)."""
+    return jnp.where(valid, labels, 0)
+
+
+def loss(
+    nll: jax.Array, uniform: jax.Array | None, lse: jax.Array, scale: jax.Array,
+    w_y: jax.Array | None, params: Params, options: Options,
+) -> jax.Array:
+    r"""Per-example loss :math:`s\,((1 - \epsilon)\,w_y\,\mathrm{nll} + \epsilon\,
+    \mathrm{uniform} + \lambda\,\mathrm{lse}^2)`, with ``s`` the :func:`row_scale`."""
+    out = nll if w_y is None else times(w_y, nll)
+    if options.smoothing:
+        assert uniform is not None
+        out = times(1.0 - params.eps, out) + times(params.eps, uniform)
+    if options.zloss:
+        out = out + times(params.lam, jnp.square(lse))
+    return times(scale, out)
+
+
+def finite_lse(lse: jax.Array) -> jax.Array:
+    r"""``lse`` with the :math:`-\infty` of an empty row read as 0 (the row's
+    probabilities are all 0, so no gradient term needs it)."""
+    return jnp.where(lse == -jnp.inf, 0.0, lse)
+
+
+def prob_coefficient(
+    lse: jax.Array, w_y: jax.Array | None, weight_sum: jax.Array | None,
+    num_classes: int | jax.Array, params: Params, options: Options,
+) -> jax.Array | None:
+    r"""The per-example factor :math:`c` of :math:`a` in the logit gradient,
+    :math:`(1 - \epsilon) w_y + \epsilon W / K + 2\lambda\,\mathrm{lse}`, or None when it is
+    exactly 1 (unweighted, no z-loss). Apply it with ``times(a, c)``: an overflowing
+    :math:`\mathrm{lse}` must not turn :math:`a_c = 0` into NaN."""
+    coef = None
+    if w_y is not None:
+        assert weight_sum is not None
+        coef = w_y
+        if options.smoothing:
+            coef = (1.0 - params.eps) * w_y + params.eps * weight_sum / num_classes
+    if options.zloss:
+        z = 2.0 * params.lam * finite_lse(lse)
+        coef = 1.0 + z if coef is None else coef + z
+    return coef
+
+
+def label_coefficient(w_y: jax.Array | None, params: Params, options: Options) -> jax.Array:
+    r"""What the label's class loses in the logit gradient: :math:`(1 - \epsilon)\,w_y`."""
+    coef = jnp.ones((), params.eps.dtype) if w_y is None else w_y
+    return (1.0 - params.eps) * coef if options.smoothing else coef
+
+
+def class_offset(
+    class_weights: jax.Array | None, num_classes: int | jax.Array, params: Params,
+    options: Options,
+) -> jax.Array | None:
+    r"""What every class loses in the logit gradient under smoothing,
+    :math:`\epsilon\,w_c / K` (a scalar unweighted, a vector weighted), or None."""
+    if not options.smoothing:
+        return None
+    if class_weights is None:
+        return params.eps / num_classes
+    return params.eps * class_weights / num_classes
+
+
+def hyper_cotangents(
+    g_row: jax.Array, nll: jax.Array | None, uniform: jax.Array | None, lse: jax.Array,
+    w_y: jax.Array | None, params: Params, options: Options,
+) -> Params:
+    r"""Exact cotangents of :math:`\epsilon` and :math:`\lambda`, given each example's
+    cotangent times its scale ``g_row``:
+    :math:`\sum_i g_i(\mathrm{uniform}_i - w_{y_i}\mathrm{nll}_i)` and
+    :math:`\sum_i g_i\,\mathrm{lse}_i^2` (0 for a term that is switched off statically)."""
+    zero = jnp.zeros((), params.eps.dtype)
+    d_eps = d_lam = zero
+    if options.smoothing:
+        assert uniform is not None and nll is not None
+        hard = nll if w_y is None else times(w_y, nll)
+        d_eps = jnp.sum(times(g_row, uniform - hard))
+    if options.zloss:
+        d_lam = jnp.sum(times(g_row, jnp.square(lse)))
+    return Params(d_eps.astype(params.eps.dtype), d_lam.astype(params.lam.dtype))

@@ -1,0 +1,186 @@
+r"""Softmax cross-entropy with dense (probability) labels and its ``custom_vjp`` rule.
+
+The loss returns per-example values (the caller reduces), computes in at least float32 and
+returns the loss in the logits' dtype; gradients come back in each input's dtype. The rule
+saves the inputs and O(N) per-example numbers (the normaliser's two parts and the summed
+weighted targets), never an N x V tensor: the backward pass recomputes
+:math:`a = e^{(z - m) - \log s}` inside its single fused pass. The integer-label loss is in
+:mod:`softmax_jax.cross_entropy`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from softmax_jax import _axes
+from softmax_jax import _cross_entropy as _ce
+from softmax_jax import _validation as _v
+from softmax_jax._dense_gap import weighted_gap
+from softmax_jax.activations import Normalizer, masked_fill
+
+__all__ = ["softmax_cross_entropy"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _dense_ce(logits, labels, mask, class_weights, params, axis, options):
+    return _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options)[0]
+
+
+def _dense_targets(labels, mask, class_weights, params, axis, options, ct):
+    """``(y', w y')``: the smoothed labels :math:`(1 - \\epsilon) y + \\epsilon / K` (0 where
+    masked) and the same times the class weights."""
+    y = labels.astype(ct)
+    if options.smoothing:
+        y = (1.0 - params.eps) * y + params.eps / _axes.class_count(y.shape, axis, mask)
+    y = masked_fill(y, mask, 0.0)
+    w = _axes.along(class_weights, y.ndim, axis)
+    return y, (y if w is None else w.astype(ct) * y)
+
+
+def _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
+    ct = params.eps.dtype
+    z = masked_fill(logits.astype(ct), mask, -jnp.inf)
+    norm = Normalizer.of(z, axis)
+    _, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    # sum_k w_k y_k (-log a_k) = sum_k w_k y_k (m - z_k) + log s * sum_k w_k y_k; weighted_gap
+    # says how the first sum stays exact where a zero target meets a -inf logit.
+    sum_yw = jnp.sum(yw, axis=axis, keepdims=True)
+    gap = weighted_gap(yw, z, norm.m, axis, masked=mask is not None)
+    loss = jnp.squeeze(gap + _ce.times(sum_yw, norm.log_s), axis)
+    lse = jnp.squeeze(norm.lse(), axis)
+    if options.zloss:
+        loss = loss + _ce.times(params.lam, jnp.square(lse))
+    # Keep a NaN logit visible even in a row whose targets are all zero.
+    loss = jnp.where(jnp.isnan(lse), lse, loss)
+    keep = _axes.any_unmasked(mask, z.shape, axis)
+    if keep is not None:
+        loss = jnp.where(keep, loss, 0.0)
+    res = (logits, labels, mask, class_weights, params, norm, sum_yw)
+    return loss.astype(logits.dtype), res
+
+
+def _dense_ce_bwd(axis, options, res, g):
+    r"""Dense cross-entropy gradients, recomputing :math:`a = e^{(z - m) - \log s}`.
+
+    With :math:`u = w \odot y'` (weighted, smoothed labels):
+    logits :math:`\bar z = \bar g\,\big((\sum_k u_k + 2\lambda\,\mathrm{lse})\,a - u\big)`,
+    the notes' :math:`a - y` for one-hot, unweighted ``y``; labels :math:`\bar y =
+    \bar g\,(1 - \epsilon)\,w\,(-\log a)`; class weights :math:`\bar w_c = \sum_i \bar g_i\,
+    y'_{ic}\,(-\log a_{ic})`; :math:`\bar\epsilon = \sum_i \bar g_i \sum_c w_c (1/K -
+    y_{ic})(-\log a_{ic})`; :math:`\bar\lambda = \sum_i \bar g_i\,\mathrm{lse}_i^2`.
+    """
+    logits, labels, mask, class_weights, params, norm, sum_yw = res
+    ct = params.eps.dtype
+    z = masked_fill(logits.astype(ct), mask, -jnp.inf)
+    keep = _axes.any_unmasked(mask, z.shape, axis)
+    g = g.astype(ct) if keep is None else jnp.where(keep, g.astype(ct), 0.0)
+    g_k = jnp.expand_dims(g, axis)
+    neg_log_a = masked_fill(-norm.log_prob(z), mask, 0.0)
+    y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    lse = jnp.squeeze(norm.lse(), axis)
+    coef = sum_yw
+    if options.zloss:
+        coef = coef + 2.0 * params.lam * _ce.finite_lse(norm.lse())
+    dz = masked_fill(g_k * (_ce.times(jnp.exp(-neg_log_a), coef) - yw), mask, 0.0)
+    w = _axes.along(class_weights, z.ndim, axis)
+    unit = (1.0 - params.eps) * g_k if options.smoothing else g_k
+    dy = _ce.times(unit if w is None else unit * w, neg_log_a)
+    dw = None
+    if class_weights is not None:
+        dw = _axes.reduce_to_classes(_ce.times(g_k * y, neg_log_a), axis)
+        dw = dw.astype(class_weights.dtype)
+    hard = uniform = None
+    if options.smoothing:
+        wk = jnp.ones((), ct) if w is None else w
+        raw = masked_fill(labels.astype(ct), mask, 0.0)
+        k = _axes.class_count(z.shape, axis, mask)
+        hard = jnp.sum(_ce.times(wk * raw, neg_log_a), axis=axis)
+        uniform = jnp.sum(masked_fill(_ce.times(wk / k, neg_log_a), mask, 0.0), axis=axis)
+    d_params = _ce.hyper_cotangents(g, hard, uniform, lse, None, params, options)
+    return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
+
+
+_dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
+_dense_ce_jit = jax.jit(_dense_ce, static_argnums=(5, 6))
+
+
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+    *,
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    class_weights: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy between logits and probability (one-hot or soft) labels.
+
+    .. math::
+        \ell = -\sum_k w_k\,y'_k \log \mathrm{softmax}(z)_k + \lambda\,\mathrm{lse}(z)^2
+             = \sum_k w_k\,y'_k\,(\mathrm{lse}(z) - z_k) + \lambda\,\mathrm{lse}(z)^2,
+
+    with :math:`y' = (1 - \epsilon) y + \epsilon / K` the labels smoothed by
+    ``label_smoothing`` :math:`= \epsilon` (:math:`K` = number of unmasked classes) and
+    :math:`w` the class weights (1 when not given), as in PyTorch's
+    ``F.cross_entropy(weight=w, label_smoothing=eps, reduction="none")``.
+
+    Gradient (a ``custom_vjp``): :math:`\partial\ell/\partial z = (\sum_k w_k y'_k)\,a - w
+    \odot y' + 2\lambda\,\mathrm{lse}\,a`, which is :math:`a - y` for one-hot labels without
+    weights; :math:`\partial\ell/\partial y = -(1 - \epsilon)\,w \log a`. The derivatives
+    with respect to ``label_smoothing``, ``z_loss`` and ``class_weights`` are exact too.
+
+    Args:
+      logits: floating-point logits, e.g. ``[batch, classes]``.
+      labels: floating-point target distributions, same shape as ``logits``.
+      axis: the class axis, a tuple of axes that together index the classes, or None for
+        all axes.
+      where: optional boolean mask that broadcasts to ``logits`` (NumPy broadcasting; one
+        flag per row is ``where[:, None]``). Masked classes are left out of the normaliser
+        and the sum; a fully masked row gives loss 0 and gradient 0.
+      label_smoothing: :math:`\epsilon \in [0, 1]`.
+      z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty that keeps
+        the normaliser near 0 (as in PaLM). It is not weighted by ``class_weights``.
+      class_weights: optional 1-D float array, one weight per class (per flattened class
+        for a tuple ``axis``).
+
+    Returns:
+      Per-example losses: ``logits``'s shape without ``axis``, in ``logits``'s dtype.
+      A traced ``label_smoothing`` or ``z_loss`` outside its range cannot raise under
+      ``jit``: it gives NaN.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> logits, labels = jnp.array([2.0, 3.0, 4.0]), jnp.array([0.0, 1.0, 0.0])
+      >>> print(sj.softmax_cross_entropy(logits, labels))
+      1.4076
+      >>> print(jax.grad(sj.softmax_cross_entropy)(logits, labels))  # a - y
+      [ 0.0900 -0.7553  0.6652]
+
+    References:
+      M. Nielsen, *Neural Networks and Deep Learning*, ch. 3 (softmax and log-likelihood).
+    """
+    logits = _v.as_float_array("logits", logits)
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        raise TypeError(
+            f"labels must be a floating-point array of probabilities, got dtype {labels.dtype}"
+            f" (shape {tuple(labels.shape)}); for class indices use"
+            " softmax_cross_entropy_with_integer_labels"
+        )
+    _v.check_same_shape("logits", logits, "labels", labels)
+    axis = _axes.class_axes(axis, logits.ndim, "logits")
+    if isinstance(axis, tuple):
+        flat = _axes.Flattening.of(logits.shape, axis)
+        return softmax_cross_entropy(
+            flat.flatten(logits), flat.flatten(labels), -1, flat.where(where),
+            label_smoothing=label_smoothing, z_loss=z_loss, class_weights=class_weights)
+    weights = _ce.check_class_weights(class_weights, logits.shape[axis])
+    params, options = _ce.hyperparameters(label_smoothing, z_loss, None, weights is not None)
+    ct = _v.compute_dtype(logits.dtype)
+    mask = _v.prepare_where(where, logits.shape, axis)
+    return _dense_ce_jit(logits, labels, mask, weights, params.astype(ct), axis, options)
