@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,85 +83,105 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    start = time.perf_counter()
-    args = parse_args(argv)
-    import jax
-
+def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(LMConfig, Mesh)`` from the flags; raises ValueError for settings that cannot run."""
     from softmax_jax.experiments import lm
 
-    if args.devices is not None:
-        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
-    from softmax_jax.experiments.checkpoint import CheckpointError, atomic_write_json
-
-    try:
-        cfg = lm.LMConfig(
-            vocab_size=args.vocab,
-            context=args.context,
-            embed_dim=args.embed,
-            hidden=args.hidden,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            learning_rate=args.lr,
-            label_smoothing=args.label_smoothing,
-            z_loss=args.z_loss,
-            seed=args.seed,
-            eval_every=args.eval_every,
-            eval_positions=args.eval_positions,
-            final_eval_positions=args.final_eval_positions,
+    cfg = lm.LMConfig(
+        vocab_size=args.vocab,
+        context=args.context,
+        embed_dim=args.embed,
+        hidden=args.hidden,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        learning_rate=args.lr,
+        label_smoothing=args.label_smoothing,
+        z_loss=args.z_loss,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        eval_positions=args.eval_positions,
+        final_eval_positions=args.final_eval_positions,
+    )
+    mesh = lm.make_mesh(args.devices)
+    if cfg.batch_size % mesh.size:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
         )
-        mesh = lm.make_mesh(args.devices)
-        if cfg.batch_size % mesh.size:
-            raise ValueError(
-                f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
-            )
-    except ValueError as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 2
+    return cfg, mesh
 
-    progress = not args.no_progress and sys.stderr.isatty()
-    if progress:
-        from tqdm.auto import tqdm
 
-        log = tqdm.write
-    else:
-        log = print
+def _corpus(args: argparse.Namespace, log: Callable[[str], object]) -> Any:
+    """The encoded corpus; raises CorpusError when it is missing or too small for --vocab."""
+    from softmax_jax.experiments import lm
 
-    try:
-        corpus = lm.load_corpus(cfg.vocab_size, args.max_files, args.heldout_every)
-    except lm.CorpusError as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 1
+    corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
     stats = corpus.describe()
-    if stats["vocab_size"] < cfg.vocab_size:
-        print(
-            f"train_lm.py: error: the training text has only {stats['vocab_size'] - 1} distinct"
-            f" tokens, fewer than --vocab {cfg.vocab_size} - 1; lower --vocab",
-            file=sys.stderr,
+    if stats["vocab_size"] < args.vocab:
+        raise lm.CorpusError(
+            f"the training text has only {stats['vocab_size'] - 1} distinct tokens, fewer"
+            f" than --vocab {args.vocab} - 1; lower --vocab"
         )
-        return 1
     log(
         f"stdlib corpus: {stats['train_tokens']:,} training tokens from {stats['train_files']}"
         f" files, {stats['heldout_tokens']:,} held-out tokens from {stats['heldout_files']}"
         f" files; vocabulary {stats['vocab_size']:,} (held-out <unk> rate"
         f" {stats['heldout_unk_rate']:.1%})"
     )
+    return corpus
+
+
+def run(args: argparse.Namespace, cfg: Any, mesh: Any, progress: bool,
+        log: Callable[[str], object]) -> str:
+    """Loads the corpus, trains (or resumes), writes the outputs; returns the closing line."""
+    import jax
+
+    from softmax_jax.experiments import lm
+    from softmax_jax.experiments.checkpoint import atomic_write_json
+
+    corpus = _corpus(args, log)
     log(
         f"{mesh.size} {jax.default_backend()} device(s), batch {cfg.batch_size}"
         f" ({cfg.batch_size // mesh.size} per device), head {cfg.hidden} x {cfg.vocab_size}"
     )
     unigram = lm.unigram_perplexity(corpus)
+    result = lm.train(cfg, corpus, mesh, out_dir=args.out, resume=args.resume,
+                      progress=progress, log=log)
+    summary = result.summary() | {
+        "corpus": corpus.describe(),
+        "unigram_heldout_perplexity": unigram,
+        "backend": jax.default_backend(),
+    }
+    atomic_write_json(args.out / "metrics.json", summary)
+    lm.plot_losses(result, args.out / "loss.png")
+    return (
+        f"held-out perplexity {result.final['perplexity']:.2f}"
+        f" (unigram baseline {unigram:.2f})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    args = parse_args(argv)
+    from softmax_jax.experiments import lm
+
+    if args.devices is not None:
+        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
+    from softmax_jax.experiments.checkpoint import CheckpointError
+
     try:
-        result = lm.train(cfg, corpus, mesh, out_dir=args.out, resume=args.resume,
-                          progress=progress, log=log)
-        summary = result.summary() | {
-            "corpus": stats,
-            "unigram_heldout_perplexity": unigram,
-            "backend": jax.default_backend(),
-        }
-        atomic_write_json(args.out / "metrics.json", summary)
-        lm.plot_losses(result, args.out / "loss.png")
-    except CheckpointError as exc:
+        cfg, mesh = _settings(args)
+    except ValueError as exc:
+        print(f"train_lm.py: error: {exc}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress and sys.stderr.isatty()
+    log: Callable[[str], object] = print
+    if progress:
+        from tqdm.auto import tqdm
+
+        log = tqdm.write
+    try:
+        report = run(args, cfg, mesh, progress, log)
+    except (lm.CorpusError, CheckpointError) as exc:
         print(f"train_lm.py: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -173,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(
-        f"held-out perplexity {result.final['perplexity']:.2f}"
-        f" (unigram baseline {unigram:.2f})"
-    )
+    print(report)
     elapsed = time.perf_counter() - start
     print(f"wrote {args.out}/metrics.json, loss.png and checkpoint.npz; done in {elapsed:.1f} s")
     return 0
