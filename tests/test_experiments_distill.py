@@ -214,12 +214,11 @@ def test_script_writes_metrics_and_plot(tmp_path, capsys):
     assert reused["heldout_perplexity"] == metrics["heldout_perplexity"]
 
 
-def test_script_reports_a_teacher_of_another_corpus_in_one_line(tmp_path, capsys):
+def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_path, capsys):
     script = _script_module()
-    lm.train(small_config(steps=1), lm.load_corpus(vocab_size=V, **SMALL), lm.make_mesh(1),
-             out_dir=tmp_path, log=lambda _: None)
+    teacher = distilled[1] / "teacher" / lm.CHECKPOINT_NAME  # trained with heldout_every=4
     args = [*SCRIPT_ARGS, "--heldout-every", "3", "--out", str(tmp_path / "x"),
-            "--teacher-checkpoint", str(tmp_path / "checkpoint.npz")]
+            "--teacher-checkpoint", str(teacher)]
     assert script.main(args) == 1
     err = capsys.readouterr().err
     assert "another corpus" in err and "--heldout-every" in err
