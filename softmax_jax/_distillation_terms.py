@@ -34,19 +34,27 @@ that broadcast against them. A blockwise engine does, per row:
 1. forward: for each block, ``log_m = log_mixture(log_p, log_q, beta, kind)`` and
    ``kl_p, kl_q = element_terms(log_p, log_q, log_m, kind)``; add up each over the class
    axis (a None term adds 0); ``rows = RowSums(kl_p_sum, kl_q_sum)``; the loss is
-   ``temperature**2 * divergence(rows, beta, kind)``;
+   ``row_loss(rows, temperature, beta, kind)``, :math:`T^2 D` (NaN for bad hyper-parameters);
 2. backward, for each block: ``ds = student_grad(...)`` and ``dt = teacher_grad(...)`` are
    :math:`\partial D / \partial s` and :math:`\partial D / \partial t`; the logit gradients
    are ``g * temperature * ds`` and ``g * temperature * dt`` (``g`` the row's cotangent);
    add up ``temperature_term(ds, log_q, dt, log_p)`` over the class axis;
 3. backward, per row: ``temperature_cotangent(temperature, D, that_sum)`` and
-   ``beta_cotangent(temperature, rows, beta, kind)``, each times ``g``, summed over rows.
+   ``beta_cotangent(temperature, rows, beta, kind)``, each times ``g`` (through
+   :func:`times`, so a row with ``g = 0`` adds 0 even if its loss is infinite), summed
+   over rows.
 
-Then apply :func:`valid_hyperparameters` (NaN for a traced :math:`T \le 0` or
-:math:`\beta \notin [0, 1]`). Conventions: :math:`0 \log 0 = 0` (a class with probability 0
-in the distribution being averaged adds nothing, even against :math:`\log m = -\infty`);
-a class with mass where the other distribution has none makes the loss :math:`+\infty`, its
-true value, and the derivatives of that infinite row are then NaN.
+Check the arguments with :func:`hyperparameters` (it raises for a concrete :math:`T \le 0`
+or :math:`\beta \notin [0, 1]` and gives the static ``kind``). In the backward pass set
+``g`` to NaN where :func:`valid_hyperparameters` is False (a traced out-of-range value) and
+to 0 on fully masked rows.
+
+Conventions: :math:`0 \log 0 = 0` (a class with probability 0 in the distribution being
+averaged adds nothing, even against :math:`\log m = -\infty`); a class with mass where the
+other distribution has none makes the loss :math:`+\infty`, its true value; the derivatives
+of that infinite row with respect to the logits of the distribution holding the mass (the
+teacher's in the forward KL), :math:`T` and :math:`\beta` are then NaN, while the other
+logits' gradient stays finite (:math:`q - p` in the forward KL).
 """
 
 from __future__ import annotations
@@ -73,11 +81,13 @@ def kind_of(beta: object) -> Kind:
 def hyperparameters(temperature: object, beta: object) -> tuple[jax.Array, jax.Array, Kind]:
     """``(temperature, beta, kind)`` checked: a concrete :math:`T \\le 0` or
     :math:`\\beta \\notin [0, 1]` raises ``ValueError`` naming the argument."""
-    temp, nonzero = _v.hyperparameter("temperature", temperature, 0.0, None)
+    _, nonzero = _v.hyperparameter("temperature", temperature, 0.0, None)
     if not nonzero:
         raise ValueError("temperature must be > 0, got 0.0")
-    b, _ = _v.hyperparameter("beta", beta, 0.0, 1.0)
-    return temp, b, kind_of(beta)
+    _v.hyperparameter("beta", beta, 0.0, 1.0)
+    # The raw values, not hyperparameter()'s NaN-substituted ones: through that ``where`` an
+    # out-of-range traced value would get gradient 0; valid_hyperparameters makes it NaN.
+    return jnp.asarray(temperature), jnp.asarray(beta), kind_of(beta)
 
 
 def valid_hyperparameters(temperature: jax.Array, beta: jax.Array) -> jax.Array:
@@ -149,6 +159,12 @@ def divergence(rows: RowSums, beta: jax.Array, kind: Kind) -> jax.Array:
     :math:`\beta K_P + (1 - \beta) K_Q`."""
     return _pick(beta, kind, lambda: rows.kl_p, lambda: rows.kl_q,
                  lambda: times(beta, rows.kl_p) + times(1.0 - beta, rows.kl_q))
+
+
+def row_loss(rows: RowSums, temperature: jax.Array, beta: jax.Array, kind: Kind) -> jax.Array:
+    r"""Per-row loss :math:`T^2 D`, NaN where the hyper-parameters are out of range."""
+    loss = jnp.square(temperature) * divergence(rows, beta, kind)
+    return jnp.where(valid_hyperparameters(temperature, beta), loss, jnp.nan)
 
 
 # --------------------------------------------------------------------------------------------

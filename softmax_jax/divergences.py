@@ -54,10 +54,9 @@ def _distill_fwd(student, teacher, mask, temperature, beta, axis, kind):
     log_q, log_p = norm_s.log_prob(s), norm_t.log_prob(t)
     log_m = _terms.log_mixture(log_p, log_q, beta, kind)
     rows = _terms.RowSums.of(_terms.element_terms(log_p, log_q, log_m, kind), axis)
-    loss = jnp.square(temperature) * jnp.squeeze(_terms.divergence(rows, beta, kind), axis)
+    loss = jnp.squeeze(_terms.row_loss(rows, temperature, beta, kind), axis)
     if mask is not None:
         loss = jnp.where(jnp.any(jnp.broadcast_to(mask, student.shape), axis=axis), loss, 0.0)
-    loss = jnp.where(_terms.valid_hyperparameters(temperature, beta), loss, jnp.nan)
     out_dtype = jnp.result_type(student, teacher)
     res = (student, teacher, mask, temperature, beta, norm_s, norm_t, rows)
     return loss.astype(out_dtype), res
@@ -132,7 +131,9 @@ def distillation_loss(
     the JSD (finite loss and gradients); a class with teacher mass whose student logit is
     :math:`-\infty` makes the forward KL :math:`+\infty` (its true value, and likewise the
     reverse KL for the opposite case); the derivatives of such an infinite example with
-    respect to the teacher logits, :math:`T` and :math:`\beta` are NaN.
+    respect to the teacher logits, :math:`T` and :math:`\beta` are NaN (the student's stay
+    :math:`T (Q - P)`). The scaled logits :math:`z / T` are formed first, so with
+    :math:`T < 1` a logit beyond :math:`T` times the largest float overflows.
 
     Args:
       student_logits: floating-point student logits :math:`z_s`, e.g. ``[batch, classes]``.
