@@ -43,8 +43,10 @@ def _train_curve(ax: Any, result: TrainResult, color: str, label: str) -> None:
                 label=f"{label} ({width}-step moving average)")
 
 
-def _heldout_curve(ax: Any, result: TrainResult, color: str, label: str) -> None:
-    ax.plot([e["step"] for e in result.evals], [e["heldout_loss"] for e in result.evals],
+def _heldout_curve(ax: Any, result: TrainResult, color: str, label: str,
+                   skip_start: bool = False) -> None:
+    evals = [e for e in result.evals if not (skip_start and e["step"] == 0)]
+    ax.plot([e["step"] for e in evals], [e["heldout_loss"] for e in evals],
             "o-", color=color, ms=3, label=label)
 
 
@@ -79,11 +81,13 @@ def plot_distillation(
     for (name, result), color in zip(students.items(), colors, strict=False):
         _train_curve(left, result, color, name)
         ppl = result.final["perplexity"]
-        _heldout_curve(right, result, color, f"{name} (final perplexity {ppl:.1f})")
+        # Step 0 (log V for the zero head) would flatten the gap between the students.
+        _heldout_curve(right, result, color, f"{name} (final perplexity {ppl:.1f})",
+                       skip_start=True)
     right.axhline(teacher_loss, color="black", ls="--", lw=1,
                   label=f"teacher (perplexity {np.exp(teacher_loss):.1f})")
     left.set_title("training objective")
-    right.set_title("held-out cross-entropy")
+    right.set_title("held-out cross-entropy (after step 0)")
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.set_ylabel("nats per token")
