@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,12 @@ from jax.test_util import check_grads
 import softmax_jax as sj
 from softmax_jax import reference as ref
 
+# logsumexp reduces all axes by default, as jax.nn's does; these tables compare rows.
+lse_rows = functools.partial(sj.logsumexp, axis=-1)
 SOFTMAX_FAMILY = [
     (sj.softmax, ref.softmax, jax.nn.softmax),
     (sj.log_softmax, ref.log_softmax, jax.nn.log_softmax),
-    (sj.logsumexp, ref.logsumexp, jax.nn.logsumexp),
+    (lse_rows, ref.logsumexp, jax.nn.logsumexp),
 ]
 FAMILY_IDS = ["softmax", "log_softmax", "logsumexp"]
 
@@ -148,7 +152,7 @@ def test_masked_softmax_equals_slicing_the_entries_away():
     np.testing.assert_allclose(sj.log_softmax(x, where=mask)[:, keep], sj.log_softmax(x[:, keep]),
                                rtol=1e-6)
     assert np.all(np.isneginf(sj.log_softmax(x, where=mask)[:, ~np.asarray(mask)]))
-    np.testing.assert_allclose(sj.logsumexp(x, where=mask), sj.logsumexp(x[:, keep]), rtol=1e-6)
+    np.testing.assert_allclose(lse_rows(x, where=mask), lse_rows(x[:, keep]), rtol=1e-6)
     np.testing.assert_allclose(a, jax.nn.softmax(x, where=mask), rtol=1e-6)
 
 
@@ -160,7 +164,7 @@ def test_masked_gradients_vanish_and_never_see_masked_nans():
         out, g = _vjp(lambda x, fn=fn: fn(x, where=mask), x, cot)
         assert np.all(np.isfinite(g)), fn
         np.testing.assert_array_equal(np.asarray(g)[~np.asarray(mask)], 0.0)
-    g = jax.grad(lambda x: sj.logsumexp(x, where=mask).sum())(x)
+    g = jax.grad(lambda x: lse_rows(x, where=mask).sum())(x)
     assert np.all(np.isfinite(g)) and np.all(np.asarray(g)[~np.asarray(mask)] == 0.0)
 
 
@@ -169,18 +173,25 @@ def test_fully_masked_row():
     mask = jnp.array([[False] * 4, [True] * 4])
     np.testing.assert_array_equal(sj.softmax(x, where=mask)[0], 0.0)
     np.testing.assert_allclose(sj.softmax(x, where=mask)[1].sum(), 1.0, rtol=1e-6)
-    assert np.isneginf(sj.logsumexp(x, where=mask)[0])
-    for fn in (sj.softmax, sj.log_softmax, sj.logsumexp):
+    assert np.isneginf(lse_rows(x, where=mask)[0])
+    for fn in (sj.softmax, sj.log_softmax, lse_rows):
         g = jax.grad(lambda x, fn=fn: jnp.nansum(jnp.where(jnp.isinf(y := fn(x, where=mask)),
                                                            0.0, y)))(x)
         np.testing.assert_array_equal(g[0], 0.0)
 
 
-def test_row_mask_shape_is_accepted():
+def test_row_mask_is_n_by_1_and_masks_follow_numpy_broadcasting():
     x = jax.random.normal(jax.random.PRNGKey(10), (3, 5))
-    rows = jnp.array([True, False, True])
+    rows = jnp.array([True, False, True])[:, None]
     np.testing.assert_array_equal(sj.softmax(x, where=rows)[1], 0.0)
     np.testing.assert_allclose(sj.softmax(x, where=rows)[0], sj.softmax(x)[0], rtol=1e-6)
+    # a (V,) mask on square logits masks classes, as in jax.nn, never rows
+    sq = jax.random.normal(jax.random.PRNGKey(14), (4, 4))
+    cls = jnp.array([True, True, True, False])
+    for fn, nn_fn in [(sj.softmax, jax.nn.softmax), (sj.log_softmax, jax.nn.log_softmax)]:
+        np.testing.assert_allclose(fn(sq, where=cls), nn_fn(sq, where=cls), rtol=1e-6)
+    with pytest.raises(ValueError, match="where"):
+        sj.softmax(x, where=jnp.array([True, False, True]))
 
 
 # --- numerics -------------------------------------------------------------------------------
@@ -191,17 +202,17 @@ def test_extreme_logits_stay_finite():
     a = sj.softmax(x)
     np.testing.assert_allclose(a[0], [1.0, 0.0, 0.0, 0.0])
     np.testing.assert_allclose(a[1], [0.25] * 4)
-    np.testing.assert_allclose(sj.logsumexp(x), [3e38, -3e38 + np.log(4.0)], rtol=1e-6)
+    np.testing.assert_allclose(lse_rows(x), [3e38, -3e38 + np.log(4.0)], rtol=1e-6)
     np.testing.assert_allclose(sj.log_softmax(x)[0, :2], [0.0, -1e37], rtol=1e-6)
-    for fn in (sj.softmax, sj.log_softmax, sj.logsumexp):
+    for fn in (sj.softmax, sj.log_softmax, lse_rows):
         g = jax.grad(lambda x, fn=fn: jnp.sum(jnp.where(jnp.isinf(y := fn(x)), 0.0, y)))(x)
         assert not np.any(np.isnan(g)), fn
 
 
 def test_all_neg_inf_row_gives_neg_inf_not_nan():
     x = jnp.full((1, 3), -jnp.inf)
-    assert np.isneginf(sj.logsumexp(x)[0])
-    g = jax.grad(lambda x: sj.logsumexp(x).sum())(x)
+    assert np.isneginf(lse_rows(x)[0])
+    g = jax.grad(lambda x: lse_rows(x).sum())(x)
     np.testing.assert_array_equal(g, 0.0)
 
 
@@ -209,7 +220,7 @@ def test_nan_propagates():
     x = jnp.array([[1.0, jnp.nan, 2.0], [1.0, 2.0, 3.0]])
     assert np.all(np.isnan(sj.softmax(x)[0])) and not np.any(np.isnan(sj.softmax(x)[1]))
     assert np.all(np.isnan(sj.log_softmax(x)[0]))
-    assert np.isnan(sj.logsumexp(x)[0])
+    assert np.isnan(lse_rows(x)[0])
     assert np.isnan(sj.sigmoid(jnp.nan))
 
 
@@ -223,10 +234,10 @@ def test_low_precision_inputs_compute_in_float32(dtype):
     # one rounding of the f32 result: relative error within the format's epsilon
     np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=float(jnp.finfo(dtype).eps),
                                atol=1e-7)
-    g = jax.grad(lambda x: sj.logsumexp(x).sum())(x)
+    g = jax.grad(lambda x: lse_rows(x).sum())(x)
     assert g.dtype == dtype
-    lse = sj.logsumexp(x)
-    np.testing.assert_allclose(lse.astype(jnp.float32), sj.logsumexp(x.astype(jnp.float32)),
+    lse = lse_rows(x)
+    np.testing.assert_allclose(lse.astype(jnp.float32), lse_rows(x.astype(jnp.float32)),
                                rtol=float(jnp.finfo(dtype).eps))
 
 
@@ -253,7 +264,7 @@ def test_softmax_saves_only_its_output():
 
 def test_logsumexp_saves_no_probabilities():
     x = jnp.ones((8, 16))
-    res = saved_residuals(lambda x: sj.logsumexp(x).sum(), x)
+    res = saved_residuals(lambda x: lse_rows(x).sum(), x)
     big = [(shape, why) for shape, why in res if shape == (8, 16)]
     assert len(big) == 1 and "argument" in big[0][1], res
 
@@ -297,7 +308,7 @@ def test_property_softmax_family(shape, scale, seed, data):
 # --- per-example results do not depend on the rest of the batch (issue 9, section 4) --------
 
 
-@pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, sj.logsumexp], ids=FAMILY_IDS)
+@pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, lse_rows], ids=FAMILY_IDS)
 def test_rows_are_bitwise_independent_of_other_rows(fn):
     """One unrelated row with a logit of 100 (outside any unshifted fast path) leaves every
     other row's value and gradient bit for bit as they were."""
@@ -335,3 +346,174 @@ def test_label_gradient_is_as_accurate_as_jax_nn(name):
     # the reference is the float64 computation of jax.nn (the plain shifted formula)
     mine, nn = _label_gradient_median_error(ours, x), _label_gradient_median_error(theirs, x)
     assert mine <= nn * 1.05, (mine, nn)
+
+
+# --- axis=None, zero-size inputs and logsumexp's b, keepdims, return_sign: as jax.nn ---------
+
+
+def _assert_like_jax_nn(ours, theirs, rtol=2e-5, atol=1e-6):
+    """Equal where jax.nn is finite; where jax.nn's gradient is NaN only because a row is empty
+    (all -inf or masked), ours is 0 instead (the documented double-where)."""
+    ours, theirs = np.asarray(ours), np.asarray(theirs)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, (ours, theirs)
+    nan = np.isnan(theirs)
+    np.testing.assert_allclose(ours[~nan], theirs[~nan], rtol=rtol, atol=atol)
+    assert np.all(np.isnan(ours[nan]) | (ours[nan] == 0)), (ours, theirs)
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (3, 4), (2, 3, 4)])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
+def test_axis_none_normalises_over_all_axes_as_jax_nn(name, shape):
+    ours, theirs = getattr(sj, name), getattr(jax.nn, name)
+    x = jax.random.normal(jax.random.PRNGKey(40), shape) * 3
+    cot = jax.random.normal(jax.random.PRNGKey(41), theirs(x, axis=None).shape)
+    got, g = _vjp(lambda x: ours(x, axis=None), x, cot)
+    want, gw = _vjp(lambda x: theirs(x, axis=None), x, cot)
+    _assert_like_jax_nn(got, want)
+    _assert_like_jax_nn(g, gw)
+    if shape:
+        mask = jnp.arange(shape[-1]) % 3 != 1
+        _assert_like_jax_nn(ours(x, axis=None, where=mask), theirs(x, axis=None, where=mask))
+    if name == "logsumexp":  # its default is all axes too
+        np.testing.assert_array_equal(sj.logsumexp(x), got)
+
+
+def _scale(kind: str, shape: tuple[int, ...]) -> jax.Array | float | None:
+    """Scale factors ``b`` for logsumexp: none, positive, with negatives, broadcast, scalar."""
+    draw = np.random.default_rng(42)
+    if kind == "none":
+        return None
+    if kind == "positive":
+        return jnp.asarray(draw.uniform(0.1, 2.0, shape), jnp.float32)
+    if kind == "negatives":  # some rows sum to a negative number
+        return jnp.asarray(draw.normal(size=shape), jnp.float32)
+    if kind == "broadcast":
+        return jnp.asarray(draw.uniform(-0.5, 2.0, shape[-1:]), jnp.float32)
+    return 2.5
+
+
+@pytest.mark.parametrize("b_kind", ["none", "positive", "negatives", "broadcast", "scalar"])
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2)], ids=["None", "0", "-1", "(0,2)"])
+def test_logsumexp_matches_jax_nn(axis, b_kind):
+    """Values, signs and gradients for both ``a`` and ``b``, over keepdims, return_sign,
+    where and -inf entries. (Rows of only -inf are tested apart: there jax.nn's gradient
+    is NaN, which a broadcast ``b`` sums into every entry of its gradient.)"""
+    shape = (3, 4, 5)
+    a = jax.random.normal(jax.random.PRNGKey(43), shape) * 3
+    a = a.at[0, 1, 2].set(-jnp.inf).at[2, 0, 1].set(-jnp.inf)
+    b = _scale(b_kind, shape)
+    for keepdims in (False, True):
+        for return_sign in (False, True):
+            for where in (None, jnp.arange(5) != 3):
+                kw = dict(axis=axis, keepdims=keepdims, return_sign=return_sign, where=where)
+
+                def value(fn, a, b, kw=kw):
+                    out = fn(a, b=b, **kw)
+                    lse = out[0] if kw["return_sign"] else out
+                    cot = jnp.cos(jnp.arange(lse.size, dtype=lse.dtype)).reshape(lse.shape)
+                    return jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * cot), out
+
+                argnums = (1,) if b is None or b_kind == "scalar" else (1, 2)
+                (_, got), g = jax.value_and_grad(value, argnums, has_aux=True)(
+                    sj.logsumexp, a, b)
+                (_, want), gw = jax.value_and_grad(value, argnums, has_aux=True)(
+                    jax.nn.logsumexp, a, b)
+                for o, t in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+                    _assert_like_jax_nn(o, t)
+                for o, t in zip(g, gw, strict=True):
+                    _assert_like_jax_nn(o, t, rtol=1e-4, atol=1e-5)
+
+
+def test_logsumexp_b_rule_matches_float64_formula(x64):
+    """The ``b`` rule against ``jax.grad`` of the plain :math:`\\log|\\sum_k b_k e^{a_k}|` in
+    float64, including zero weights, whose gradient is :math:`e^{a_k} / S` (jax.nn's autodiff
+    gives 0 there, since it drops those terms before differentiating)."""
+    rng = np.random.default_rng(44)
+    a = jnp.asarray(rng.normal(size=(4, 6)) * 2)
+    b = jnp.asarray(rng.normal(size=(4, 6))).at[:, 1].set(0.0)
+    cot = jnp.asarray(rng.normal(size=4))
+
+    def plain(a, b):
+        return jnp.vdot(jnp.log(jnp.abs(jnp.sum(b * jnp.exp(a), axis=-1))), cot)
+
+    def ours(a, b):
+        return jnp.vdot(sj.logsumexp(a, -1, b, return_sign=True)[0], cot)
+
+    np.testing.assert_allclose(ours(a, b), plain(a, b), rtol=1e-13)
+    for got, want in zip(jax.grad(ours, (0, 1))(a, b), jax.grad(plain, (0, 1))(a, b),
+                         strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-14)
+    sign = sj.logsumexp(a, -1, b, return_sign=True)[1]
+    np.testing.assert_array_equal(sign, np.sign(np.sum(b * np.exp(a), axis=-1)))
+    positive = jnp.abs(b) + 0.1  # |b| has a kink at the zero weights; keep the check smooth
+    check_grads(lambda a, b: sj.logsumexp(a, -1, b), (a, positive), order=2, modes=["rev"])
+
+
+def test_logsumexp_zero_weight_drops_an_infinite_or_nan_entry():
+    a = jnp.array([1.0, jnp.inf, jnp.nan, 2.0])
+    b = jnp.array([1.0, 0.0, 0.0, 1.0])
+    np.testing.assert_allclose(sj.logsumexp(a, b=b), np.logaddexp(1.0, 2.0), rtol=1e-6)
+    np.testing.assert_allclose(sj.logsumexp(a, b=b), jax.nn.logsumexp(a, b=b), rtol=1e-6)
+    ga = jax.grad(lambda a: sj.logsumexp(a, b=b))(a)
+    np.testing.assert_allclose(ga, jax.grad(lambda a: jax.nn.logsumexp(a, b=b))(a), rtol=1e-6)
+
+
+def test_logsumexp_negative_sum_is_nan_with_zero_gradient_unless_the_sign_is_asked():
+    a, b = jnp.array([0.0, 1.0]), jnp.array([1.0, -1.0])
+    assert np.isnan(sj.logsumexp(a, b=b)) and np.isnan(jax.nn.logsumexp(a, b=b))
+    np.testing.assert_array_equal(jax.grad(lambda a: sj.logsumexp(a, b=b))(a), 0.0)
+    lse, sign = sj.logsumexp(a, b=b, return_sign=True)
+    np.testing.assert_allclose([lse, sign], [np.log(np.e - 1), -1.0], rtol=1e-6)
+    # d log|S| / d a = b e^a / S, with S = 1 - e < 0
+    g = jax.grad(lambda a: sj.logsumexp(a, b=b, return_sign=True)[0])(a)
+    np.testing.assert_allclose(g, [1 / (1 - np.e), -np.e / (1 - np.e)], rtol=1e-6)
+
+
+def test_logsumexp_b_saves_only_its_inputs_and_per_row_numbers():
+    a, b = jnp.ones((8, 16)), jnp.full((8, 16), 0.5)
+    res = saved_residuals(lambda a, b: sj.logsumexp(a, -1, b).sum(), a, b)
+    big = [why for shape, why in res if shape == (8, 16)]
+    # a and b themselves; the rest is per row (the shift and the signed sum)
+    assert len(big) == 2 and "argument a" in big[0], res
+    assert all(shape in {(8, 16), (8,), (8, 1)} for shape, _ in res), res
+
+
+def test_logsumexp_b_refuses_bad_scale_factors():
+    with pytest.raises(ValueError, match="b.shape"):
+        sj.logsumexp(jnp.ones(3), b=jnp.ones((2, 3)))
+    with pytest.raises(TypeError, match="b must be a real"):
+        sj.logsumexp(jnp.ones(3), b=jnp.ones(3, jnp.complex64))
+    with pytest.raises(ValueError, match="where"):
+        sj.logsumexp(jnp.ones((3, 4)), axis=-1, where=jnp.ones(3, bool))
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0), (2, 0, 3)])
+@pytest.mark.parametrize("axis", [-1, 0, None, (0, -1)], ids=["-1", "0", "None", "(0,-1)"])
+def test_zero_size_inputs_behave_as_in_jax_nn(shape, axis):
+    if isinstance(axis, tuple) and len(shape) < 2:
+        return
+    x = jnp.zeros(shape)
+    for name in ("softmax", "log_softmax"):
+        got, want = getattr(sj, name)(x, axis=axis), getattr(jax.nn, name)(x, axis=axis)
+        assert got.shape == want.shape == shape and got.dtype == want.dtype
+        g = jax.grad(lambda x, name=name: getattr(sj, name)(x, axis=axis).sum())(x)
+        assert g.shape == shape
+    for b in (None, 2.0, -1.0):
+        for keepdims in (False, True):
+            got = sj.logsumexp(x, axis, b, keepdims, return_sign=True)
+            want = jax.nn.logsumexp(x, axis, b, keepdims, return_sign=True)
+            for o, t in zip(got, want, strict=True):
+                np.testing.assert_array_equal(o, t)  # -inf and sign 0 where the axis is empty
+                assert o.shape == t.shape and o.dtype == t.dtype
+        g = jax.grad(lambda x, b=b: jnp.sum(jnp.where(
+            jnp.isinf(y := sj.logsumexp(x, axis, b)), 0.0, y)))(x)
+        assert g.shape == shape
+
+
+def test_scalar_input_with_axis_none_is_its_own_row():
+    x = jnp.float32(3.0)
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        np.testing.assert_array_equal(getattr(sj, name)(x, axis=None),
+                                      getattr(jax.nn, name)(x, axis=None))
+    np.testing.assert_allclose(sj.logsumexp(x, b=2.0), 3.0 + np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(sj.logsumexp)(x), 1.0)
