@@ -13,7 +13,7 @@ from softmax_jax.divergences import (
     kl_divergence,
     kl_divergence_with_log_targets,
 )
-from softmax_jax.fused import linear_softmax_cross_entropy
+from softmax_jax.fused import linear_softmax_cross_entropy, linear_softmax_distillation
 from softmax_jax.losses import (
     log_likelihood,
     quadratic_cost,
@@ -29,6 +29,7 @@ __all__ = [
     "kl_divergence",
     "kl_divergence_with_log_targets",
     "linear_softmax_cross_entropy",
+    "linear_softmax_distillation",
     "log_likelihood",
     "log_softmax",
     "logsumexp",

@@ -1,0 +1,111 @@
+"""Argument checks shared by the fused losses' public functions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from softmax_jax import _validation as _v
+
+from . import engine, vjp, vma
+from .layout import BlockLayout
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def head(
+    x: jax.typing.ArrayLike, w: jax.typing.ArrayLike, b: jax.typing.ArrayLike | None,
+    prefix: str = "",
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(x, w, b)`` as arrays, checked: ``x`` ``[N, D]``, ``w`` ``[D, V]``, ``b`` ``[V]``."""
+    nx, nw, nb = f"{prefix}x", f"{prefix}w", f"{prefix}b"
+    x_arr = _v.as_float_array(nx, x)
+    w_arr = _v.as_float_array(nw, w)
+    return _head_shapes(x_arr, w_arr, None if b is None else _v.as_float_array(nb, b), prefix)
+
+
+def _head_shapes(
+    x: jax.Array, w: jax.Array, b: jax.Array | None, prefix: str
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    nx, nw, nb = f"{prefix}x", f"{prefix}w", f"{prefix}b"
+    if x.ndim != 2:
+        raise ValueError(f"{nx} must be a 2-D [N, D] array, got {nx}.shape={tuple(x.shape)}")
+    if w.ndim != 2:
+        raise ValueError(f"{nw} must be a 2-D [D, V] array, got {nw}.shape={tuple(w.shape)}")
+    n, d = x.shape
+    if w.shape[0] != d:
+        raise ValueError(
+            f"{nw} must be [D, V] with D = {nx}.shape[1] = {d}, got {nw}.shape={tuple(w.shape)}"
+            f" ({nx}.shape={tuple(x.shape)}); pass the kernel of x @ w, not its transpose")
+    if n == 0 or w.shape[1] == 0:
+        raise ValueError(
+            f"{nx} and {nw} need at least one token and one class, got {nx}.shape="
+            f"{tuple(x.shape)}, {nw}.shape={tuple(w.shape)}")
+    if b is not None:
+        if b.shape != (w.shape[1],):
+            raise ValueError(f"{nb} must be a 1-D [V] array with V = {nw}.shape[1] ="
+                             f" {w.shape[1]}, got {nb}.shape={tuple(b.shape)}")
+    return x, w, b
+
+
+def labels_for(labels: jax.Array, n: int) -> None:
+    if labels.shape != (n,):
+        raise ValueError(f"labels must be a 1-D [N] array with N = x.shape[0] = {n}, got"
+                         f" labels.shape={tuple(labels.shape)}")
+
+
+def reduction(value: str) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def soft_cap(value: object) -> tuple[jax.Array, bool]:
+    """``(cap, capped)``: None and ``inf`` mean no cap (``inf * tanh(z / inf)`` would be NaN
+    at ``z = 0``; its limit is ``z``); a concrete ``cap <= 0`` raises, a traced one gives NaN."""
+    if value is None:
+        return jnp.ones((), jnp.float32), False
+    cap, _ = _v.hyperparameter("soft_cap", value, -math.inf, None)
+    if isinstance(value, jax.core.Tracer):
+        return jnp.where(cap > 0, cap, jnp.nan), True
+    concrete = float(np.asarray(value))
+    if not concrete > 0:
+        raise ValueError(f"soft_cap must be > 0 (or None), got {value!r}")
+    return cap, not math.isinf(concrete)
+
+
+def num_classes(v_local: int, axis_name: Hashable | None) -> int:
+    return v_local if axis_name is None else v_local * lax.axis_size(axis_name)
+
+
+def static(rule, axis_name, layout: BlockLayout, capped: bool, reduction_: str,
+           want_argmax: bool, x, w, b) -> vjp.Static:
+    return vjp.Static(
+        rule=rule,
+        engine=engine.Options(axis_name, layout, capped, want_argmax),
+        reduction=reduction_,
+        vma_x=vma.varying(x), vma_w=vma.varying(w),
+        vma_b=frozenset() if b is None else vma.varying(b),
+        dtypes=(str(x.dtype), str(w.dtype), None if b is None else str(b.dtype)),
+    )
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    return _v.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
+
+
+def local_gather(values: jax.Array, labels: jax.Array, axis_name: Hashable | None) -> jax.Array:
+    """``values[labels]`` for a per-class vector that is this shard's slice under
+    ``axis_name`` (0 for labels outside it before the ``psum``; invalid labels read 0)."""
+    v = values.shape[0]
+    loc = labels
+    if axis_name is not None:
+        loc = labels - lax.axis_index(axis_name).astype(labels.dtype) * v
+    inside = (loc >= 0) & (loc < v)
+    out = jnp.where(inside, values[jnp.clip(loc, 0, v - 1)], 0.0)
+    return out if axis_name is None else lax.psum(out, axis_name)

@@ -1,0 +1,102 @@
+"""Block helpers of the fused engine: column slices, the token view, the online merge."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def fold_vocab(body: Callable[[Any, Any, int], Any], carry: Any, v: int, block: int) -> Any:
+    """``carry = body(carry, start, width)`` over columns ``[0, v)`` in blocks: full blocks in
+    a ``fori_loop`` (traced ``start``), a narrower last block once more; ``width`` is static."""
+    nfull, tail = divmod(v, block)
+    if nfull == 1:
+        carry = body(carry, 0, block)
+    elif nfull > 1:
+        carry = lax.fori_loop(0, nfull, lambda j, c: body(c, j * block, block), carry)
+    if tail:
+        carry = body(carry, nfull * block, tail)
+    return carry
+
+
+def cols(a: jax.Array, start: Any, width: int) -> jax.Array:
+    """Columns ``[start, start + width)`` of the last axis."""
+    if isinstance(start, int) and start == 0 and width == a.shape[-1]:
+        return a
+    return lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
+
+
+def put_cols(a: jax.Array, start: Any, update: jax.Array, add: bool) -> jax.Array:
+    width = update.shape[-1]
+    if isinstance(start, int) and start == 0 and width == a.shape[-1]:
+        return a + update if add else update
+    if add:
+        update = lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1) + update
+    return lax.dynamic_update_slice_in_dim(a, update, start, axis=a.ndim - 1)
+
+
+def matmul(a: jax.Array, b: jax.Array, contract: tuple[int, int], ct: np.dtype) -> jax.Array:
+    """``a`` times ``b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s
+    ``contract[1]``, accumulated in ``ct``."""
+    if a.dtype != b.dtype:
+        common = jnp.promote_types(a.dtype, b.dtype)
+        a, b = a.astype(common), b.astype(common)
+    return lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=ct)
+
+
+def rescale(s: jax.Array, m_old: jax.Array, m_new: jax.Array) -> jax.Array:
+    r""":math:`s\,e^{m_{old} - m_{new}}`, 0 for an empty part (:math:`s = 0`), whose
+    :math:`m_{old} = -\infty` would otherwise give NaN."""
+    return jnp.where(s == 0, 0.0, s * jnp.exp(m_old - m_new))
+
+
+def block_lse(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max, sum exp(z - max))`` of each row of a block; ``(-inf, 0)`` for an empty row."""
+    m = jnp.max(z, axis=1)
+    shift = jnp.where(jnp.isfinite(m), m, 0.0)
+    return m, jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+
+
+class Tokens:
+    """Token block ``k`` holds the strided rows ``k, k + nt, ...``: viewed as ``[tb, nt]``
+    (a free reshape) it is index ``k`` of axis 1. Under jit with batch-sharded inputs each
+    block then spans every data shard, and no copy of ``x`` or ``dx`` is made."""
+
+    def __init__(self, n: int, target: int):
+        target = max(1, min(target, n))
+        first = -(-n // target)
+        self.n, self.tb, self.nt = n, -(-n // first), first
+        for nt in range(first, min(n, 2 * first) + 1):
+            if n % nt == 0:
+                self.tb, self.nt = n // nt, nt
+                break
+        self.pad = self.tb * self.nt - n
+
+    def view(self, a: jax.Array) -> jax.Array:
+        if self.pad:  # zero rows, made inert by r = 0
+            a = jnp.pad(a, [(0, self.pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((self.tb, self.nt) + a.shape[1:])
+
+    def unview(self, a: jax.Array) -> jax.Array:
+        a = a.reshape((self.tb * self.nt,) + a.shape[2:])
+        return a[: self.n] if self.pad else a
+
+    @staticmethod
+    def take(a: jax.Array, k: Any) -> jax.Array:
+        return lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
+
+    @staticmethod
+    def put(a: jax.Array, k: Any, block: jax.Array) -> jax.Array:
+        return lax.dynamic_update_index_in_dim(a, block, k, axis=1)
+
+
+def balanced(total: int, target: int) -> int:
+    """A block size <= ``target`` that splits ``total`` into near-equal blocks."""
+    target = max(1, min(target, total))
+    return -(-total // -(-total // target))

@@ -1,0 +1,430 @@
+r"""The blockwise engine of the fused large-vocabulary losses, generic over a per-block rule.
+
+The engine owns everything that is the same for every loss on a linear head: it produces
+logit blocks ``x @ w + b`` (optionally soft-capped) for one or more heads (the student and,
+for distillation, a constant teacher), keeps each row's online log-sum-exp of the streams
+the rule names (Milakov & Gimelshein, 2018),
+
+.. math::
+    m' = \max(m, \max_{c \in B} z_c), \qquad
+    s' = s\,e^{m - m'} + \sum_{c \in B} e^{z_c - m'},
+
+with every rescaling of an empty part (:math:`s = 0`, :math:`m = -\infty`) read as 0, so an
+all :math:`-\infty` block or shard adds nothing instead of NaN, merges it across vocabulary
+shards (``pmax`` then ``psum`` under ``axis_name``), and accumulates ``dx``, ``dW`` and
+``db`` from the rule's ``dlogits`` with the notes' output-layer rules
+:math:`\bar x = \delta W^\top`, :math:`\bar W = x^\top \delta`, :math:`\bar b = \sum_i
+\delta_i`.
+
+A rule (:class:`Rule`) says what one block contributes: the streams to normalise, additive
+per-row sums (a first pass, and optionally a second pass that needs the finished
+normalisers, as the generalised JSD does), the per-row loss, and ``dlogits`` with any
+per-row sums the hyper-parameter cotangents need.
+
+Layouts (:class:`~softmax_jax.fused.layout.BlockLayout`): with held rows each token block's
+logits are computed once and reused by every pass and the gradient; with two-level blocks
+every pass recomputes them, and the gradient pass walks the tokens inside each vocabulary
+block so that ``dW`` is accumulated in float32 one vocabulary block at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from softmax_jax._normalizer import Normalizer
+
+from . import vma
+from .blocks import Tokens, balanced, block_lse, cols, fold_vocab, matmul, put_cols, rescale
+from .layout import UPDATE_CHUNK, BlockLayout
+
+Tree = Any
+
+
+class Head(NamedTuple):
+    """One linear head: logits ``x @ w + b`` (local vocabulary slice under ``axis_name``)."""
+
+    x: jax.Array
+    w: jax.Array
+    b: jax.Array | None
+
+
+class Options(NamedTuple):
+    """Static settings of the engine for one call."""
+
+    axis_name: Hashable | None
+    layout: BlockLayout
+    capped: bool  # soft cap on head 0 (the cap's value is traced)
+    want_argmax: bool  # argmax of head 0's logits in the statistics pass
+
+
+class Block(NamedTuple):
+    """What a rule sees of one ``[tokens, width]`` tile."""
+
+    logits: tuple[jax.Array, ...]  # per head, in the compute dtype; head 0 soft-capped
+    first_class: jax.Array  # global class id of column 0
+    num_classes: int | jax.Array  # the global vocabulary size
+    classes: tuple[jax.Array, ...]  # the rule's per-class arrays, sliced to the block
+    rows: tuple[jax.Array, ...]  # the rule's per-token arrays for these tokens
+
+
+class RowStats(NamedTuple):
+    """Per-row results of the statistics passes (global over a sharded vocabulary)."""
+
+    norms: tuple[Normalizer, ...]  # one per stream, arrays ``[rows, 1]``
+    first: tuple[jax.Array, ...]
+    second: tuple[jax.Array, ...]
+    argmax: jax.Array | None
+
+
+class Rule(Protocol):
+    """What a loss tells the engine (a hashable NamedTuple of static choices)."""
+
+    second_pass: bool
+
+    def streams(self, block: Block, params: Tree) -> tuple[jax.Array, ...]: ...
+
+    def first_sums(self, block: Block, params: Tree) -> tuple[jax.Array, ...]: ...
+
+    def second_sums(self, block: Block, stats: RowStats, params: Tree) -> tuple[jax.Array, ...]:
+        ...
+
+    def dlogits(
+        self, block: Block, stats: RowStats, r: jax.Array, params: Tree
+    ) -> tuple[jax.Array, tuple[jax.Array, ...]]: ...
+
+
+class Grads(NamedTuple):
+    """The engine's gradient outputs, weighted by the per-row factors ``r``."""
+
+    dx: jax.Array  # compute dtype
+    dw: jax.Array  # w's dtype (accumulated in the compute dtype)
+    db: jax.Array | None  # compute dtype
+    dcap: jax.Array  # scalar cotangent of the soft cap
+    row_sums: tuple[jax.Array, ...]  # the rule's per-row gradient-pass sums, ``[N]``
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+class _Call(NamedTuple):
+    """Everything one engine run closes over (traced arrays and static facts)."""
+
+    rule: Any
+    opt: Options
+    heads: tuple[Head, ...]
+    classes: tuple[jax.Array, ...]
+    params: Tree
+    cap: jax.Array
+    ct: np.dtype
+    offset: Any  # global class id of this shard's column 0
+    num_classes: int | jax.Array
+    axes: frozenset  # every mesh axis an input varies over
+
+
+def _logits(call: _Call, xs: tuple[jax.Array, ...], start: Any, width: int):
+    """Per-head logits of columns ``start:start+width`` and head 0's uncapped logits."""
+    out, raw = [], None
+    for i, (head, x_c) in enumerate(zip(call.heads, xs, strict=True)):
+        z = matmul(x_c, cols(head.w, start, width), (1, 0), call.ct)
+        if head.b is not None:
+            z = z + cols(head.b, start, width).astype(call.ct)
+        if i == 0 and call.opt.capped:
+            raw = z
+            cap = call.cap
+            z = jnp.where(jnp.isinf(cap), z, cap * jnp.tanh(z / cap))
+        out.append(z)
+    return tuple(out), raw
+
+
+def _block(call: _Call, logits, start: Any, rows) -> Block:
+    width = logits[0].shape[1]
+    return Block(logits, call.offset + start, call.num_classes,
+                 tuple(cols(c, start, width) for c in call.classes), rows)
+
+
+def _merge_shards(call: _Call, ms, ss, firsts, argmax):
+    """Merges per-shard statistics over the vocabulary axis (identity without one)."""
+    axis = call.opt.axis_name
+    if axis is None:
+        return ms, ss, firsts, argmax
+    m_all = tuple(lax.pmax(m, axis) for m in ms)
+    ss = tuple(lax.psum(rescale(s, m, ma), axis) for s, m, ma in zip(ss, ms, m_all, strict=True))
+    firsts = tuple(lax.psum(f, axis) for f in firsts)
+    if argmax is not None:
+        big = jnp.iinfo(argmax.dtype).max
+        argmax = lax.pmin(jnp.where(ms[0] == m_all[0], argmax, big), axis)
+    return m_all, ss, firsts, argmax
+
+
+def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: int,
+                   tb: int) -> RowStats:
+    """The statistics of one token block: first pass, shard merge, optional second pass."""
+    rule, ct = call.rule, call.ct
+    n_streams, n_first, n_second = rule.sizes()
+
+    def first_body(acc, start, width):
+        ms, ss, sums, amax = acc
+        blk = tile(start, width)
+        new_m, new_s = [], []
+        for i, z in enumerate(rule.streams(blk, call.params)):
+            bm, bs = block_lse(z)
+            m1 = jnp.maximum(ms[i], bm)
+            shift = jnp.where(jnp.isfinite(bm), bm, 0.0)
+            new_m.append(m1)
+            new_s.append(rescale(ss[i], ms[i], m1) + rescale(bs, shift, m1))
+            if i == 0 and amax is not None:
+                cand = (jnp.argmax(z, axis=1) + blk.first_class).astype(jnp.int32)
+                amax = jnp.where(bm > ms[0], cand, amax)
+        add = rule.first_sums(blk, call.params)
+        sums = tuple(a + b for a, b in zip(sums, add, strict=True))
+        return vma.vary_all((tuple(new_m), tuple(new_s), sums, amax), call.axes)
+
+    zeros = jnp.zeros((tb,), ct)
+    init = (tuple(jnp.full((tb,), -jnp.inf, ct) for _ in range(n_streams)),
+            (zeros,) * n_streams, (zeros,) * n_first,
+            jnp.zeros((tb,), jnp.int32) if call.opt.want_argmax else None)
+    ms, ss, firsts, amax = fold_vocab(first_body, vma.vary_all(init, call.axes), v, vb)
+    ms, ss, firsts, amax = _merge_shards(call, ms, ss, firsts, amax)
+    norms = tuple(
+        Normalizer(jnp.where(jnp.isfinite(m), m, 0.0)[:, None], jnp.log(s)[:, None])
+        for m, s in zip(ms, ss, strict=True))
+    stats = RowStats(norms, firsts, (), amax)
+    if not n_second:
+        return stats
+
+    def second_body(acc, start, width):
+        add = rule.second_sums(tile(start, width), stats, call.params)
+        return vma.vary_all(tuple(a + b for a, b in zip(acc, add, strict=True)), call.axes)
+
+    seconds = fold_vocab(second_body, vma.vary_all((zeros,) * n_second, call.axes), v, vb)
+    if call.opt.axis_name is not None:
+        seconds = tuple(lax.psum(s, call.opt.axis_name) for s in seconds)
+    return stats._replace(second=seconds)
+
+
+def _dlogits(call: _Call, blk: Block, raw: jax.Array | None, stats: RowStats, r: jax.Array):
+    r"""The rule's ``dlogits`` carried through the soft cap: ``(dz, row sums, d cap)``.
+
+    With :math:`c = \mathrm{cap}\tanh(z/\mathrm{cap})` and :math:`t = c/\mathrm{cap}`,
+    :math:`\partial c/\partial z = 1 - t^2` and :math:`\partial c/\partial\mathrm{cap} =
+    t - (z/\mathrm{cap})(1 - t^2)`.
+    """
+    dz, row_sums = call.rule.dlogits(blk, stats, r, call.params)
+    dcap = jnp.zeros((), call.ct)
+    if raw is not None:
+        cap = call.cap
+        t = jnp.where(jnp.isinf(cap), 0.0, blk.logits[0] / cap)
+        slope = 1.0 - jnp.square(t)
+        u = jnp.where(jnp.isinf(cap), 0.0, raw / cap)
+        dcap = jnp.sum(jnp.where(dz == 0, 0.0, dz * (t - u * slope)))
+        dz = dz * slope
+    return dz, row_sums, dcap
+
+
+def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_grad: bool):
+    """Held rows: each token block's logits are computed once, for every pass and the
+    gradient (formed in column chunks of at most ``UPDATE_CHUNK``)."""
+    head0, ct, v = call.heads[0], call.ct, call.heads[0].w.shape[1]
+    axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
+
+    def token_step(k, carry):
+        dw, db, dcap, outs = carry
+        xs = tuple(tokens.take(a, k) for a in views["x"])
+        rows = tuple(tokens.take(a, k) for a in views["rows"])
+        held, raw = _logits(call, xs, 0, v)
+
+        def tile(start, width):
+            return _block(call, tuple(cols(z, start, width) for z in held), start, rows)
+
+        outs = dict(outs)
+        if want_stats:
+            stats = vma.vary_all(_stats_of_tile(call, tile, v, v, tokens.tb), axes_tok)
+            outs["stats"] = jax.tree.map(lambda o, u: tokens.put(o, k, u), outs["stats"], stats)
+        else:
+            stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
+        if want_grad:
+            r = tokens.take(views["r"], k)
+            x_ct = xs[0].astype(ct)
+
+            def grad_body(acc, start, width):
+                dx, dw, db, dcap, gs = acc
+                dz, add, dc = _dlogits(call, tile(start, width),
+                                       None if raw is None else cols(raw, start, width), stats, r)
+                dx = dx + matmul(dz, cols(head0.w, start, width), (1, 1), ct)
+                dw = put_cols(dw, start, matmul(x_ct, dz, (0, 0), ct), add=True)
+                if db is not None:
+                    db = put_cols(db, start, jnp.sum(dz, axis=0), add=True)
+                gs = tuple(a + b for a, b in zip(gs, add, strict=True))
+                return vma.vary_all((dx, dw, db, dcap + dc, gs), call.axes)
+
+            zero_rows = tuple(jnp.zeros((tokens.tb,), ct) for _ in outs["grad_sums"])
+            init = vma.vary_all((jnp.zeros((tokens.tb, head0.x.shape[1]), ct), dw, db, dcap,
+                                 zero_rows), call.axes)
+            dx, dw, db, dcap, gs = fold_vocab(grad_body, init, v, balanced(v, UPDATE_CHUNK))
+            outs["dx"] = tokens.put(outs["dx"], k, dx)
+            outs["grad_sums"] = tuple(
+                tokens.put(o, k, g) for o, g in zip(outs["grad_sums"], gs, strict=True))
+        return vma.vary_all((dw, db, dcap), call.axes) + (outs,)
+
+    d = head0.x.shape[1]
+    dw0 = db0 = None
+    if want_grad:
+        dw0 = jnp.zeros((d, v), ct)
+        db0 = None if head0.b is None else jnp.zeros((v,), ct)
+    carry = (*vma.vary_all((dw0, db0, jnp.zeros((), ct)), call.axes),
+             _outputs(call, tokens, views, want_stats, want_grad))
+    dw, db, dcap, outs = _token_loop(tokens, token_step, carry)
+    return outs, dw, db, dcap
+
+
+def _token_loop(tokens: Tokens, step, carry):
+    if tokens.nt == 1:
+        return step(0, carry)
+    return lax.fori_loop(0, tokens.nt, step, carry)
+
+
+def _outputs(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_grad: bool):
+    """Zero-initialised per-token outputs, viewed ``[tb, nt, ...]``."""
+    axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
+    tb, nt, ct = tokens.tb, tokens.nt, call.ct
+    n_streams, n_first, n_second = call.rule.sizes()
+    outs: dict = {}
+    if want_stats:
+        col = jnp.zeros((tb, nt, 1), ct)
+        row = jnp.zeros((tb, nt), ct)
+        outs["stats"] = vma.vary_all(RowStats(
+            tuple(Normalizer(col, col) for _ in range(n_streams)), (row,) * n_first,
+            (row,) * n_second,
+            jnp.zeros((tb, nt), jnp.int32) if call.opt.want_argmax else None), axes_tok)
+    if want_grad:
+        outs["dx"] = vma.vary_all(jnp.zeros((tb, nt, call.heads[0].x.shape[1]), ct), call.axes)
+        outs["grad_sums"] = vma.vary_all(
+            tuple(jnp.zeros((tb, nt), ct) for _ in range(call.rule.grad_sizes())), call.axes)
+    return outs
+
+
+def _stats_loop(call: _Call, tokens: Tokens, views: dict) -> RowStats:
+    """Two-level statistics: the vocabulary in blocks inside each token block."""
+    v = call.heads[0].w.shape[1]
+    axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
+
+    def token_step(k, outs):
+        xs = tuple(tokens.take(a, k) for a in views["x"])
+        rows = tuple(tokens.take(a, k) for a in views["rows"])
+
+        def tile(start, width):
+            return _block(call, _logits(call, xs, start, width)[0], start, rows)
+
+        stats = vma.vary_all(_stats_of_tile(call, tile, v, call.opt.layout.vocab_block,
+                                            tokens.tb), axes_tok)
+        return jax.tree.map(lambda o, u: tokens.put(o, k, u), outs, stats)
+
+    return _token_loop(tokens, token_step, _outputs(call, tokens, views, True, False)["stats"])
+
+
+def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
+    """Two-level gradient: the tokens inside each vocabulary block, so that ``dW`` is
+    accumulated in float32 one ``[D, vocab_block]`` block at a time (Cut Cross-Entropy's
+    order) and written once in ``w``'s dtype."""
+    head0, ct = call.heads[0], call.ct
+    d, v = head0.w.shape
+
+    def vocab_body(acc, start, width):
+        dw, db, dcap, outs = acc
+        w_j = cols(head0.w, start, width)
+
+        def token_step(k, c):
+            dw_j, db_j, dcap, outs = c
+            xs = tuple(tokens.take(a, k) for a in views["x"])
+            rows = tuple(tokens.take(a, k) for a in views["rows"])
+            stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
+            logits, raw = _logits(call, xs, start, width)
+            dz, add, dc = _dlogits(call, _block(call, logits, start, rows), raw, stats,
+                                   tokens.take(views["r"], k))
+            outs = dict(outs)
+            dx_k = tokens.take(outs["dx"], k) + matmul(dz, w_j, (1, 1), ct)
+            outs["dx"] = tokens.put(outs["dx"], k, dx_k)
+            outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
+                                      for o, a in zip(outs["grad_sums"], add, strict=True))
+            dw_j = dw_j + matmul(xs[0].astype(ct), dz, (0, 0), ct)
+            db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
+            return vma.vary_all((dw_j, db_j, dcap + dc), call.axes) + (outs,)
+
+        db0 = None if db is None else jnp.zeros((width,), ct)
+        init = vma.vary_all((jnp.zeros((d, width), ct), db0, dcap), call.axes) + (outs,)
+        dw_j, db_j, dcap, outs = _token_loop(tokens, token_step, init)
+        dw = put_cols(dw, start, dw_j.astype(dw.dtype), add=False)
+        if db is not None:
+            db = put_cols(db, start, db_j, add=False)
+        return vma.vary_all((dw, db, dcap), call.axes) + (outs,)
+
+    db0 = None if head0.b is None else jnp.zeros((v,), ct)
+    init = vma.vary_all((jnp.zeros((d, v), head0.w.dtype), db0, jnp.zeros((), ct)), call.axes)
+    init = init + (_outputs(call, tokens, views, False, True),)
+    dw, db, dcap, outs = fold_vocab(vocab_body, init, v, call.opt.layout.vocab_block)
+    return outs, dw, db, dcap
+
+
+def run(rule: Any, opt: Options, heads: tuple[Head, ...], rows: tuple[jax.Array, ...],
+        classes: tuple[jax.Array, ...], params: Tree, cap: jax.Array,
+        r: jax.Array | None = None, saved: RowStats | None = None,
+        ) -> tuple[RowStats | None, Grads | None]:
+    """Runs the statistics passes (unless ``saved`` holds them) and, when ``r`` (the
+    per-token weight of the gradient) is given, the gradient pass.
+
+    Returns ``(stats, grads)``: ``stats`` per token (``[N]``, norms ``[N, 1]``; None when
+    ``saved`` was given) and :class:`Grads` (None without ``r``).
+    """
+    x0, w0 = heads[0].x, heads[0].w
+    n, v = x0.shape[0], w0.shape[1]
+    ct = np.dtype(jnp.promote_types(jnp.result_type(*(h.x.dtype for h in heads),
+                                                    *(h.w.dtype for h in heads)), jnp.float32))
+    axis = opt.axis_name
+    offset: Any = 0
+    num_classes: int | jax.Array = v
+    if axis is not None:
+        num_classes = v * lax.axis_size(axis)
+        offset = lax.axis_index(axis) * v
+    leaves = [a for h in heads for a in h if a is not None] + list(rows) + list(classes)
+    leaves += [] if r is None else [r]
+    axes = frozenset().union(*(vma.varying(a) for a in leaves))
+    if saved is not None:
+        axes |= frozenset().union(*(vma.varying(a) for a in jax.tree.leaves(saved)))
+    call = _Call(rule, opt, heads, classes, params, cap, ct, offset, num_classes, axes)
+    tokens = Tokens(n, opt.layout.token_block)
+    views: dict = {"x": tuple(tokens.view(h.x) for h in heads),
+                   "rows": tuple(tokens.view(a) for a in rows)}
+    if r is not None:
+        views["r"] = tokens.view(r)
+    if saved is not None:
+        views["stats"] = jax.tree.map(tokens.view, saved)
+    want_stats, want_grad = saved is None, r is not None
+    if opt.layout.holds_rows(v):
+        outs, dw, db, dcap = _held_loop(call, tokens, views, want_stats, want_grad)
+        if want_grad:
+            dw = dw.astype(w0.dtype)
+    else:
+        outs, dw, db, dcap = {}, None, None, None
+        if want_stats:
+            outs["stats"] = _stats_loop(call, tokens, views)
+            views["stats"] = outs["stats"]
+        if want_grad:
+            grad_outs, dw, db, dcap = _tiled_grads(call, tokens, views)
+            outs.update(grad_outs)
+    stats = jax.tree.map(tokens.unview, outs["stats"]) if want_stats else None
+    grads = None
+    if want_grad:
+        row_sums = tuple(tokens.unview(g) for g in outs["grad_sums"])
+        if axis is not None:
+            row_sums = tuple(lax.psum(g, axis) for g in row_sums)
+            dcap = lax.psum(dcap, axis)
+        grads = Grads(tokens.unview(outs["dx"]), dw, db, dcap, row_sums)
+    return stats, grads

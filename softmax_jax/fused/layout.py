@@ -1,0 +1,95 @@
+"""Block sizes of the fused losses: a small frozen config with declared bounds and a
+documented default rule (:meth:`BlockLayout.default`).
+
+Two layouts exist, chosen by ``vocab_block``:
+
+- **held rows** (``vocab_block >= V``): a token block's whole rows of logits are computed once
+  and reused for the gradient, three matrix products in all (Liger Kernel's layout). The
+  float32 ``dW`` is accumulated over token blocks, so this layout needs a ``D x V`` float32
+  accumulator.
+- **two-level blocks** (``vocab_block < V``): ``token_block x vocab_block`` tiles; the
+  statistics pass walks the vocabulary inside each token block, and the gradient pass walks
+  the tokens inside each vocabulary block, recomputing the logits (four matrix products, as
+  Cut Cross-Entropy does). ``dW`` is then accumulated in float32 one vocabulary block at a
+  time, so no ``D x V`` float32 array exists even for bfloat16 inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = ["BlockLayout"]
+
+# Declared bounds of the automatic rule (see BlockLayout.default).
+HELD_ELEMENTS = 2**23  # logits of one held token block (32 MiB of float32)
+MIN_HELD_TOKENS = 256  # fewer held rows make the matmuls skinny: use two-level blocks
+TILE_TOKENS = 1024  # token block of the two-level layout
+TILE_VOCAB = 4096  # vocabulary block of the two-level layout
+# Largest float32 D x V accumulator the held layout may use for narrow (bf16/f16) weights.
+NARROW_DW_BYTES = 64 * 2**20
+UPDATE_CHUNK = 4096  # column chunks in which held rows produce dx, dW and db
+
+
+class BlockLayout(NamedTuple):
+    """Block sizes of one fused call (hashable, so it can be a static argument).
+
+    Attributes:
+      token_block: rows of ``x`` per block, ``1 <= token_block``.
+      vocab_block: vocabulary columns per block, ``1 <= vocab_block``; ``>= V`` (the local
+        vocabulary) selects the held-rows layout.
+    """
+
+    token_block: int
+    vocab_block: int
+
+    def holds_rows(self, v: int) -> bool:
+        """Whether whole rows of ``v`` logits are held (the three-matmul layout)."""
+        return self.vocab_block >= v
+
+    @staticmethod
+    def default(n: int, d: int, v: int, weight_itemsize: int = 4) -> BlockLayout:
+        """The automatic rule, measured on CPU (``scripts/benchmark.py --suite fused``).
+
+        Whole rows are held when a block of at least ``MIN_HELD_TOKENS`` (256) rows fits in
+        ``HELD_ELEMENTS`` (``2**23``) logits, i.e. ``V <= 32768`` per device, and, for
+        weights narrower than float32, when the float32 ``D x V`` accumulator stays within
+        ``NARROW_DW_BYTES`` (64 MiB). The token block is then about ``2**23 / V`` rows.
+        Otherwise two-level ``TILE_TOKENS x TILE_VOCAB`` (1024 x 4096) blocks. Both are
+        clipped to ``N`` and ``V``.
+
+        Args:
+          n: tokens. d: model width. v: vocabulary columns on this device.
+          weight_itemsize: bytes per element of ``w`` (2 for bfloat16).
+        """
+        held = HELD_ELEMENTS // v >= MIN_HELD_TOKENS
+        if weight_itemsize < 4 and d * v * 4 > NARROW_DW_BYTES:
+            held = False
+        if held:
+            return BlockLayout(min(n, max(8, HELD_ELEMENTS // v // 8 * 8)), v)
+        return BlockLayout(min(n, TILE_TOKENS), min(v, TILE_VOCAB))
+
+    @staticmethod
+    def resolve(
+        n: int, d: int, v: int, weight_itemsize: int,
+        token_block: object = None, vocab_block: object = None,
+    ) -> BlockLayout:
+        """The default rule with any explicitly given size replacing its part (checked)."""
+        tb, vb = _checked("token_block", token_block), _checked("vocab_block", vocab_block)
+        auto = BlockLayout.default(n, d, v, weight_itemsize)
+        if vb is None:
+            vb = auto.vocab_block
+        vb = min(vb, v)
+        if tb is None:
+            tb = auto.token_block if vb == auto.vocab_block else (
+                min(n, max(8, HELD_ELEMENTS // vb // 8 * 8)) if vb >= v else min(n, TILE_TOKENS))
+        return BlockLayout(min(tb, n), vb)
+
+
+def _checked(name: str, value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)

@@ -1,0 +1,135 @@
+r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two strategies.
+
+- ``"mean"`` and ``"sum"`` (:func:`reduced`): the gradients are computed inside the forward
+  pass, with per-row weights :math:`r_i = s_i / \mathrm{den}` (``s`` the row scale: 1
+  counted, 0 ignored, NaN invalid; ``den`` the kept count or, with class weights, PyTorch's
+  summed label weights), and are the only residuals; the backward pass scales them by the
+  incoming cotangent.
+- ``"none"`` (:func:`per_token`): the forward pass keeps each row's statistics (O(N)); the
+  backward pass recomputes the blocks with :math:`r_i = s_i \bar g_i`.
+
+Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
+(partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
+(labels, class weights, the teacher's head) get zero cotangents.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import engine, vma
+
+
+class Static(NamedTuple):
+    """Static (hashable) facts of one call."""
+
+    rule: Any
+    engine: engine.Options
+    reduction: str
+    vma_x: frozenset
+    vma_w: frozenset
+    vma_b: frozenset
+    dtypes: tuple[str, str, str | None]  # of x, w, b
+
+
+def _ct(static: Static) -> np.dtype:
+    return np.dtype(jnp.promote_types(jnp.result_type(*static.dtypes[:2]), jnp.float32))
+
+
+def _num_classes(static: Static, w: jax.Array) -> Any:
+    axis = static.engine.axis_name
+    return w.shape[1] if axis is None else w.shape[1] * jax.lax.axis_size(axis)
+
+
+def _cast(static: Static, grads: engine.Grads, g: jax.Array, dparams: Any):
+    """``g`` times the gradients, each in its primal's dtype and varying axes."""
+    dx = vma.match_varying(g * grads.dx, static.vma_x).astype(static.dtypes[0])
+    dw = vma.match_varying(g.astype(grads.dw.dtype) * grads.dw, static.vma_w)
+    dw = dw.astype(static.dtypes[1])
+    db = None
+    if grads.db is not None:
+        db = vma.match_varying(g * grads.db, static.vma_b).astype(static.dtypes[2])
+    dparams = jax.tree.map(lambda p: vma.match_varying(g * p, frozenset()), dparams)
+    dcap = vma.match_varying(g * grads.dcap, frozenset())
+    return dx, dw, db, dparams, dcap
+
+
+def _run(static, x, w, b, consts, params, cap, r=None, saved=None):
+    rule = static.rule
+    return engine.run(rule, static.engine, rule.heads(x, w, b, consts), rule.rows(consts),
+                      rule.classes(consts), params, cap, r, saved)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def reduced(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
+    """``(loss, aux)``: the summed (or averaged) loss, with gradients formed in the forward
+    pass, and the rule's auxiliary per-token outputs (no gradient)."""
+    return _reduced_fwd(static, x, w, b, consts, params, cap)[0]
+
+
+def _reduced_fwd(static, x, w, b, consts, params, cap):
+    ct, rule = _ct(static), static.rule
+    scale = rule.scale(consts, _num_classes(static, w), ct)
+    inv = jnp.ones((), ct)
+    if static.reduction == "mean":
+        den = rule.denominator(consts, scale)
+        # Nothing counted: loss 0 and gradients 0 rather than 0 / 0.
+        inv = jnp.where(den == 0, 0.0, 1.0 / jnp.where(den == 0, 1.0, den))
+    r = rule.weights(consts, scale, inv)
+    stats, grads = _run(static, x, w, b, consts, params, cap, r=r)
+    loss = jnp.sum(rule.row_loss(consts, scale, stats, params)) * inv
+    dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
+    return (loss, rule.aux(stats)), (grads, dparams)
+
+
+def _reduced_bwd(static, res, g):
+    g = g[0]  # the auxiliary outputs (statistics) carry no gradient
+    grads, dparams = res
+    dx, dw, db, dparams, dcap = _cast(static, grads, g.astype(grads.dx.dtype), dparams)
+    return dx, dw, db, None, dparams, dcap
+
+
+reduced.defvjp(_reduced_fwd, _reduced_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def per_token(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
+    """``(losses, aux)`` per token; the backward pass recomputes the blocks."""
+    return _per_token_fwd(static, x, w, b, consts, params, cap)[0]
+
+
+def _per_token_fwd(static, x, w, b, consts, params, cap):
+    ct, rule = _ct(static), static.rule
+    scale = rule.scale(consts, _num_classes(static, w), ct)
+    stats, _ = _run(static, x, w, b, consts, params, cap)
+    loss = rule.row_loss(consts, scale, stats, params)
+    out = jnp.result_type(*(d for d in static.dtypes if d is not None))
+    return (loss.astype(out), rule.aux(stats)), (x, w, b, consts, params, cap, stats)
+
+
+def _per_token_bwd(static, res, g):
+    g = g[0]  # the auxiliary outputs (statistics) carry no gradient
+    x, w, b, consts, params, cap, stats = res
+    ct, rule = _ct(static), static.rule
+    scale = rule.scale(consts, _num_classes(static, w), ct)
+    r = rule.weights(consts, scale, g.astype(ct))
+    _, grads = _run(static, x, w, b, consts, params, cap, r=r, saved=stats)
+    dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
+    one = jnp.ones((), ct)
+    dx, dw, db, dparams, dcap = _cast(static, grads, one, dparams)
+    return dx, dw, db, None, dparams, dcap
+
+
+per_token.defvjp(_per_token_fwd, _per_token_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def dispatch(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
+    if static.reduction == "none":
+        return per_token(static, x, w, b, consts, params, cap)
+    return reduced(static, x, w, b, consts, params, cap)

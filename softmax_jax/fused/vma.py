@@ -1,0 +1,106 @@
+"""Varying manual axes: the part of ``shard_map``'s type system the fused losses need.
+
+Inside :func:`jax.shard_map` (with its default ``check_vma=True``) every array records the
+mesh axes along which it differs from device to device. A ``custom_vjp`` there must return
+cotangents typed like its primal inputs, and loop carries must keep one type, so the engine
+marks its accumulators as varying over every axis its inputs vary over and, at the end, sums
+each cotangent over the axes its primal does not vary over (:func:`match_varying`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+from jax import lax
+
+
+def varying(x: Any) -> frozenset:
+    """Mesh axes along which ``x`` varies inside ``shard_map`` (empty outside of it)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", frozenset()))
+
+
+def sorted_axes(axes: frozenset) -> tuple:
+    return tuple(sorted(axes, key=str))
+
+
+def axis_set(axis_name: Hashable | None) -> frozenset:
+    """``axis_name`` (an axis, a tuple of axes or None) as a set of axes."""
+    if axis_name is None:
+        return frozenset()
+    if isinstance(axis_name, (tuple, list)):
+        return frozenset(axis_name)
+    return frozenset((axis_name,))
+
+
+def vary(x: jax.Array, axes: frozenset) -> jax.Array:
+    """Marks ``x`` as varying over ``axes`` (a no-op at run time)."""
+    missing = axes - varying(x)
+    if not missing:
+        return x
+    pcast = getattr(lax, "pcast", None)
+    if pcast is not None:
+        return pcast(x, sorted_axes(missing), to="varying")
+    return lax.pvary(x, sorted_axes(missing))  # type: ignore[attr-defined]
+
+
+def vary_all(tree: Any, axes: frozenset) -> Any:
+    """:func:`vary` on every array of a pytree (None leaves stay None)."""
+    if not axes:
+        return tree
+    return jax.tree.map(lambda t: vary(t, axes), tree)
+
+
+def match_varying(ct: jax.Array, target: frozenset) -> jax.Array:
+    """A cotangent with exactly its primal's varying axes.
+
+    A cotangent that varies over an axis its primal does not (``dx`` over the vocabulary
+    axis, ``dW`` over a data axis) holds one partial sum per device: it is ``psum``-ed.
+    """
+    extra = varying(ct) - target
+    if extra:
+        ct = lax.psum(ct, sorted_axes(extra))
+    return vary(ct, target)
+
+
+def check_vocab_axes(
+    axis_name: Hashable | None, x: jax.Array, sharded: dict[str, jax.Array | None]
+) -> None:
+    """Refuses vocabulary-sharded arrays the call was not told about, and the reverse.
+
+    ``sharded`` maps argument names to the arrays that hold a slice of the vocabulary
+    (``w``, ``b``, class weights, the teacher's ``w``). Without ``axis_name``, such an array
+    that varies over a manual axis that ``x`` does not is a vocabulary slice: normalising
+    over it alone would give a plausible but wrong loss, so this raises. With ``axis_name``,
+    ``w`` must vary over it.
+    """
+    axes = axis_set(axis_name)
+    base = varying(x) | axes
+    for name, arr in sharded.items():
+        if arr is None:
+            continue
+        extra = varying(arr) - base
+        if extra:
+            raise ValueError(
+                f"{name} (shape {tuple(arr.shape)}) varies over mesh axis"
+                f" {sorted_axes(extra)} inside shard_map but x does not, so it holds a slice"
+                f" of the vocabulary; pass axis_name={sorted_axes(extra)[0]!r} (the axis it"
+                " is sharded over) so that the softmax is normalised over the whole"
+                f" vocabulary (got axis_name={axis_name!r})"
+            )
+    w = sharded.get("w")
+    if axes and w is not None:
+        missing = axes - varying(w)
+        if missing:
+            raise ValueError(
+                f"axis_name={axis_name!r}: w (shape {tuple(w.shape)}) does not vary over mesh"
+                f" axis {sorted_axes(missing)}. Call this inside jax.shard_map (with the"
+                " default check_vma=True) with w sharded along V over that axis, e.g."
+                " in_specs=P(None, axis_name) for w; use axis_name=None when w holds the"
+                " whole vocabulary"
+            )
