@@ -284,6 +284,28 @@ def test_tuple_and_none_axes_equal_flattening(axis):
     np.testing.assert_allclose(g, g_flat, atol=1e-7)
 
 
+def test_mask_with_tuple_axes_equals_flattened_mask():
+    s, t = _logits(seed=17, shape=(3, 4, 5))
+    keep = jax.random.bernoulli(jax.random.PRNGKey(3), 0.7, (3, 4, 5)).at[:, 0, 0].set(True)
+    got = sj.distillation_loss(s, t, axis=(2, 1), where=keep, beta=0.5)
+    flat = lambda x: jnp.transpose(x, (0, 2, 1)).reshape(3, 20)  # noqa: E731
+    want = sj.distillation_loss(flat(s), flat(t), where=flat(keep), beta=0.5)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_mixed_dtypes_and_mismatched_shapes():
+    s, t = _logits(seed=18)
+    loss = sj.distillation_loss(s.astype(jnp.bfloat16), t)
+    assert loss.dtype == jnp.float32
+    gs, gt = jax.grad(lambda s, t: sj.distillation_loss(s, t).sum(), argnums=(0, 1))(
+        s.astype(jnp.bfloat16), t)
+    assert gs.dtype == jnp.bfloat16 and gt.dtype == jnp.float32
+    with pytest.raises(ValueError, match="same shape"):
+        sj.distillation_loss(s, t[:, :3])
+    with pytest.raises(TypeError, match="teacher_logits"):
+        sj.distillation_loss(s, jnp.ones((N, V), jnp.int32))
+
+
 def test_middle_axis_equals_moveaxis():
     s, t = _logits(seed=12, shape=(3, V, 2))
     got = sj.distillation_loss(s, t, axis=1, beta=0.5)
