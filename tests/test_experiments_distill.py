@@ -17,7 +17,6 @@ import numpy as np
 import optax
 import pytest
 
-import softmax_jax as sj
 from softmax_jax.experiments import lm
 from softmax_jax.experiments.lm_distill import (
     DistillConfig,
@@ -29,16 +28,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "distill_lm.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 V = 200
 SMALL = {"max_files": 8, "heldout_every": 4}
-FUSED = hasattr(sj, "linear_softmax_distillation")
 
 
 def _unfused(x, w, teacher_x, teacher_w, *, labels=None, b=None, teacher_b=None,
              temperature=1.0, beta=0.0, hard_weight=0.0, token_block=None, **unused):
-    """The per-token formula written out, materialising both logit arrays (beta = 0 only).
-
-    Stands in for ``softmax_jax.linear_softmax_distillation`` while that function is not in
-    the library yet, and is the reference the fused function is checked against.
-    """
+    """The per-token formula written out, materialising both logit arrays (beta = 0 only):
+    the reference the fused head is checked against."""
     assert beta == 0.0 and not unused
     s = x @ w + b
     t = jax.lax.stop_gradient(teacher_x @ teacher_w + teacher_b)
@@ -46,12 +41,6 @@ def _unfused(x, w, teacher_x, teacher_w, *, labels=None, b=None, teacher_b=None,
                                     jax.nn.softmax(t / temperature))
     ce = optax.softmax_cross_entropy_with_integer_labels(s, labels)
     return (hard_weight * ce + (1 - hard_weight) * temperature**2 * kl).mean()
-
-
-@pytest.fixture(autouse=True)
-def distillation_head(monkeypatch):
-    if not FUSED:
-        monkeypatch.setattr(sj, "linear_softmax_distillation", _unfused, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +99,10 @@ def test_distill_config_rejects_bad_settings():
 
 @pytest.fixture(scope="module")
 def distilled(corpus, tmp_path_factory):
-    if not FUSED:  # the module-scoped fixture runs before the autouse monkeypatch
-        mp = pytest.MonkeyPatch()
-        mp.setattr(sj, "linear_softmax_distillation", _unfused, raising=False)
     out = tmp_path_factory.mktemp("distill")
     result = run_distillation(small_config(hidden=64, steps=20), small_config(hidden=16),
                               DistillConfig(temperature=2.0, hard_weight=0.3), corpus,
                               lm.make_mesh(1), out_dir=out, log=lambda _: None)
-    if not FUSED:
-        mp.undo()
     return result, out
 
 
