@@ -23,7 +23,7 @@ import numpy as np
 from softmax_jax import _axes
 from softmax_jax import _distillation_terms as _terms
 from softmax_jax import _validation as _v
-from softmax_jax.activations import Normalizer, masked_fill
+from softmax_jax._normalizer import Normalizer, masked_fill
 
 __all__ = ["distillation_loss", "kl_divergence", "kl_divergence_with_log_targets"]
 
