@@ -209,6 +209,29 @@ def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_p
     assert len(err.strip().splitlines()) == 1
 
 
+def test_script_is_data_parallel_over_simulated_devices(tmp_path):
+    # Under the SPMD partitioner the fused distillation head sees batch-sharded rows; sharding
+    # must not change the numbers.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env.pop("XLA_FLAGS", None)
+    runs = {}
+    for devices in ("1", "2"):
+        out = tmp_path / devices
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), *SCRIPT_ARGS, "--steps", "4", "--teacher-steps", "4",
+             "--devices", devices, "--out", str(out)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs[devices] = json.loads((out / "metrics.json").read_text())
+    assert (runs["1"]["devices"], runs["2"]["devices"]) == (1, 2)
+    for name in ("hard", "distilled"):
+        one, two = (
+            [h["train_loss"] for h in runs[d]["students"][name]["history"]] for d in ("1", "2"))
+        np.testing.assert_allclose(one, two, rtol=1e-4, err_msg=name)
+        assert runs["2"]["heldout_perplexity"][name] == pytest.approx(
+            runs["1"]["heldout_perplexity"][name], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
