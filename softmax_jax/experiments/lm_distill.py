@@ -117,6 +117,8 @@ def distillation_objective(cfg: LMConfig, dcfg: DistillConfig, mesh: Mesh) -> Ob
 
 @dataclass
 class DistillResult:
+    """The teacher, both students' training records, and what ``metrics.json`` holds."""
+
     teacher_config: LMConfig
     teacher_source: str  # "trained" or the checkpoint's path
     teacher_steps: int

@@ -145,6 +145,8 @@ def evaluate(
 
 @dataclass
 class TrainResult:
+    """One run's final parameters and record; ``summary()`` is its JSON form."""
+
     params: Params
     history: list[dict[str, float]]  # per step: step, train_loss
     evals: list[dict[str, float]]  # per evaluation: step, heldout_loss, heldout_perplexity
