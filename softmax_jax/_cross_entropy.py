@@ -246,4 +246,8 @@ def hyper_cotangents(
         d_eps = jnp.sum(times(g_row, uniform - hard))
     if options.zloss:
         d_lam = jnp.sum(times(g_row, jnp.square(lse)))
+    # A traced hyper-parameter out of range arrives as NaN and makes the loss NaN; its
+    # derivatives are NaN too, not the plausible numbers the terms above would give.
+    invalid = jnp.isnan(params.eps) | jnp.isnan(params.lam)
+    d_eps, d_lam = (jnp.where(invalid, jnp.nan, d) for d in (d_eps, d_lam))
     return Params(d_eps.astype(params.eps.dtype), d_lam.astype(params.lam.dtype))

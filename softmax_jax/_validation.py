@@ -155,8 +155,10 @@ def hyperparameter(
     if isinstance(value, jax.core.Tracer):
         # A traced value cannot raise; out of range it becomes NaN, so the result is NaN
         # rather than a plausible number.
+        # Added rather than selected, so that the derivative with respect to the value is
+        # still 1 (a where would send it a silent 0).
         ok = arr >= low if high is None else (arr >= low) & (arr <= high)
-        return jnp.where(ok, arr, jnp.nan), True
+        return arr + jnp.where(ok, 0.0, jnp.nan), True
     concrete = float(np.asarray(value))
     upper = "inf" if high is None else f"{high:g}"
     if not (concrete >= low and (high is None or concrete <= high)):

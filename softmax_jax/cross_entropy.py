@@ -211,9 +211,10 @@ def softmax_cross_entropy_with_integer_labels(
       where: optional boolean mask that broadcasts to ``logits`` (NumPy broadcasting; one
         flag per row is ``where[:, None]``). Masked classes are left out of the normaliser;
         a label on a masked class has probability 0 and an infinite loss; a fully masked
-        row gives loss 0 and gradient 0. Unlike optax's function of this name, a mask of
-        ``labels``'s shape is not read as one flag per row (with as many rows as classes,
-        a ``[classes]`` mask would be read wrongly): a mask that does not broadcast raises.
+        row gives loss 0 and gradient 0. Unlike optax's function of this name, a mask
+        with one axis fewer than ``logits`` is not read as one flag per row (a
+        ``[classes]`` mask with as many rows as classes would be ambiguous): a mask that
+        does not broadcast raises.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get

@@ -140,7 +140,8 @@ def softmax_cross_entropy(
         all axes.
       where: optional boolean mask that broadcasts to ``logits`` (NumPy broadcasting; one
         flag per row is ``where[:, None]``). Masked classes are left out of the normaliser
-        and the sum; a fully masked row gives loss 0 and gradient 0.
+        and the sum; a fully masked row gives loss 0 and gradient 0. Unlike optax, a mask
+        with one axis fewer than ``logits`` is not read as one flag per row.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty that keeps
         the normaliser near 0 (as in PaLM). It is not weighted by ``class_weights``.

@@ -241,6 +241,9 @@ def test_traced_out_of_range_hyperparameters_give_nan():
         assert np.isnan(f(1.5, 0.0)).all() and np.isnan(f(-0.1, 0.0)).all()
         assert np.isnan(f(0.1, -1.0)).all()
         assert np.isfinite(f(0.1, 0.1)).all()
+        # the derivative of a NaN loss is NaN too, never a silent 0
+        d_eps, d_lam = jax.grad(lambda e, la: f(e, la).sum(), argnums=(0, 1))(1.5, 0.1)
+        assert np.isnan(d_eps) and np.isnan(d_lam)
         with pytest.raises(ValueError, match="label_smoothing"):
             loss(1.5, 0.0)
 
@@ -260,7 +263,7 @@ def test_class_mask_is_never_read_as_a_row_mask():
     np.testing.assert_allclose(got[:3], sliced, rtol=1e-6)
     assert np.isposinf(got[3])  # its label is the masked class
     np.testing.assert_allclose(sj.softmax_cross_entropy(logits, soft, where=mask),
-                               optax.softmax_cross_entropy(logits, soft, where=mask), rtol=1e-5)
+                               optax.softmax_cross_entropy(logits, soft, where=full), rtol=1e-5)
     rows = np.array([True, False, True, True, True, True, True])
     with pytest.raises(ValueError, match=r"where\[:, None\]"):
         sj.softmax_cross_entropy_with_integer_labels(*_data()[:2], where=rows)
