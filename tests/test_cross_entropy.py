@@ -242,7 +242,7 @@ def test_traced_out_of_range_hyperparameters_give_nan():
         assert np.isnan(f(0.1, -1.0)).all()
         assert np.isfinite(f(0.1, 0.1)).all()
         # the derivative of a NaN loss is NaN too, never a silent 0
-        d_eps, d_lam = jax.grad(lambda e, la: f(e, la).sum(), argnums=(0, 1))(1.5, 0.1)
+        d_eps, d_lam = jax.grad(lambda e, la, f=f: f(e, la).sum(), argnums=(0, 1))(1.5, 0.1)
         assert np.isnan(d_eps) and np.isnan(d_lam)
         with pytest.raises(ValueError, match="label_smoothing"):
             loss(1.5, 0.0)
