@@ -10,7 +10,8 @@ The design, for hidden states ``x`` ``[N, D]`` and a head ``w`` ``[D, V]``:
 
 * **Two-level blocking.** Tokens in blocks of ``token_block`` (1024) rows, classes in blocks of
   ``vocab_block`` (2048) columns. ``V`` is zero-padded up to a multiple of the vocabulary
-  block, and ``N`` up to a multiple of the token block. Unlike Tokamax, the padded classes
+  block (and ``w`` laid out as contiguous ``[D, vocab_block]`` blocks, in the same copy), and
+  ``N`` up to a multiple of the token block. Unlike Tokamax, the padded classes
   are masked to :math:`-\infty` before they enter any log-sum-exp, so the value is exact
   (Tokamax's zero-padded classes each add :math:`e^0` to the normaliser: at ``V = 32000``
   its loss reads 10.892 where the true value is 10.878). Padded tokens get weight 0.
@@ -105,12 +106,15 @@ def _token_blocks(a: jax.Array, cfg: _Config) -> jax.Array:
     return jnp.pad(a, pad).reshape(cfg.nt, cfg.tb, *a.shape[1:])
 
 
-def _pad_vocab(w: jax.Array, cfg: _Config) -> jax.Array:
-    return jnp.pad(w, ((0, 0), (0, cfg.nv * cfg.vb - cfg.v)))
+def _vocab_blocks(w: jax.Array, cfg: _Config) -> jax.Array:
+    """``[D, V]`` zero-padded to ``[D, nv * vb]`` and laid out as ``[nv, D, vb]`` (one copy),
+    so that each vocabulary block is contiguous."""
+    wp = jnp.pad(w, ((0, 0), (0, cfg.nv * cfg.vb - cfg.v)))
+    return wp.reshape(w.shape[0], cfg.nv, cfg.vb).transpose(1, 0, 2)
 
 
-def _cols(a: jax.Array, j: Any, cfg: _Config) -> jax.Array:
-    return lax.dynamic_slice_in_dim(a, j * cfg.vb, cfg.vb, axis=1)
+def _block(blocks: jax.Array, j: Any) -> jax.Array:
+    return lax.dynamic_index_in_dim(blocks, j, axis=0, keepdims=False)
 
 
 def _real_cols(j: Any, cfg: _Config) -> jax.Array | None:
@@ -120,10 +124,10 @@ def _real_cols(j: Any, cfg: _Config) -> jax.Array | None:
     return (j * cfg.vb + jnp.arange(cfg.vb) < cfg.v)[None, :]
 
 
-def _logits(x_blk: jax.Array, w: jax.Array, j: Any, cfg: _Config, ct: Any,
+def _logits(x_blk: jax.Array, wb: jax.Array, j: Any, cfg: _Config, ct: Any,
             scale: float = 1.0) -> jax.Array:
-    """One ``[tb, vb]`` block ``x_blk @ w[:, block j] * scale``, padded classes at -inf."""
-    z = jnp.matmul(x_blk.astype(ct), _cols(w, j, cfg).astype(ct), preferred_element_type=ct)
+    """One ``[tb, vb]`` block ``x_blk @ wb[j] * scale``, padded classes at -inf."""
+    z = jnp.matmul(x_blk.astype(ct), _block(wb, j).astype(ct), preferred_element_type=ct)
     if scale != 1.0:
         z = z * scale
     mask = _real_cols(j, cfg)
@@ -147,28 +151,28 @@ def _fold_vocab(token_data: Any, cfg: _Config, init: Callable, step: Callable) -
     return lax.scan(per_token_block, None, token_data)[1]
 
 
-def _grad_loop(token_data: Any, x_key: str, w: jax.Array, cfg: _Config, ct: Any,
+def _grad_loop(token_data: Any, x_key: str, wb: jax.Array, cfg: _Config, ct: Any,
                dlogits: Callable) -> tuple[jax.Array, jax.Array]:
     """``dx`` ``[N, D]`` and ``dw`` ``[D, V]`` from ``dlogits(j, blk, z)``, the ``[tb, vb]``
-    gradient of the loss w.r.t. logit block ``z = x_blk @ w[:, block j]`` (recomputed)."""
-    d = w.shape[0]
+    gradient of the loss w.r.t. logit block ``z = x_blk @ wb[j]`` (recomputed here)."""
+    d = wb.shape[1]
 
     def per_token_block(dw, blk):
         x_blk = blk[x_key].astype(ct)
 
         def step(j, carry):
             dx, dw = carry
-            w_blk = _cols(w, j, cfg).astype(ct)
+            w_blk = _block(wb, j).astype(ct)
             delta = dlogits(j, blk, jnp.matmul(x_blk, w_blk, preferred_element_type=ct))
             dx = dx + jnp.matmul(delta, w_blk.T, preferred_element_type=ct)
-            dw_blk = _cols(dw, j, cfg) + jnp.matmul(x_blk.T, delta, preferred_element_type=ct)
-            return dx, lax.dynamic_update_slice_in_dim(dw, dw_blk, j * cfg.vb, axis=1)
+            dw_blk = _block(dw, j) + jnp.matmul(x_blk.T, delta, preferred_element_type=ct)
+            return dx, lax.dynamic_update_index_in_dim(dw, dw_blk, j, axis=0)
 
         dx, dw = lax.fori_loop(0, cfg.nv, step, (jnp.zeros((cfg.tb, d), ct), dw))
         return dw, dx
 
-    dw, dx = lax.scan(per_token_block, jnp.zeros((d, cfg.nv * cfg.vb), ct), token_data)
-    return dx.reshape(-1, d)[: cfg.n], dw[:, : cfg.v]
+    dw, dx = lax.scan(per_token_block, jnp.zeros((cfg.nv, d, cfg.vb), ct), token_data)
+    return dx.reshape(-1, d)[: cfg.n], dw.transpose(1, 0, 2).reshape(d, -1)[:, : cfg.v]
 
 
 def _token_scale(g: jax.Array, cfg: _Config, ct: Any) -> jax.Array:
@@ -190,7 +194,7 @@ def _reduce(per_token: jax.Array, cfg: _Config) -> jax.Array:
 
 def _ce_forward(cfg: _Config, x, w, labels):
     ct = _compute_dtype(x, w)
-    wp = _pad_vocab(w, cfg)
+    wp = _vocab_blocks(w, cfg)
     data = {"x": _token_blocks(x, cfg), "y": _token_blocks(labels.astype(jnp.int32), cfg)}
 
     def init(blk):
@@ -230,7 +234,7 @@ def _ce_bwd(cfg: _Config, res, g):
         one_hot = (blk["y"] - j * cfg.vb)[:, None] == jnp.arange(cfg.vb)[None, :]
         return (p - one_hot.astype(ct)) * blk["c"][:, None]
 
-    dx, dw = _grad_loop(data, "x", _pad_vocab(w, cfg), cfg, ct, dlogits)
+    dx, dw = _grad_loop(data, "x", _vocab_blocks(w, cfg), cfg, ct, dlogits)
     return dx.astype(x.dtype), dw.astype(w.dtype), None
 
 
@@ -281,7 +285,7 @@ def _log_mix(log_p: jax.Array, log_q: jax.Array, beta: float) -> jax.Array:
 
 def _kd_forward(cfg: _Config, x, w, tx, tw):
     ct = _compute_dtype(x, w, tx, tw)
-    wp, twp = _pad_vocab(w, cfg), _pad_vocab(tw, cfg)
+    wp, twp = _vocab_blocks(w, cfg), _vocab_blocks(tw, cfg)
     data = {"x": _token_blocks(x, cfg), "tx": _token_blocks(tx, cfg)}
     beta = cfg.beta
 
@@ -343,7 +347,7 @@ def _kd(cfg: _Config, x, w, tx, tw):
 def _kd_bwd(cfg: _Config, res, g):
     x, w, tx, tw, lse_s, lse_t, aux = res
     ct = _compute_dtype(x, w, tx, tw)
-    wp, twp = _pad_vocab(w, cfg), _pad_vocab(tw, cfg)
+    wp, twp = _vocab_blocks(w, cfg), _vocab_blocks(tw, cfg)
     data = {"x": _token_blocks(x, cfg), "tx": _token_blocks(tx, cfg), "lse_s": lse_s,
             "lse_t": lse_t, "aux": aux, "c": _token_scale(g, cfg, ct) * cfg.temperature}
     beta = cfg.beta
