@@ -31,6 +31,22 @@ def cols(a: jax.Array, start: Any, width: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
 
 
+def weight_cols(w: jax.Array, start: Any, width: int, ct: np.dtype) -> jax.Array:
+    """A block of a weight matrix, sliced through its bits when narrower than ``ct``.
+
+    XLA's CPU backend carries out a ``dynamic_slice`` of bfloat16 in float32, and the
+    conversion of the whole ``w`` it inserts is then hoisted out of the loop: a float32
+    ``D x V`` temporary. Slicing an unsigned-integer view of the bits avoids it; the view
+    itself still costs one ``w``-sized copy on CPU.
+    """
+    if np.dtype(w.dtype).itemsize >= np.dtype(ct).itemsize or (
+            isinstance(start, int) and start == 0 and width == w.shape[-1]):
+        return cols(w, start, width)
+    bits = jnp.dtype(f"uint{8 * np.dtype(w.dtype).itemsize}")
+    block = cols(lax.bitcast_convert_type(w, bits), start, width)
+    return lax.bitcast_convert_type(block, w.dtype)
+
+
 def put_cols(a: jax.Array, start: Any, update: jax.Array, add: bool) -> jax.Array:
     width = update.shape[-1]
     if isinstance(start, int) and start == 0 and width == a.shape[-1]:
@@ -100,3 +116,23 @@ def balanced(total: int, target: int) -> int:
     """A block size <= ``target`` that splits ``total`` into near-equal blocks."""
     target = max(1, min(target, total))
     return -(-total // -(-total // target))
+
+
+def grad_matmul(
+    dz: jax.Array, other: jax.Array, contract: tuple[int, int], ct: np.dtype, dz_first: bool
+) -> jax.Array:
+    """A gradient product of ``dz`` (compute dtype) with ``x`` or a block of ``w``,
+    accumulated in ``ct``.
+
+    When ``other`` is narrower (bfloat16/float16 weights or inputs), ``dz`` is rounded to its
+    dtype rather than ``other`` widened, as Cut Cross-Entropy and Liger Kernel do: widening
+    a block of ``w`` inside the loop lets XLA hoist the conversion of the whole ``w`` out of
+    it, a float32 ``D x V`` temporary.
+    """
+    if np.dtype(other.dtype).itemsize < np.dtype(ct).itemsize:
+        dz = dz.astype(other.dtype)
+    else:
+        other = other.astype(ct)
+    a, b = (dz, other) if dz_first else (other, dz)
+    return lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=ct)

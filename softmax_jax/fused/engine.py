@@ -40,7 +40,18 @@ from jax import lax
 from softmax_jax._normalizer import Normalizer
 
 from . import vma
-from .blocks import Tokens, balanced, block_lse, cols, fold_vocab, matmul, put_cols, rescale
+from .blocks import (
+    Tokens,
+    balanced,
+    block_lse,
+    cols,
+    fold_vocab,
+    grad_matmul,
+    matmul,
+    put_cols,
+    rescale,
+    weight_cols,
+)
 from .layout import UPDATE_CHUNK, BlockLayout
 
 Tree = Any
@@ -133,7 +144,7 @@ def _logits(call: _Call, xs: tuple[jax.Array, ...], start: Any, width: int):
     """Per-head logits of columns ``start:start+width`` and head 0's uncapped logits."""
     out, raw = [], None
     for i, (head, x_c) in enumerate(zip(call.heads, xs, strict=True)):
-        z = matmul(x_c, cols(head.w, start, width), (1, 0), call.ct)
+        z = matmul(x_c, weight_cols(head.w, start, width, call.ct), (1, 0), call.ct)
         if head.b is not None:
             z = z + cols(head.b, start, width).astype(call.ct)
         if i == 0 and call.opt.capped:
@@ -252,14 +263,14 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
             stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
         if want_grad:
             r = tokens.take(views["r"], k)
-            x_ct = xs[0].astype(ct)
 
             def grad_body(acc, start, width):
                 dx, dw, db, dcap, gs = acc
                 dz, add, dc = _dlogits(call, tile(start, width),
                                        None if raw is None else cols(raw, start, width), stats, r)
-                dx = dx + matmul(dz, cols(head0.w, start, width), (1, 1), ct)
-                dw = put_cols(dw, start, matmul(x_ct, dz, (0, 0), ct), add=True)
+                dx = dx + grad_matmul(dz, weight_cols(head0.w, start, width, ct), (1, 1), ct,
+                                      True)
+                dw = put_cols(dw, start, grad_matmul(dz, xs[0], (0, 0), ct, False), add=True)
                 if db is not None:
                     db = put_cols(db, start, jnp.sum(dz, axis=0), add=True)
                 gs = tuple(a + b for a, b in zip(gs, add, strict=True))
@@ -339,7 +350,7 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
 
     def vocab_body(acc, start, width):
         dw, db, dcap, outs = acc
-        w_j = cols(head0.w, start, width)
+        w_j = weight_cols(head0.w, start, width, ct)
 
         def token_step(k, c):
             dw_j, db_j, dcap, outs = c
@@ -350,11 +361,11 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
             dz, add, dc = _dlogits(call, _block(call, logits, start, rows), raw, stats,
                                    tokens.take(views["r"], k))
             outs = dict(outs)
-            dx_k = tokens.take(outs["dx"], k) + matmul(dz, w_j, (1, 1), ct)
+            dx_k = tokens.take(outs["dx"], k) + grad_matmul(dz, w_j, (1, 1), ct, True)
             outs["dx"] = tokens.put(outs["dx"], k, dx_k)
             outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
                                       for o, a in zip(outs["grad_sums"], add, strict=True))
-            dw_j = dw_j + matmul(xs[0].astype(ct), dz, (0, 0), ct)
+            dw_j = dw_j + grad_matmul(dz, xs[0], (0, 0), ct, False)
             db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
             return vma.vary_all((dw_j, db_j, dcap + dc), call.axes) + (outs,)
 

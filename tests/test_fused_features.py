@@ -1,0 +1,252 @@
+"""The fused cross-entropy's newer features (class weights, per-token statistics, block
+layout) and the wrong numbers that the blockwise engine fixed, each pinned by a test."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import softmax_jax as sj
+from softmax_jax.fused import BlockLayout, FusedStats, linear_softmax_cross_entropy
+
+N, D, V = 19, 6, 29
+IGNORE = -100
+BLOCKS = {
+    "held": {},
+    "held_tokens": {"token_block": 5},
+    "tiles": {"token_block": 6, "vocab_block": 8},
+}
+
+
+def _inputs(n=N, d=D, v=V, seed=0, dtype=jnp.float64):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(n, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.7, dtype)
+    b = jnp.asarray(rng.normal(size=(v,)) * 0.5, dtype)
+    labels = jnp.asarray(rng.integers(0, v, n)).at[2].set(IGNORE)
+    return x, w, b, labels
+
+
+def _unfused(x, w, labels, b, reduction, *, soft_cap=None, class_weights=None, **kw):
+    z = x @ w + b
+    if soft_cap is not None:
+        z = soft_cap * jnp.tanh(z / soft_cap)
+    per = sj.softmax_cross_entropy_with_integer_labels(
+        z, labels, ignore_index=IGNORE, class_weights=class_weights, **kw)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    kept = labels != IGNORE
+    den = kept.sum() if class_weights is None else jnp.where(
+        kept, class_weights[jnp.clip(labels, 0)], 0.0).sum()
+    return per.sum() / den
+
+
+# --------------------------------------------------------------------------------------------
+# Wrong numbers of the previous fused loss
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_negative_infinite_vocabulary_block_is_not_nan():
+    # Padded vocabulary entries with a -inf bias fill the last block entirely (issue 11).
+    x, w = jnp.eye(2, 4), jnp.ones((4, 10))
+    b = jnp.zeros(10).at[8:].set(-jnp.inf)
+    labels = jnp.array([0, 1])
+    expected = optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean()
+    for blocks in ({"vocab_block": 4}, {"vocab_block": 4, "token_block": 1}, {}):
+        loss, grads = jax.value_and_grad(linear_softmax_cross_entropy, argnums=(0, 1, 3))(
+            x, w, labels, b, **blocks)
+        np.testing.assert_allclose(loss, expected, rtol=1e-6)
+        np.testing.assert_allclose(loss, 2.0794, atol=1e-4)
+        ref = jax.grad(lambda x, w, b: optax.softmax_cross_entropy_with_integer_labels(
+            x @ w + b, labels).mean(), argnums=(0, 1, 2))(x, w, b)
+        for got, want in zip(grads, ref, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_traced_zero_smoothing_with_negative_infinite_logits_is_not_nan():
+    x, w = jnp.eye(2, 4), jnp.ones((4, 10))
+    b = jnp.zeros(10).at[8:].set(-jnp.inf)
+    labels = jnp.array([0, 1])
+    for blocks in ({}, {"vocab_block": 4}):
+        loss = jax.jit(lambda eps, blocks=blocks: linear_softmax_cross_entropy(
+            x, w, labels, b, label_smoothing=eps, **blocks))(0.0)
+        np.testing.assert_allclose(loss, 2.0794, atol=1e-4)
+
+
+def test_z_loss_with_overflowing_lse_gives_inf_not_nan():
+    x, w = jnp.ones((1, 1)), jnp.ones((1, 3))
+    b = jnp.array([3e38, 0.0, -1.0])
+    dx, db = jax.grad(lambda x, b: linear_softmax_cross_entropy(
+        x, w, jnp.array([0]), b, z_loss=1.0), argnums=(0, 1))(x, b)
+    assert np.isposinf(db[0])
+    np.testing.assert_array_equal(db[1:], 0.0)
+    assert not np.isnan(dx).any()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("blocks", ["held", "tiles"])
+def test_hyperparameter_gradients_are_exact(x64, reduction, blocks):
+    x, w, b, labels = _inputs()
+    weight = jnp.linspace(0.5, 1.5, N)
+
+    def loss(fn, eps, lam, cap):
+        kw = {"label_smoothing": eps, "z_loss": lam, "soft_cap": cap}
+        if fn is linear_softmax_cross_entropy:
+            kw.update(BLOCKS[blocks], ignore_index=IGNORE)
+            out = fn(x, w, labels, b, reduction=reduction, **kw)
+        else:
+            out = fn(x, w, labels, b, reduction, **kw)
+        return jnp.sum(out * weight) if reduction == "none" else out
+
+    got = jax.grad(lambda *h: loss(linear_softmax_cross_entropy, *h), argnums=(0, 1, 2))(
+        0.1, 0.02, 2.5)
+    want = jax.grad(lambda *h: loss(_unfused, *h), argnums=(0, 1, 2))(0.1, 0.02, 2.5)
+    assert all(abs(float(g)) > 1e-4 for g in got)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_infinite_soft_cap_means_no_cap():
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+    plain = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE)
+    capped = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE,
+                                          soft_cap=float("inf"))
+    traced = jax.jit(lambda c: linear_softmax_cross_entropy(
+        x, w, labels, b, ignore_index=IGNORE, soft_cap=c))(jnp.inf)
+    np.testing.assert_allclose(capped, plain, rtol=1e-6)
+    np.testing.assert_allclose(traced, plain, rtol=1e-6)
+
+
+def test_numpy_integer_ignore_index_behaves_as_the_core():
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+    got = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=np.int64(IGNORE),
+                                       reduction="none")
+    want = sj.softmax_cross_entropy_with_integer_labels(x @ w + b, labels,
+                                                        ignore_index=np.int64(IGNORE))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Class weights (PyTorch's semantics)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_class_weights_match_pytorch(x64, reduction, smoothing, blocks):
+    x, w, b, labels = _inputs()
+    cw = jnp.asarray(np.random.default_rng(1).uniform(0.2, 2.0, V))
+    got, grads = jax.value_and_grad(lambda x, w, b: jnp.sum(linear_softmax_cross_entropy(
+        x, w, labels, b, class_weights=cw, ignore_index=IGNORE, label_smoothing=smoothing,
+        reduction=reduction, **BLOCKS[blocks]) * (jnp.arange(N) + 1.0 if reduction == "none"
+                                                  else 1.0)), argnums=(0, 1, 2))(x, w, b)
+    tx, tw, tb = (torch.tensor(np.asarray(a), requires_grad=True) for a in (x, w, b))
+    out = torch.nn.functional.cross_entropy(
+        tx @ tw + tb, torch.tensor(np.asarray(labels)), weight=torch.tensor(np.asarray(cw)),
+        ignore_index=IGNORE, label_smoothing=smoothing, reduction=reduction)
+    if reduction == "none":
+        out = (out * torch.arange(1.0, N + 1, dtype=out.dtype)).sum()
+    out.backward()
+    np.testing.assert_allclose(got, out.item(), rtol=1e-10)
+    for g, t in zip(grads, (tx, tw, tb), strict=True):
+        np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_class_weights_with_z_loss_and_cap_match_the_core(x64):
+    x, w, b, labels = _inputs()
+    cw = jnp.linspace(0.5, 2.0, V)
+    kw = {"label_smoothing": 0.1, "z_loss": 0.01, "soft_cap": 4.0, "class_weights": cw}
+    got = jax.value_and_grad(lambda x: linear_softmax_cross_entropy(
+        x, w, labels, b, ignore_index=IGNORE, vocab_block=7, **kw))(x)
+    want = jax.value_and_grad(lambda x: _unfused(x, w, labels, b, "mean", **kw))(x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-12)
+
+
+def test_class_weights_are_checked():
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+    with pytest.raises(ValueError, match="one weight per class"):
+        linear_softmax_cross_entropy(x, w, labels, class_weights=jnp.ones(V + 1))
+    with pytest.raises(TypeError, match="floating"):
+        linear_softmax_cross_entropy(x, w, labels, class_weights=jnp.ones(V, jnp.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token statistics
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_stats_match_logsumexp_and_argmax(reduction, blocks):
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+    loss, stats = linear_softmax_cross_entropy(
+        x, w, labels, b, ignore_index=IGNORE, soft_cap=3.0, return_stats=True,
+        reduction=reduction, **BLOCKS[blocks])
+    z = 3.0 * jnp.tanh((x @ w + b) / 3.0)
+    assert isinstance(stats, FusedStats)
+    assert stats.lse.dtype == jnp.float32 and stats.lse.shape == (N,)
+    assert stats.argmax.dtype == jnp.int32 and stats.argmax.shape == (N,)
+    np.testing.assert_allclose(stats.lse, jax.nn.logsumexp(z, axis=1), rtol=1e-6)
+    np.testing.assert_array_equal(stats.argmax, jnp.argmax(z, axis=1))
+    plain = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE, soft_cap=3.0,
+                                         reduction=reduction, **BLOCKS[blocks])
+    np.testing.assert_allclose(loss, plain, rtol=1e-6)
+
+
+def test_stats_carry_no_gradient():
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+
+    def total(x):
+        loss, stats = linear_softmax_cross_entropy(x, w, labels, b, return_stats=True)
+        return loss + stats.lse.sum()
+
+    want = jax.grad(lambda x: linear_softmax_cross_entropy(x, w, labels, b))(x)
+    np.testing.assert_allclose(jax.grad(total)(x), want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Block layout
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_layout_rule():
+    assert BlockLayout.default(4096, 256, 32000) == BlockLayout(256, 32000)
+    assert BlockLayout.default(2048, 128, 131072) == BlockLayout(1024, 4096)
+    assert BlockLayout.default(10, 4, 7) == BlockLayout(10, 7)
+    # Narrow weights never get a float32 D x V accumulator above 64 MiB.
+    assert not BlockLayout.default(4096, 4096, 32000, weight_itemsize=2).holds_rows(32000)
+
+
+def test_bad_block_sizes_raise():
+    x, w, b, labels = _inputs(dtype=jnp.float32)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            linear_softmax_cross_entropy(x, w, labels, token_block=bad)
+
+
+@pytest.mark.parametrize("kind", ["ce", "distillation"])
+def test_bf16_gradient_has_no_float32_d_by_v_temporary(kind):
+    # The 2**-5 scale of issue 11's N=16384, D=1024, V=262144 in each dimension but V.
+    n, d, v = 512, 256, 65536
+    bf = jnp.bfloat16
+    shapes = [jax.ShapeDtypeStruct(s, bf) for s in ((n, d), (d, v), (n, d // 2), (d // 2, v))]
+    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
+    if kind == "ce":
+        fn = jax.grad(lambda x, w, y: linear_softmax_cross_entropy(x, w, y), argnums=(0, 1))
+        compiled = jax.jit(fn).lower(shapes[0], shapes[1], labels).compile()
+    else:
+        fn = jax.grad(lambda x, w, tx, tw: sj.linear_softmax_distillation(
+            x, w, tx, tw, beta=0.5), argnums=(0, 1))
+        compiled = jax.jit(fn).lower(*shapes).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # Less than float32 copies of the weights (one D x V, and the teacher's D/2 x V): on
+    # CPU what remains is a bit-view copy of each bf16 weight (see fused/blocks.py).
+    f32_weights = d * v * 4 if kind == "ce" else (d + d // 2) * v * 4
+    assert temp < f32_weights, temp
