@@ -27,11 +27,6 @@ from softmax_jax._normalizer import (
 __all__ = ["logsumexp"]
 
 
-# --------------------------------------------------------------------------------------------
-# logsumexp
-# --------------------------------------------------------------------------------------------
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _logsumexp(x: jax.Array, axis: Axes, mask: Mask) -> jax.Array:
     return _logsumexp_fwd(x, axis, mask)[0]
@@ -70,7 +65,9 @@ def _scaled_logsumexp(
     return _scaled_logsumexp_fwd(x, axis, b, mask)[0]
 
 
-def _scaled_logsumexp_fwd(x: jax.Array, axis: Axes, b: jax.Array, mask: Mask):
+def _scaled_logsumexp_fwd(
+    x: jax.Array, axis: Axes, b: jax.Array, mask: Mask
+) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array, Mask, jax.Array, jax.Array]]:
     ct = _v.compute_dtype(x.dtype)
     z = masked_fill(x.astype(ct), mask, -jnp.inf)
     # A zero weight drops its term whatever x holds there (an inf or a NaN), as in jax.nn.
@@ -223,13 +220,16 @@ def logsumexp(
     mask = broadcast_mask(where, a.shape, axes)
     if b is None:
         lse = _logsumexp_jit(a, axes, mask)
-        sign = jnp.where(lse == -jnp.inf, 0.0, jnp.where(jnp.isnan(lse), lse, 1.0))
-    else:
-        lse, sign = _scaled_logsumexp_jit(a, axes, b, mask)
+        lse = jnp.expand_dims(lse, axes) if keepdims else lse
+        if not return_sign:
+            return lse
+        # A sum of exponentials is positive, or 0 when empty (lse = -inf); NaN stays NaN.
+        fixed = jax.lax.stop_gradient(lse)
+        sign = jnp.where(fixed == -jnp.inf, 0.0, jnp.where(jnp.isnan(fixed), fixed, 1.0))
+        return lse, sign.astype(lse.dtype)
+    lse, sign = _scaled_logsumexp_jit(a, axes, b, mask)
     if keepdims:
         lse, sign = jnp.expand_dims(lse, axes), jnp.expand_dims(sign, axes)
     if return_sign:
-        return lse, sign.astype(lse.dtype)
-    if b is None:
-        return lse
+        return lse, sign
     return jnp.where(sign < 0, jnp.nan, lse)  # a negative sum has no real logarithm
