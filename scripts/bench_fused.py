@@ -117,7 +117,7 @@ def kd_functions(blocks: dict, t: float = TEMPERATURE) -> dict[str, Callable[...
             x, w, tx, tw, temperature=t, **blocks),
     }
     if has_distillation():
-        fused = sj.linear_softmax_distillation  # type: ignore[attr-defined]
+        fused = sj.linear_softmax_distillation
         fns["fused"] = lambda x, w, tx, tw: fused(x, w, tx, tw, temperature=t, beta=0.0)
     return fns
 

@@ -96,7 +96,7 @@ def _loss(case: Case, a: dict, axis_name: str | None):
         # Labels only where the case uses them (hard_weight, ignore_index): the shared labels
         # hold IGNORE, which is out of range without ignore_index.
         uses_labels = case.kwargs.get("hard_weight") or "ignore_index" in case.kwargs
-        out = sj.linear_softmax_distillation(  # type: ignore[attr-defined]
+        out = sj.linear_softmax_distillation(
             a["x"], a["w"], a["tx"], a["tw"], labels=a["labels"] if uses_labels else None,
             b=a["b"], teacher_b=a["tb"], axis_name=axis_name, **case.kwargs)
     if case.kwargs.get("reduction") == "none":
