@@ -517,3 +517,25 @@ def test_scalar_input_with_axis_none_is_its_own_row():
                                       getattr(jax.nn, name)(x, axis=None))
     np.testing.assert_allclose(sj.logsumexp(x, b=2.0), 3.0 + np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(sj.logsumexp)(x), 1.0)
+
+
+def test_logsumexp_b_under_jit_vmap_hessian_and_low_precision():
+    a = jax.random.normal(jax.random.PRNGKey(45), (4, 6))
+    b = jax.random.uniform(jax.random.PRNGKey(46), (4, 6)) + 0.1
+    got = jax.vmap(jax.value_and_grad(lambda r, s: sj.logsumexp(r, b=s), (0, 1)))(a, b)
+    want = jax.vmap(jax.value_and_grad(lambda r, s: jax.nn.logsumexp(r, b=s), (0, 1)))(a, b)
+    for o, t in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(o, t, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda a, b: sj.logsumexp(a, -1, b))(a, b),
+                               jax.nn.logsumexp(a, -1, b), rtol=1e-6)
+    h = jax.hessian(lambda r: sj.logsumexp(r, b=b[0]))(a[0])
+    np.testing.assert_allclose(h, jax.hessian(lambda r: jax.nn.logsumexp(r, b=b[0]))(a[0]),
+                               rtol=1e-4, atol=1e-6)
+    x16 = a.astype(jnp.bfloat16)
+    for scale, dtype in [(2.0, jnp.bfloat16), (b, jnp.float32)]:  # a and b promote together
+        lse = sj.logsumexp(x16, -1, scale)
+        assert lse.dtype == jax.nn.logsumexp(x16, -1, scale).dtype == dtype
+        g = jax.grad(lambda x, s=scale: sj.logsumexp(x, -1, s).astype(jnp.float32).sum())(x16)
+        assert g.dtype == jnp.bfloat16
+        want = sj.logsumexp(x16.astype(jnp.float32), -1, scale)
+        np.testing.assert_allclose(lse.astype(jnp.float32), want, rtol=float(jnp.finfo(dtype).eps))
