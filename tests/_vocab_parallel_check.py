@@ -27,7 +27,10 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from softmax_jax.fused import linear_softmax_cross_entropy  # noqa: E402
+from softmax_jax.fused import (  # noqa: E402
+    linear_softmax_cross_entropy,
+    linear_softmax_distillation,
+)
 
 N, D, V = 32, 8, 64  # V divisible by 8 shards, N by 2 data shards
 IGNORE = -100
@@ -206,6 +209,121 @@ def check_unchecked_shard_map_is_refused(mesh: Mesh) -> None:
     print(json.dumps({"name": "check_vma=False is refused", "max_err": 0.0}), flush=True)
 
 
+def _teacher():
+    kx, kw, kb = jax.random.split(jax.random.PRNGKey(3), 3)
+    return (jax.random.normal(kx, (N, D + 3)), jax.random.normal(kw, (D + 3, V)) * 0.6,
+            jax.random.normal(kb, (V,)) * 0.2)
+
+
+def check_distillation(mesh: Mesh, data_axis: str | None, beta: float, hard_weight: float,
+                       reduction: str, blocks: dict) -> None:
+    """Vocab-parallel distillation (w, b, teacher_w, teacher_b sharded along V) against the
+    unsharded call: value and d/dx, dw, db, d/dtemperature."""
+    x, w, b, labels = _inputs()
+    tx, tw, tb = _teacher()
+    ct = jax.random.normal(jax.random.PRNGKey(8), (N,))
+    kw = {"beta": beta, "hard_weight": hard_weight, "ignore_index": IGNORE,
+          "label_smoothing": 0.1, "reduction": reduction}
+
+    def unsharded(x, w, b, temp):
+        out = linear_softmax_distillation(x, w, tx, tw, labels=labels, b=b, teacher_b=tb,
+                                          temperature=temp, **kw)
+        return jnp.sum(out * ct) if reduction == "none" else out
+
+    def local(x, w, b, temp, tx, tw, tb, labels, ct):
+        out = linear_softmax_distillation(x, w, tx, tw, labels=labels, b=b, teacher_b=tb,
+                                          temperature=temp, axis_name="vocab", **kw, **blocks)
+        if reduction == "none":
+            out = jnp.sum(out * ct)
+        if data_axis is not None:
+            if reduction == "mean":
+                count = jnp.sum(labels != IGNORE).astype(out.dtype)
+                out = jax.lax.psum(out * count, data_axis) / jax.lax.psum(count, data_axis)
+            else:
+                out = jax.lax.psum(out, data_axis)
+        return out
+
+    tok = P(data_axis) if data_axis else P()
+    rows = P(data_axis, None)
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(rows, P(None, "vocab"), P("vocab"), P(), rows, P(None, "vocab"), P("vocab"),
+                  tok, tok),
+        out_specs=P())
+    want = jax.value_and_grad(unsharded, argnums=(0, 1, 2, 3))(x, w, b, 1.5)
+    got = jax.jit(jax.value_and_grad(
+        lambda x, w, b, t: sharded(x, w, b, t, tx, tw, tb, labels, ct), argnums=(0, 1, 2, 3)))(
+        x, w, b, 1.5)
+    name = (f"distill_parallel mesh={dict(mesh.shape)} beta={beta} hard={hard_weight}"
+            f" {reduction} {blocks}")
+    err = _report(name, got, want)
+    assert err < 1e-5, (name, err)
+
+
+def check_class_weights(mesh: Mesh, reduction: str, blocks: dict) -> None:
+    """Class weights sharded along V with w: PyTorch's weighted mean over the global
+    vocabulary's weights."""
+    x, w, b, labels = _inputs()
+    cw = jax.random.uniform(jax.random.PRNGKey(5), (V,), minval=0.2, maxval=2.0)
+    kw = {"ignore_index": IGNORE, "label_smoothing": 0.2, "reduction": reduction}
+    ct = jax.random.normal(jax.random.PRNGKey(9), (N,))
+
+    def unsharded(x, w, b):
+        out = linear_softmax_cross_entropy(x, w, labels, b, class_weights=cw, **kw)
+        return jnp.sum(out * ct) if reduction == "none" else out
+
+    def local(x, w, b, cw, labels, ct):
+        out = linear_softmax_cross_entropy(x, w, labels, b, class_weights=cw, axis_name="vocab",
+                                           **kw, **blocks)
+        return jnp.sum(out * ct) if reduction == "none" else out
+
+    sharded = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P("vocab"), P("vocab"), P(), P()), out_specs=P())
+    want = jax.value_and_grad(unsharded, argnums=(0, 1, 2))(x, w, b)
+    got = jax.jit(jax.value_and_grad(
+        lambda x, w, b: sharded(x, w, b, cw, labels, ct), argnums=(0, 1, 2)))(x, w, b)
+    err = _report(f"class_weights_parallel {reduction} {blocks}", got, want)
+    assert err < 1e-5, err
+
+
+def check_negative_infinite_last_shard(mesh: Mesh) -> None:
+    """The last shard's bias all -inf (padded vocabulary): finite, equal to the unsharded."""
+    x, w, b, labels = _inputs()
+    b = b.at[V - V // 8:].set(-jnp.inf)
+    labels = jnp.where(labels >= V - V // 8, 0, labels)
+
+    def loss(x, w, b, labels, axis_name=None):
+        return linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE,
+                                            label_smoothing=0.0, axis_name=axis_name)
+
+    want = jax.value_and_grad(loss, argnums=(0, 1))(x, w, b, labels)
+    sharded = jax.shard_map(
+        lambda x, w, b, y: loss(x, w, b, y, "vocab"), mesh=mesh,
+        in_specs=(P(), P(None, "vocab"), P("vocab"), P()), out_specs=P())
+    got = jax.jit(jax.value_and_grad(sharded, argnums=(0, 1)))(x, w, b, labels)
+    assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(got)), got
+    err = _report("-inf last shard is finite", got, want)
+    assert err < 1e-5, err
+
+
+def check_sharded_w_without_axis_name_is_refused(mesh: Mesh) -> None:
+    """w sharded along V but no axis_name: normalising over the local slice would be wrong
+    (1.386 against 2.079 in issue 11), so the call raises and names axis_name."""
+    x, w, b, labels = _inputs()
+    f = jax.shard_map(
+        lambda x, w, y: linear_softmax_cross_entropy(x, w, y, ignore_index=IGNORE),
+        mesh=mesh, in_specs=(P(), P(None, "vocab"), P()), out_specs=P())
+    try:
+        jax.jit(f)(x, w, labels)
+    except ValueError as e:
+        assert "axis_name='vocab'" in str(e), e
+    else:
+        raise AssertionError("a vocabulary-sharded w without axis_name was accepted")
+    print(json.dumps({"name": "sharded w without axis_name is refused", "max_err": 0.0}),
+          flush=True)
+
+
 def main() -> int:
     assert jax.device_count() == 8, jax.devices()
     devices = np.array(jax.devices())
@@ -226,6 +344,15 @@ def main() -> int:
     check_batch_sharded_jit(grid_mesh)
     check_bf16(vocab_mesh)
     check_unchecked_shard_map_is_refused(vocab_mesh)
+    for beta, hard in ((0.0, 0.0), (0.5, 0.3), (1.0, 0.0)):
+        check_distillation(vocab_mesh, None, beta, hard, "mean", {})
+    check_distillation(grid_mesh, "data", 0.5, 0.3, "none", {"token_block": 8, "vocab_block": 4})
+    check_distillation(grid_mesh, "data", 0.0, 0.5, "sum", {})
+    for reduction in ("mean", "none"):
+        check_class_weights(vocab_mesh, reduction, {})
+    check_class_weights(vocab_mesh, "mean", {"token_block": 8, "vocab_block": 4})
+    check_negative_infinite_last_shard(vocab_mesh)
+    check_sharded_w_without_axis_name_is_refused(vocab_mesh)
     print(json.dumps({"name": "done", "max_err": 0.0}), flush=True)
     return 0
 

@@ -1,0 +1,91 @@
+"""The blockwise engine on its own, with a toy rule: the loss lse(x @ w + b), whose logit
+gradient is the softmax; a second pass adds up each row's probabilities (which sum to 1)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from softmax_jax.fused import engine
+from softmax_jax.fused.layout import BlockLayout
+
+N, D, V = 11, 4, 19
+
+
+class LseRule(NamedTuple):
+    """Loss lse(z) per row: dlogits = r * softmax(z); the row sums count sum_c z_c and,
+    in a second pass, sum_c a_c; the gradient pass adds up sum_c a_c z_c."""
+
+    def sizes(self):
+        return 1, 1, 1
+
+    def grad_sizes(self):
+        return 1
+
+    def streams(self, blk, params):
+        return (blk.logits[0],)
+
+    def first_sums(self, blk, params):
+        return (jnp.sum(blk.logits[0], axis=1),)
+
+    def second_sums(self, blk, stats, params):
+        return (jnp.sum(stats.norms[0].prob(blk.logits[0]), axis=1),)
+
+    def dlogits(self, blk, stats, r, params):
+        a = stats.norms[0].prob(blk.logits[0])
+        a_z = jnp.where(a == 0, 0.0, a * blk.logits[0])  # 0 on the -inf classes
+        return r[:, None] * a, (jnp.sum(a_z, axis=1),)
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    return (jnp.asarray(rng.normal(size=(N, D)), jnp.float32),
+            jnp.asarray(rng.normal(size=(D, V)), jnp.float32),
+            jnp.asarray(rng.normal(size=(V,)), jnp.float32).at[-5:].set(-jnp.inf))
+
+
+@pytest.mark.parametrize("layout", [BlockLayout(4, V), BlockLayout(N, V), BlockLayout(3, 5),
+                                    BlockLayout(N, 4)])
+def test_toy_rule_statistics_and_gradients(layout):
+    x, w, b = _inputs()
+    r = jnp.linspace(0.5, 1.5, N)
+    opt = engine.Options(None, layout, False, True)
+    stats, grads = engine.run(LseRule(), opt, (engine.Head(x, w, b),), (), (), None,
+                              jnp.ones(()), r=r)
+    z = x @ w + b
+    a = jax.nn.softmax(z, axis=1)
+    np.testing.assert_allclose(stats.norms[0].lse()[:, 0], jax.nn.logsumexp(z, axis=1),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(stats.argmax, jnp.argmax(z, axis=1))
+    np.testing.assert_allclose(stats.first[0], jnp.sum(z, axis=1))  # -inf where padded
+    np.testing.assert_allclose(stats.second[0], 1.0, rtol=1e-6)
+    dz = r[:, None] * a
+    np.testing.assert_allclose(grads.dx, dz @ w.T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads.dw, x.T @ dz, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads.db, dz.sum(0), rtol=1e-5, atol=1e-6)
+    finite = jnp.where(jnp.isfinite(z), z, 0.0)
+    np.testing.assert_allclose(grads.row_sums[0], jnp.sum(a * finite, axis=1), rtol=1e-5)
+
+
+def test_saved_statistics_skip_the_first_passes():
+    x, w, b = _inputs()
+    opt = engine.Options(None, BlockLayout(3, 5), False, False)
+    heads = (engine.Head(x, w, b),)
+    stats, none = engine.run(LseRule(), opt, heads, (), (), None, jnp.ones(()))
+    assert none is None
+    again, grads = engine.run(LseRule(), opt, heads, (), (), None, jnp.ones(()),
+                              r=jnp.ones(N), saved=stats)
+    assert again is None
+    np.testing.assert_allclose(grads.dx, jax.nn.softmax(x @ w + b) @ w.T, rtol=1e-5, atol=1e-6)
+
+
+def test_online_merge_of_empty_parts_is_not_nan():
+    s = jnp.array([0.0, 2.0])
+    out = engine.rescale(s, jnp.array([-jnp.inf, 1.0]), jnp.array([-300.0, 3.0]))
+    np.testing.assert_allclose(out, [0.0, 2.0 * np.exp(-2.0)], rtol=1e-6)
+    m, total = engine.block_lse(jnp.full((1, 3), -jnp.inf))
+    assert m[0] == -jnp.inf and total[0] == 0.0
