@@ -60,7 +60,9 @@ class Flattening(NamedTuple):
 
     def flatten(self, x: jax.Array) -> jax.Array:
         """``x`` (of ``shape``) as ``batch_shape + (prod of the class sizes,)``."""
-        return jnp.transpose(x, self.batch + self.classes).reshape(self.batch_shape + (-1,))
+        # The class size is spelled out: a -1 cannot be inferred when a batch axis is empty.
+        k = int(np.prod([self.shape[d] for d in self.classes]))
+        return jnp.transpose(x, self.batch + self.classes).reshape(self.batch_shape + (k,))
 
     def unflatten(self, y: jax.Array) -> jax.Array:
         """The inverse of :meth:`flatten`."""

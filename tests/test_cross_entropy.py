@@ -306,3 +306,11 @@ def test_zero_rows_give_an_empty_loss(kind):
         loss = lambda z: sj.softmax_cross_entropy(z, jnp.zeros((0, 4)))  # noqa: E731
     assert loss(logits).shape == (0,)
     assert jax.grad(lambda z: loss(z).sum())(logits).shape == (0, 4)
+
+
+def test_zero_rows_with_a_tuple_of_class_axes():
+    logits = jnp.zeros((0, 2, 3))
+    labels = jnp.zeros((0,), int)
+    out = sj.softmax_cross_entropy_with_integer_labels(logits, labels, (1, 2))
+    assert out.shape == (0,)
+    assert sj.softmax_cross_entropy(logits, logits, (1, 2)).shape == (0,)

@@ -18,7 +18,7 @@ P = jnp.full((4, 5), 0.2)
     [
         (lambda: sj.softmax(jnp.arange(5)), TypeError, r"x must be a floating-point.*int32"),
         (lambda: sj.softmax(Z, axis=2), ValueError, r"axis=2 is out of range"),
-        (lambda: sj.softmax(Z, axis=1.0), TypeError, r"axis must be a single int"),
+        (lambda: sj.softmax(Z, axis=1.0), TypeError, r"axis must be an int, a tuple of ints or None"),
         (lambda: sj.softmax(Z, axis=(0, 1.0)), TypeError, r"axis must be an int or a tuple"),
         (lambda: sj.softmax(Z, axis=(1, -1)), ValueError, r"names the same axis of x twice"),
         (lambda: sj.logsumexp(Z, axis=()), ValueError, r"at least one axis"),
@@ -76,8 +76,10 @@ def test_checks_also_fire_under_jit():
 
 def test_row_mask_and_class_mask_shapes_are_accepted():
     x = jnp.arange(20.0).reshape(4, 5)
-    rows = sj.softmax(x, where=jnp.array([True, False, True, True]))
+    rows = sj.softmax(x, where=jnp.array([True, False, True, True])[:, None])
     assert float(rows[1].sum()) == 0.0
+    with pytest.raises(ValueError, match=r"where\[:, None\]"):
+        sj.softmax(x, where=jnp.array([True, False, True, True]))
     classes = sj.softmax(x, where=jnp.array([True, True, False, True, True]))
     assert float(classes[:, 2].sum()) == 0.0
     assert float(classes[0].sum()) == pytest.approx(1.0)
