@@ -18,7 +18,8 @@ P = jnp.full((4, 5), 0.2)
     [
         (lambda: sj.softmax(jnp.arange(5)), TypeError, r"x must be a floating-point.*int32"),
         (lambda: sj.softmax(Z, axis=2), ValueError, r"axis=2 is out of range"),
-        (lambda: sj.softmax(Z, axis=1.0), TypeError, r"axis must be an int, a tuple of ints or None"),
+        (lambda: sj.softmax(Z, axis=1.0), TypeError,
+         r"axis must be an int, a tuple of ints or None"),
         (lambda: sj.softmax(Z, axis=(0, 1.0)), TypeError, r"axis must be an int or a tuple"),
         (lambda: sj.softmax(Z, axis=(1, -1)), ValueError, r"names the same axis of x twice"),
         (lambda: sj.logsumexp(Z, axis=()), ValueError, r"at least one axis"),
