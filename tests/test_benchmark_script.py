@@ -95,4 +95,5 @@ def test_timing_helpers_measure_and_compare():
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then round-robin
     assert len(times) == 2 and all(t >= 0.0 for t in times)
     assert max_rel_err({"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([1.0, 4.0])}) == 0.5
-    assert max_rel_err(jnp.array([0.5]), jnp.array([0.25])) == 0.25  # absolute below 1
+    assert max_rel_err(jnp.array([2e-6]), jnp.array([1e-6])) == 1.0  # relative, not absolute
+    assert max_rel_err(jnp.array([0.5]), jnp.zeros(1)) == 0.5  # absolute for an all-zero leaf

@@ -81,12 +81,18 @@ def interleaved_medians(
 
 def max_rel_err(got: Any, want: Any) -> float:
     """Largest difference between two pytrees of arrays, leaf by leaf, relative to the
-    largest magnitude of that leaf of ``want`` (absolute where that is below 1)."""
+    largest magnitude of that leaf of ``want`` (absolute where that leaf is all zeros).
+
+    Relative to each leaf's own scale, so that the gradient of a mean loss (entries of order
+    1/N) is judged as strictly as the loss itself.
+    """
     errs = []
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         g64, w64 = np.asarray(g, np.float64), np.asarray(w, np.float64)
-        scale = max(1.0, float(np.max(np.abs(w64)))) if w64.size else 1.0
-        errs.append(float(np.max(np.abs(g64 - w64))) / scale if w64.size else 0.0)
+        if not w64.size:
+            continue
+        scale = float(np.max(np.abs(w64)))
+        errs.append(float(np.max(np.abs(g64 - w64))) / (scale if scale > 0 else 1.0))
     return max(errs, default=0.0)
 
 
