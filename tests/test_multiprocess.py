@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -53,14 +54,15 @@ def _run_workers(out_dir: Path) -> list[str]:
         for i in range(check.NUM_PROCESSES)
     ]
     outputs, failed = [], []
+    deadline = time.monotonic() + TIMEOUT_S  # for both together
     for i, proc in enumerate(procs):
         try:
-            out, _ = proc.communicate(timeout=TIMEOUT_S)
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()
             out, _ = proc.communicate()
-            failed.append(f"process {i} timed out after {TIMEOUT_S} s")
+            failed.append(f"process {i} still running after {TIMEOUT_S} s: killed")
         if proc.returncode != 0:
             failed.append(f"process {i} exited with {proc.returncode}")
         outputs.append(f"--- process {i} ---\n{out[-6000:]}")
