@@ -24,6 +24,7 @@ pages on those mappings, so that the table shows the work the functions themselv
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -67,6 +68,8 @@ def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
     dense_labels = jax.nn.softmax(jax.random.normal(k3, (n, v)))
     cot = jax.random.normal(k3, (n, v)).astype(dtype)
     bce_labels = (jax.random.uniform(k3, (n, v)) < 0.5).astype(dtype)
+    class_weights = jax.random.uniform(k2, (v,), minval=0.5, maxval=2.0)
+    teacher = (3.0 * jax.random.normal(k2, (n, v))).astype(dtype)
     return [
         Case(
             "softmax_cross_entropy_with_integer_labels", "<= 0.9x",
@@ -97,6 +100,26 @@ def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
             (logits, dense_labels),
         ),
         Case(
+            "softmax_cross_entropy_with_integer_labels, class weights", "<= 1.0x",
+            "optax.softmax_cross_entropy_with_integer_labels times w[labels]",
+            value_and_grad_of_mean(
+                lambda z, y, w: w[y] * optax.softmax_cross_entropy_with_integer_labels(z, y)),
+            value_and_grad_of_mean(
+                lambda z, y, w: sj.softmax_cross_entropy_with_integer_labels(
+                    z, y, class_weights=w)),
+            (logits, int_labels, class_weights),
+        ),
+        Case(
+            "distillation_loss (T=2, forward KL)", "<= 0.8x, temp <= 0.5x",
+            "T**2 * optax.kl_divergence(log_softmax(s / T), softmax(t / T))",
+            value_and_grad_of_mean(
+                lambda s, t: 4.0 * optax.losses.kl_divergence(
+                    jax.nn.log_softmax(s / 2.0), jax.nn.softmax(t / 2.0))),
+            value_and_grad_of_mean(
+                lambda s, t: sj.distillation_loss(s, t, temperature=2.0)),
+            (logits, teacher),
+        ),
+        Case(
             "softmax (forward + vjp)", "<= 1.0x", "jax.nn.softmax",
             vjp_of(jax.nn.softmax), vjp_of(sj.softmax), (logits, cot),
         ),
@@ -106,7 +129,8 @@ def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
         ),
         Case(
             "logsumexp (forward + grad)", "", "jax.nn.logsumexp",
-            value_and_grad_of_mean(jax.nn.logsumexp), value_and_grad_of_mean(sj.logsumexp),
+            value_and_grad_of_mean(functools.partial(jax.nn.logsumexp, axis=-1)),
+            value_and_grad_of_mean(functools.partial(sj.logsumexp, axis=-1)),
             (logits,),
         ),
         Case(

@@ -23,8 +23,9 @@ def test_core_benchmark_small_run_prints_a_complete_table(extra):
     header = out.splitlines()[0]
     assert ("glibc.malloc.hugetlb=1" in header) == bool(extra), header
     rows = [line for line in out.splitlines() if line.startswith("| softmax") or
-            line.startswith("| log") or line.startswith("| sigmoid")]
-    assert len(rows) == 8, out
+            line.startswith("| log") or line.startswith("| sigmoid")
+            or line.startswith("| distillation")]
+    assert len(rows) == 10, out
     for row in rows:
         ratio = float(row.split("|")[5].strip().rstrip("x"))
         assert 0.0 < ratio < 100.0, row
