@@ -254,7 +254,7 @@ def linear_softmax_cross_entropy(
        [-0.3333  0.1667  0.1667]]
       >>> loss, stats = linear_softmax_cross_entropy(x, w, labels, return_stats=True)
       >>> print(stats.lse, stats.argmax)
-      [4.4076 1.0986] [2 0]
+      [4.4076 2.0986] [2 0]
     """
     x, w, b = args.head(x, w, b)
     labels = _ce.integer_labels(labels)

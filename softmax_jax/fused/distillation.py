@@ -245,9 +245,9 @@ def linear_softmax_distillation(
       >>> tx = jnp.array([[1.0], [2.0]])
       >>> tw = jnp.array([[1.0, 0.0, -1.0]])
       >>> print(sj.linear_softmax_distillation(x, w, tx, tw, temperature=2.0, reduction="none"))
-      [2.1008 1.3795]
+      [1.2806 1.0649]
       >>> print(sj.distillation_loss(x @ w, tx @ tw, temperature=2.0))
-      [2.1008 1.3795]
+      [1.2806 1.0649]
     """
     x, w, b = args.head(x, w, b)
     tx, tw, tb = args.head(teacher_x, teacher_w, teacher_b, "teacher_")
