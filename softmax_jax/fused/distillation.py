@@ -3,10 +3,13 @@ r"""The fused distillation: its per-block rule and :func:`linear_softmax_distill
 The per-element and per-row divergence terms come from :mod:`softmax_jax._distillation_terms`
 (shared with :func:`softmax_jax.distillation_loss`), the hard-label part from the fused
 cross-entropy's rule. With :math:`s = z_s/T` and :math:`t = z_t/T` the engine keeps the
-online normalisers of both (and of :math:`z_s` itself when the hard-label term is on); a
-second pass over the blocks, with both normalisers known, adds up each row's
-:math:`K_P = \mathrm{KL}(P\|M)` and :math:`K_Q = \mathrm{KL}(Q\|M)`; the gradient pass then
-gives the student's logit gradient
+online normalisers of both (and of :math:`z_s` itself when the hard-label term is on). For
+the generalised JSD a second pass over the blocks, with both normalisers known, adds up each
+row's :math:`K_P = \mathrm{KL}(P\|M)` and :math:`K_Q = \mathrm{KL}(Q\|M)`; for the two KL
+cases the first pass also keeps the online expectation :math:`E_P[t - s]` (or
+:math:`E_Q[s - t]`), so :math:`\mathrm{KL}(P\|Q) = E_P[t - s] - (\mathrm{lse}\,t -
+\mathrm{lse}\,s)` needs no second pass. The gradient pass then gives the student's logit
+gradient
 
 .. math::
     \frac{\partial\ell}{\partial z_s} = h\,\delta_{\mathrm{CE}}
@@ -51,10 +54,23 @@ class Rule(NamedTuple):
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
     ce: _fce.Rule  # the hard-label rule (its streams are stream 2 here)
 
+    def _one_pass(self) -> bool:
+        r"""Forward and reverse KL need no second pass: :math:`\mathrm{KL}(P\|Q) =
+        E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` is an online expectation."""
+        return self.kind in ("forward", "reverse")
+
     def sizes(self) -> tuple[int, int, int]:
-        if not self.hard:
-            return 2, 0, 2
-        return 3, self.ce.sizes()[1], 2
+        n_first = (self.ce.sizes()[1] if self.hard else 0) + (1 if self._one_pass() else 0)
+        return 3 if self.hard else 2, n_first, 0 if self._one_pass() else 2
+
+    def expectation_streams(self) -> tuple[int, ...]:
+        if not self._one_pass():
+            return ()
+        return (1,) if self.kind == "forward" else (0,)
+
+    def expectations(self, blk, params):
+        s, t = self.streams(blk, params)[:2]
+        return (t - s,) if self.kind == "forward" else (s - t,)
 
     def grad_sizes(self) -> int:
         return 1
@@ -108,9 +124,21 @@ class Rule(NamedTuple):
         rows = _dt.RowSums.of(_dt.element_terms(log_p, log_q, log_m, self.kind), axis=1)
         return rows.kl_p[:, 0], rows.kl_q[:, 0]
 
+    def _row_sums(self, stats) -> _dt.RowSums:
+        """Per row :math:`(K_P, K_Q)`, from the second pass or the online expectation."""
+        if not self._one_pass():
+            return _dt.RowSums(*stats.second)
+        q, p = stats.norms[0], stats.norms[1]
+        log_ratio = ((p.m - q.m) + (p.log_s - q.log_s))[:, 0]  # lse t - lse s
+        if self.kind == "forward":
+            kl = stats.first[-1] - log_ratio
+            return _dt.RowSums(kl, jnp.zeros_like(kl))
+        kl = stats.first[-1] + log_ratio
+        return _dt.RowSums(jnp.zeros_like(kl), kl)
+
     def _parts(self, consts, stats, params):
         """Per row: ``(divergence D, CE terms or None)``."""
-        div = _dt.divergence(_dt.RowSums(*stats.second), params.beta, self.kind)
+        div = _dt.divergence(self._row_sums(stats), params.beta, self.kind)
         terms = None
         if self.hard:
             ce_stats = stats._replace(norms=stats.norms[2:])
@@ -131,7 +159,7 @@ class Rule(NamedTuple):
     def dlogits(self, blk, stats, r, params):
         temp, beta = params.temperature, params.beta
         log_q, log_p, log_m = self._logs(blk, stats, params)
-        rows = _dt.RowSums(stats.second[0][:, None], stats.second[1][:, None])
+        rows = _dt.RowSums(*(a[:, None] for a in self._row_sums(stats)))
         ds = _dt.student_grad(log_p, log_q, log_m, rows, beta, self.kind)
         dt = _dt.teacher_grad(log_p, log_q, log_m, rows, beta, self.kind)
         t_sum = jnp.sum(_dt.temperature_term(ds, log_q, dt, log_p), axis=1)
@@ -151,7 +179,7 @@ class Rule(NamedTuple):
         soft = 1.0 - hw if self.hard else jnp.ones((), r.dtype)
         r_soft = _ce.times(r, soft)
         d_temp = _dt.temperature_cotangent(temp, div, row_sums[0])
-        d_beta = _dt.beta_cotangent(temp, _dt.RowSums(*stats.second), beta, self.kind)
+        d_beta = _dt.beta_cotangent(temp, self._row_sums(stats), beta, self.kind)
         d_hw = jnp.zeros((), r.dtype)
         d_ce = _ce.Params(jnp.zeros((), r.dtype), jnp.zeros((), r.dtype))
         if self.hard:

@@ -181,11 +181,16 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     rule, ct = call.rule, call.ct
     n_streams, n_first, n_second = rule.sizes()
 
+    # Optional: online expectations E_{softmax(stream i)}[v] (the last entries of ``first``).
+    streams_of = rule.expectation_streams() if hasattr(rule, "expectation_streams") else ()
+    n_expect = len(streams_of)
+
     def first_body(acc, start, width):
-        ms, ss, sums, amax = acc
+        ms, ss, sums, expects, amax = acc
         blk = tile(start, width)
         new_m, new_s = [], []
-        for i, z in enumerate(rule.streams(blk, call.params)):
+        streams = rule.streams(blk, call.params)
+        for i, z in enumerate(streams):
             bm, bs = block_lse(z)
             m1 = jnp.maximum(ms[i], bm)
             shift = jnp.where(jnp.isfinite(bm), bm, 0.0)
@@ -196,14 +201,26 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
                 amax = jnp.where(bm > ms[0], cand, amax)
         add = rule.first_sums(blk, call.params)
         sums = tuple(a + b for a, b in zip(sums, add, strict=True))
-        return vma.vary_all((tuple(new_m), tuple(new_s), sums, amax), call.axes)
+        if n_expect:
+            pairs = zip(expects, streams_of, rule.expectations(blk, call.params), strict=True)
+            expects = tuple(_expect_step(e, streams[i], vals, ms[i], new_m[i])
+                            for e, i, vals in pairs)
+        return vma.vary_all((tuple(new_m), tuple(new_s), sums, expects, amax), call.axes)
 
     zeros = jnp.zeros((tb,), ct)
     init = (tuple(jnp.full((tb,), -jnp.inf, ct) for _ in range(n_streams)),
-            (zeros,) * n_streams, (zeros,) * n_first,
+            (zeros,) * n_streams, (zeros,) * (n_first - n_expect), (zeros,) * n_expect,
             jnp.zeros((tb,), jnp.int32) if call.opt.want_argmax else None)
-    ms, ss, firsts, amax = fold_vocab(first_body, vma.vary_all(init, call.axes), v, vb)
+    ms, ss, firsts, expects, amax = fold_vocab(first_body, vma.vary_all(init, call.axes), v, vb)
+    if n_expect:
+        expects = tuple(e if call.opt.axis_name is None else
+                        lax.psum(rescale(e, ms[i], lax.pmax(ms[i], call.opt.axis_name)),
+                                 call.opt.axis_name)
+                        for e, i in zip(expects, streams_of, strict=True))
     ms, ss, firsts, amax = _merge_shards(call, ms, ss, firsts, amax)
+    if n_expect:
+        firsts = firsts + tuple(jnp.where(ss[i] == 0, 0.0, e / jnp.where(ss[i] == 0, 1.0, ss[i]))
+                                for e, i in zip(expects, streams_of, strict=True))
     norms = tuple(
         Normalizer(jnp.where(jnp.isfinite(m), m, 0.0)[:, None], jnp.log(s)[:, None])
         for m, s in zip(ms, ss, strict=True))
@@ -219,6 +236,17 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     if call.opt.axis_name is not None:
         seconds = tuple(lax.psum(s, call.opt.axis_name) for s in seconds)
     return stats._replace(second=seconds)
+
+
+def _expect_step(acc: jax.Array, z: jax.Array, values: jax.Array, m_old: jax.Array,
+                 m_new: jax.Array) -> jax.Array:
+    r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
+    the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
+    exponentials it is later divided by). Classes of weight 0 add 0, whatever ``v`` holds."""
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    weight = jnp.exp(z - shift[:, None])
+    block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
+    return rescale(acc, m_old, m_new) + block
 
 
 def _dlogits(call: _Call, blk: Block, raw: jax.Array | None, stats: RowStats, r: jax.Array):
