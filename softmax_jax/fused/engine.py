@@ -29,8 +29,8 @@ block so that ``dW`` is accumulated in float32 one vocabulary block at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,72 +52,10 @@ from .blocks import (
     rescale,
     weight_cols,
 )
-from .layout import UPDATE_CHUNK, BlockLayout
+from .interface import Block, Grads, Head, Options, RowStats, Rule, Tree
+from .layout import UPDATE_CHUNK
 
-Tree = Any
-
-
-class Head(NamedTuple):
-    """One linear head: logits ``x @ w + b`` (local vocabulary slice under ``axis_name``)."""
-
-    x: jax.Array
-    w: jax.Array
-    b: jax.Array | None
-
-
-class Options(NamedTuple):
-    """Static settings of the engine for one call."""
-
-    axis_name: Hashable | None
-    layout: BlockLayout
-    capped: bool  # soft cap on head 0 (the cap's value is traced)
-    want_argmax: bool  # argmax of head 0's logits in the statistics pass
-
-
-class Block(NamedTuple):
-    """What a rule sees of one ``[tokens, width]`` tile."""
-
-    logits: tuple[jax.Array, ...]  # per head, in the compute dtype; head 0 soft-capped
-    first_class: jax.Array  # global class id of column 0
-    num_classes: int | jax.Array  # the global vocabulary size
-    classes: tuple[jax.Array, ...]  # the rule's per-class arrays, sliced to the block
-    rows: tuple[jax.Array, ...]  # the rule's per-token arrays for these tokens
-
-
-class RowStats(NamedTuple):
-    """Per-row results of the statistics passes (global over a sharded vocabulary)."""
-
-    norms: tuple[Normalizer, ...]  # one per stream, arrays ``[rows, 1]``
-    first: tuple[jax.Array, ...]
-    second: tuple[jax.Array, ...]
-    argmax: jax.Array | None
-
-
-class Rule(Protocol):
-    """What a loss tells the engine (a hashable NamedTuple of static choices)."""
-
-    second_pass: bool
-
-    def streams(self, block: Block, params: Tree) -> tuple[jax.Array, ...]: ...
-
-    def first_sums(self, block: Block, params: Tree) -> tuple[jax.Array, ...]: ...
-
-    def second_sums(self, block: Block, stats: RowStats, params: Tree) -> tuple[jax.Array, ...]:
-        ...
-
-    def dlogits(
-        self, block: Block, stats: RowStats, r: jax.Array, params: Tree
-    ) -> tuple[jax.Array, tuple[jax.Array, ...]]: ...
-
-
-class Grads(NamedTuple):
-    """The engine's gradient outputs, weighted by the per-row factors ``r``."""
-
-    dx: jax.Array  # compute dtype
-    dw: jax.Array  # w's dtype (accumulated in the compute dtype)
-    db: jax.Array | None  # compute dtype
-    dcap: jax.Array  # scalar cotangent of the soft cap
-    row_sums: tuple[jax.Array, ...]  # the rule's per-row gradient-pass sums, ``[N]``
+__all__ = ["Block", "Grads", "Head", "Options", "RowStats", "Rule", "Tree", "run"]
 
 
 # --------------------------------------------------------------------------------------------
