@@ -94,7 +94,13 @@ class Rule(NamedTuple):
 
     def first_sums(self, blk, params):
         z = blk.logits[0]
-        z_y = jnp.sum(jnp.where(_hit(blk, blk.rows[0]), z, 0.0), axis=1)
+        # A gather of one entry per row: a where-and-sum over the block would be
+        # materialised as a second block-sized array on CPU.
+        labels = blk.rows[0]
+        loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
+        inside = (loc >= 0) & (loc < z.shape[1])
+        picked = jnp.take_along_axis(z, jnp.clip(loc, 0, z.shape[1] - 1)[:, None], axis=1)
+        z_y = jnp.where(inside, picked[:, 0], 0.0)
         if not self.options.smoothing:
             return (z_y,)
         zw = z if not blk.classes else _ce.times(blk.classes[0].astype(z.dtype), z)
