@@ -218,7 +218,8 @@ def test_stats_carry_no_gradient():
 
 def test_default_layout_rule():
     assert BlockLayout.default(4096, 256, 32000) == BlockLayout(256, 32000)
-    assert BlockLayout.default(2048, 128, 131072) == BlockLayout(1024, 4096)
+    assert BlockLayout.default(2048, 128, 131072) == BlockLayout(2048, 2048)
+    assert BlockLayout.default(4096, 256, 32000, heads=2) == BlockLayout(128, 32000)
     assert BlockLayout.default(10, 4, 7) == BlockLayout(10, 7)
     # Narrow weights never get a float32 D x V accumulator above 64 MiB.
     assert not BlockLayout.default(4096, 4096, 32000, weight_itemsize=2).holds_rows(32000)

@@ -299,9 +299,9 @@ def linear_softmax_distillation(
                          f" ignore_index is given (hard_weight={hard_weight!r},"
                          f" ignore_index={ignore_index!r})")
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b, "teacher_w": tw, "teacher_b": tb})
-    layout = BlockLayout.resolve(n, x.shape[1] + tx.shape[1], v,
+    layout = BlockLayout.resolve(n, max(x.shape[1], tx.shape[1]), v,
                                  min(w.dtype.itemsize, tw.dtype.itemsize), token_block,
-                                 vocab_block)
+                                 vocab_block, heads=2)
     ct = args.compute_dtype(x, w, tx, tw)
     ce_options = _ce.Options(hard and smoothing, False, ignore, False)
     ce_rule = _fce.Rule(ce_options, args.num_classes(v, axis_name), False)

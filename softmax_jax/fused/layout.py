@@ -25,8 +25,8 @@ __all__ = ["BlockLayout"]
 # Declared bounds of the automatic rule (see BlockLayout.default).
 HELD_ELEMENTS = 2**23  # logits of one held token block (32 MiB of float32)
 MIN_HELD_TOKENS = 256  # fewer held rows make the matmuls skinny: use two-level blocks
-TILE_TOKENS = 1024  # token block of the two-level layout
-TILE_VOCAB = 4096  # vocabulary block of the two-level layout
+TILE_TOKENS = 2048  # token block of the two-level layout
+TILE_VOCAB = 2048  # vocabulary block of the two-level layout
 # Largest float32 D x V accumulator the held layout may use for narrow (bf16/f16) weights.
 NARROW_DW_BYTES = 64 * 2**20
 UPDATE_CHUNK = 4096  # column chunks in which held rows produce dx, dW and db
@@ -49,41 +49,47 @@ class BlockLayout(NamedTuple):
         return self.vocab_block >= v
 
     @staticmethod
-    def default(n: int, d: int, v: int, weight_itemsize: int = 4) -> BlockLayout:
-        """The automatic rule, measured on CPU (``scripts/benchmark.py --suite fused``).
+    def default(
+        n: int, d: int, v: int, weight_itemsize: int = 4, heads: int = 1
+    ) -> BlockLayout:
+        """The automatic rule, chosen by interleaved timings on a 2-core CPU against the
+        two-level chunked anchor (``softmax_jax/experiments/chunked.py``).
 
         Whole rows are held when a block of at least ``MIN_HELD_TOKENS`` (256) rows fits in
         ``HELD_ELEMENTS`` (``2**23``) logits, i.e. ``V <= 32768`` per device, and, for
         weights narrower than float32, when the float32 ``D x V`` accumulator stays within
-        ``NARROW_DW_BYTES`` (64 MiB). The token block is then about ``2**23 / V`` rows.
-        Otherwise two-level ``TILE_TOKENS x TILE_VOCAB`` (1024 x 4096) blocks. Both are
-        clipped to ``N`` and ``V``.
+        ``NARROW_DW_BYTES`` (64 MiB). The token block then holds about ``2**23`` logits over
+        all heads (``2**23 / (V * heads)`` rows; distillation has two). Otherwise two-level
+        ``TILE_TOKENS x TILE_VOCAB`` (2048 x 2048) blocks. Both are clipped to ``N`` and
+        ``V``.
 
         Args:
-          n: tokens. d: model width. v: vocabulary columns on this device.
-          weight_itemsize: bytes per element of ``w`` (2 for bfloat16).
+          n: tokens. d: model width (of the widest head). v: vocabulary columns on this
+            device. weight_itemsize: bytes per element of ``w`` (2 for bfloat16).
+          heads: linear heads whose blocks are held together (2 for distillation).
         """
         held = HELD_ELEMENTS // v >= MIN_HELD_TOKENS
         if weight_itemsize < 4 and d * v * 4 > NARROW_DW_BYTES:
             held = False
         if held:
-            return BlockLayout(min(n, max(8, HELD_ELEMENTS // v // 8 * 8)), v)
+            return BlockLayout(min(n, max(8, HELD_ELEMENTS // (v * heads) // 8 * 8)), v)
         return BlockLayout(min(n, TILE_TOKENS), min(v, TILE_VOCAB))
 
     @staticmethod
     def resolve(
         n: int, d: int, v: int, weight_itemsize: int,
-        token_block: object = None, vocab_block: object = None,
+        token_block: object = None, vocab_block: object = None, heads: int = 1,
     ) -> BlockLayout:
         """The default rule with any explicitly given size replacing its part (checked)."""
         tb, vb = _checked("token_block", token_block), _checked("vocab_block", vocab_block)
-        auto = BlockLayout.default(n, d, v, weight_itemsize)
+        auto = BlockLayout.default(n, d, v, weight_itemsize, heads)
         if vb is None:
             vb = auto.vocab_block
         vb = min(vb, v)
         if tb is None:
             tb = auto.token_block if vb == auto.vocab_block else (
-                min(n, max(8, HELD_ELEMENTS // vb // 8 * 8)) if vb >= v else min(n, TILE_TOKENS))
+                min(n, max(8, HELD_ELEMENTS // (vb * heads) // 8 * 8)) if vb >= v
+                else min(n, TILE_TOKENS))
         return BlockLayout(min(tb, n), vb)
 
 
