@@ -101,7 +101,7 @@ def distillation_head_loss(
 def distillation_objective(cfg: LMConfig, dcfg: DistillConfig, mesh: Mesh) -> Objective:
     """The student's training loss for :func:`~.lm_train.train`; the teacher's parameters
     arrive as its ``frozen`` argument, so the jitted step takes them as an input."""
-    token_block = _head_token_block(cfg, mesh)
+    token_block = _head_token_block(cfg, mesh, heads=2)
 
     def objective(params: Params, contexts: jax.Array, targets: jax.Array,
                   teacher: Params) -> jax.Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from softmax_jax.fused import linear_softmax_cross_entropy
+from softmax_jax.fused import BlockLayout, linear_softmax_cross_entropy
 
 __all__ = [
     "PAD_LABEL",
@@ -35,8 +35,6 @@ __all__ = [
 
 #: Label of padding positions in evaluation batches (skipped through ``ignore_index``).
 PAD_LABEL = -1
-# Rows of logits per device in one block of the fused head: about 2**23 logits (32 MiB).
-_HEAD_BLOCK_ELEMENTS = 2**23
 
 Params = dict[str, jax.Array]
 
@@ -154,8 +152,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.array(devices[:n]), ("data",))
 
 
-def _head_token_block(cfg: LMConfig, mesh: Mesh) -> int:
-    # The fused loss's automatic block is sized for one device. Under the SPMD partitioner a
-    # block of rows is split over the data axis, so give each device its own full block.
-    rows = max(8, _HEAD_BLOCK_ELEMENTS // cfg.vocab_size // 8 * 8)
-    return rows * mesh.size
+def _head_token_block(cfg: LMConfig, mesh: Mesh, heads: int = 1) -> int:
+    # The fused loss's automatic block (BlockLayout.default) is sized for one device. Under
+    # the SPMD partitioner a block of rows is split over the data axis, so give each device
+    # its own full block.
+    # (n is only a clip here: the loss clips the block to the rows of each call.)
+    layout = BlockLayout.default(2**30, cfg.hidden, cfg.vocab_size, heads=heads)
+    return layout.token_block * mesh.size
