@@ -15,7 +15,7 @@ with :math:`W = \sum_c w_c` (:math:`= V` unweighted)
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -154,6 +154,46 @@ class Rule(NamedTuple):
             return ()
         lse = stats.norms[0].lse()[:, 0].astype(jnp.float32)
         return lse, stats.argmax
+
+
+@overload
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    b: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    soft_cap: float | jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    return_stats: Literal[False] = False,
+    axis_name: Hashable | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def linear_softmax_cross_entropy(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    b: jax.typing.ArrayLike | None = None,
+    *,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    z_loss: float | jax.typing.ArrayLike = 0.0,
+    soft_cap: float | jax.typing.ArrayLike | None = None,
+    class_weights: jax.typing.ArrayLike | None = None,
+    return_stats: Literal[True],
+    axis_name: Hashable | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> tuple[jax.Array, FusedStats]: ...
 
 
 def linear_softmax_cross_entropy(
