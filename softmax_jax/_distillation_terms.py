@@ -66,6 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax import _validation as _v
+from softmax_jax._cross_entropy import times  # the one 0-times-infinity rule
 
 Kind = Literal["forward", "reverse", "jsd", "traced"]
 
@@ -94,11 +95,6 @@ def valid_hyperparameters(temperature: jax.Array, beta: jax.Array) -> jax.Array:
     """Whether :math:`T > 0` and :math:`0 \\le \\beta \\le 1` (False for NaN): where False,
     every output must be NaN."""
     return (temperature > 0) & (beta >= 0) & (beta <= 1)
-
-
-def times(coef: jax.Array, x: jax.Array) -> jax.Array:
-    """``coef * x``, but exactly 0 where ``coef`` is 0, even if ``x`` is infinite."""
-    return jnp.where(coef == 0, 0.0, coef * x)
 
 
 # --------------------------------------------------------------------------------------------
