@@ -201,9 +201,9 @@ def prob_coefficient(
     :math:`\mathrm{lse}` must not turn :math:`a_c = 0` into NaN."""
     coef = None
     if w_y is not None:
-        assert weight_sum is not None
         coef = w_y
         if options.smoothing:
+            assert weight_sum is not None
             coef = (1.0 - params.eps) * w_y + params.eps * weight_sum / num_classes
     if options.zloss:
         z = 2.0 * params.lam * finite_lse(lse)

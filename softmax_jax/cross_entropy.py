@@ -50,9 +50,13 @@ def _rows(logits_shape, labels, mask, class_weights, axis, options, ct) -> _Rows
     if class_weights is not None:
         w = class_weights.astype(ct)
         w_y = w[safe]
-        w_k = jnp.broadcast_to(w.reshape(_axes.along_shape(len(logits_shape), axis)),
-                               logits_shape)
-        weight_sum = jnp.sum(masked_fill(w_k, mask, 0.0), axis=axis)
+        # W, which only the smoothing term needs: one number, or one per row under a mask.
+        if options.smoothing and mask is None:
+            weight_sum = jnp.sum(w)
+        elif options.smoothing:
+            w_k = jnp.broadcast_to(w.reshape(_axes.along_shape(len(logits_shape), axis)),
+                                   logits_shape)
+            weight_sum = jnp.sum(masked_fill(w_k, mask, 0.0), axis=axis)
     return _Rows(scale, jnp.expand_dims(safe, axis), k, w_y, weight_sum)
 
 
@@ -126,7 +130,10 @@ def _int_ce_bwd(axis, options, res, g):
     coef = _ce.prob_coefficient(
         lse, rows.w_y, rows.weight_sum, rows.k_row(axis), params, options)
     if coef is not None:
-        a = _ce.times(a, jnp.expand_dims(coef, axis))
+        # Only the z-loss term can overflow to inf where a = 0; without it a plain product
+        # keeps the pass free of a select.
+        coef_k = jnp.expand_dims(coef, axis)
+        a = _ce.times(a, coef_k) if options.zloss else a * coef_k
     w = _axes.along(class_weights, z.ndim, axis)
     off = _ce.class_offset(None if w is None else w.astype(ct), rows.k, params, options)
     on_label = _ce.label_coefficient(rows.w_y, params, options)
