@@ -31,18 +31,28 @@ def cols(a: jax.Array, start: Any, width: int) -> jax.Array:
     return lax.dynamic_slice_in_dim(a, start, width, axis=a.ndim - 1)
 
 
+def narrow_bits(dtype: Any, ct: np.dtype) -> np.dtype | None:
+    """The unsigned-integer dtype of ``dtype``'s bits when it is narrower than ``ct``."""
+    size = np.dtype(dtype).itemsize
+    return np.dtype(f"uint{8 * size}") if size < np.dtype(ct).itemsize else None
+
+
 def weight_cols(w: jax.Array, start: Any, width: int, ct: np.dtype) -> jax.Array:
     """A block of a weight matrix, sliced through its bits when narrower than ``ct``.
 
-    XLA's CPU backend carries out a ``dynamic_slice`` of bfloat16 in float32, and the
+    XLA's CPU backend carries out every data movement of bfloat16 in float32, and the
     conversion of the whole ``w`` it inserts is then hoisted out of the loop: a float32
-    ``D x V`` temporary. Slicing an unsigned-integer view of the bits avoids it; the view
-    itself still costs one ``w``-sized copy on CPU.
+    ``D x V`` temporary. Slicing an unsigned-integer view of the bits avoids the conversion,
+    but the view of the whole ``w`` is hoisted in turn, and XLA:CPU makes it a copy. So the
+    view is taken of ``w`` passed through an optimisation barrier together with the loop's
+    ``start``: it then depends on the iteration, stays in the loop and is fused into the
+    slice, and no ``w``-sized temporary is left (measured by ``memory_analysis()``).
     """
-    if np.dtype(w.dtype).itemsize >= np.dtype(ct).itemsize or (
-            isinstance(start, int) and start == 0 and width == w.shape[-1]):
+    bits = narrow_bits(w.dtype, ct)
+    if bits is None or (isinstance(start, int) and start == 0 and width == w.shape[-1]):
         return cols(w, start, width)
-    bits = jnp.dtype(f"uint{8 * np.dtype(w.dtype).itemsize}")
+    if not isinstance(start, int):
+        w, _ = lax.optimization_barrier((w, start))
     block = cols(lax.bitcast_convert_type(w, bits), start, width)
     return lax.bitcast_convert_type(block, w.dtype)
 
@@ -105,7 +115,16 @@ class Tokens:
 
     @staticmethod
     def take(a: jax.Array, k: Any) -> jax.Array:
-        return lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
+        """Token block ``k``; a narrow float block is taken through its bits, as in
+        :func:`weight_cols`, so that no float32 copy of the whole array is hoisted."""
+        bits = narrow_bits(a.dtype, np.dtype(np.float32)) if jnp.issubdtype(
+            a.dtype, jnp.floating) else None
+        if bits is None or isinstance(k, int):
+            return lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
+        a, _ = lax.optimization_barrier((a, k))
+        block = lax.dynamic_index_in_dim(lax.bitcast_convert_type(a, bits), k, axis=1,
+                                         keepdims=False)
+        return lax.bitcast_convert_type(block, a.dtype)
 
     @staticmethod
     def put(a: jax.Array, k: Any, block: jax.Array) -> jax.Array:

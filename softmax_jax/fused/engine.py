@@ -48,12 +48,13 @@ from .blocks import (
     fold_vocab,
     grad_matmul,
     matmul,
+    narrow_bits,
     put_cols,
     rescale,
     weight_cols,
 )
 from .interface import Block, Grads, Head, Options, RowStats, Rule, Tree
-from .layout import UPDATE_CHUNK
+from .layout import NARROW_SPAN_BYTES, UPDATE_CHUNK
 
 __all__ = ["Block", "Grads", "Head", "Options", "RowStats", "Rule", "Tree", "run"]
 
@@ -310,12 +311,22 @@ def _stats_loop(call: _Call, tokens: Tokens, views: dict) -> RowStats:
 def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
     """Two-level gradient: the tokens inside each vocabulary block, so that ``dW`` is
     accumulated in float32 one ``[D, vocab_block]`` block at a time (Cut Cross-Entropy's
-    order) and written once in ``w``'s dtype."""
+    order) and written once in ``w``'s dtype.
+
+    For bfloat16/float16 ``w`` the blocks are first written, as bits, into a span buffer of
+    at most ``NARROW_SPAN_BYTES``, and each full span is then written into ``dW``. XLA:CPU
+    carries out a bfloat16 ``dynamic_update_slice`` in float32 over the whole array, one
+    pass over ``dW`` per write: per span instead of per block, that is 16 passes instead of
+    128 at ``D = 1024, V = 262144``. An unsigned-integer update is done in place.
+    """
     head0, ct = call.heads[0], call.ct
     d, v = head0.w.shape
+    vb = call.opt.layout.vocab_block
+    bits = narrow_bits(head0.w.dtype, ct)
+    span = v if bits is None else max(vb, NARROW_SPAN_BYTES // (bits.itemsize * d) // vb * vb)
 
-    def vocab_body(acc, start, width):
-        dw, db, dcap, outs = acc
+    def vocab_body(acc, start, width, local):
+        buf, db, dcap, outs = acc
         w_j = weight_cols(head0.w, start, width, ct)
 
         def token_step(k, c):
@@ -338,15 +349,28 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
         db0 = None if db is None else jnp.zeros((width,), ct)
         init = vma.vary_all((jnp.zeros((d, width), ct), db0, dcap), call.axes) + (outs,)
         dw_j, db_j, dcap, outs = _token_loop(tokens, token_step, init)
-        dw = put_cols(dw, start, dw_j.astype(dw.dtype), add=False)
+        dw_j = dw_j.astype(head0.w.dtype)
+        if bits is not None:
+            dw_j = lax.bitcast_convert_type(dw_j, bits)
+        buf = put_cols(buf, local, dw_j, add=False)
         if db is not None:
             db = put_cols(db, start, db_j, add=False)
-        return vma.vary_all((dw, db, dcap), call.axes) + (outs,)
+        return vma.vary_all((buf, db, dcap), call.axes) + (outs,)
+
+    def span_body(acc, first, width):
+        dw, db, dcap, outs = acc
+        buf = dw if bits is None else vma.vary_all(jnp.zeros((d, width), bits), call.axes)
+        buf, db, dcap, outs = fold_vocab(
+            lambda c, start, w: vocab_body(c, first + start, w, start),
+            (buf, db, dcap, outs), width, vb)
+        if bits is not None:
+            buf = put_cols(dw, first, lax.bitcast_convert_type(buf, head0.w.dtype), add=False)
+        return vma.vary_all((buf, db, dcap), call.axes) + (outs,)
 
     db0 = None if head0.b is None else jnp.zeros((v,), ct)
     init = vma.vary_all((jnp.zeros((d, v), head0.w.dtype), db0, jnp.zeros((), ct)), call.axes)
     init = init + (_outputs(call, tokens, views, False, True),)
-    dw, db, dcap, outs = fold_vocab(vocab_body, init, v, call.opt.layout.vocab_block)
+    dw, db, dcap, outs = fold_vocab(span_body, init, v, span)
     return outs, dw, db, dcap
 
 

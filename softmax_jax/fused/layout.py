@@ -29,6 +29,8 @@ TILE_TOKENS = 2048  # token block of the two-level layout
 TILE_VOCAB = 2048  # vocabulary block of the two-level layout
 # Largest float32 D x V accumulator the held layout may use for narrow (bf16/f16) weights.
 NARROW_DW_BYTES = 64 * 2**20
+# Span of dW columns that narrow (bf16/f16) weights gather, as bits, before one write into dW.
+NARROW_SPAN_BYTES = 32 * 2**20
 UPDATE_CHUNK = 4096  # column chunks in which held rows produce dx, dW and db
 
 
