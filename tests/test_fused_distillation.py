@@ -117,6 +117,23 @@ def test_matches_the_core_distillation_loss():
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_constant_temperature_skips_only_its_own_cotangent(beta):
+    # A Python-float temperature drops the per-element temperature term of the gradient
+    # pass; the gradients of x, w and b must equal those with a traced temperature.
+    x, w, b, tx, tw, tb, _ = _inputs(jnp.float32)
+
+    def loss(x, w, b, t):
+        return linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=tb, temperature=t,
+                                           beta=beta, **BLOCKS["tiles"])
+
+    constant = jax.grad(lambda x, w, b: loss(x, w, b, 1.7), argnums=(0, 1, 2))(x, w, b)
+    traced = jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, b, jnp.float32(1.7))
+    for got, want in zip(constant, traced[:3], strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.isfinite(traced[3]) and traced[3] != 0.0
+
+
 def test_teacher_arguments_get_zero_cotangents():
     x, w, b, tx, tw, tb, _ = _inputs(jnp.float32)
     grads = jax.grad(lambda tx, tw, tb: linear_softmax_distillation(

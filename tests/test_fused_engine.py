@@ -87,5 +87,14 @@ def test_online_merge_of_empty_parts_is_not_nan():
     s = jnp.array([0.0, 2.0])
     out = engine.rescale(s, jnp.array([-jnp.inf, 1.0]), jnp.array([-300.0, 3.0]))
     np.testing.assert_allclose(out, [0.0, 2.0 * np.exp(-2.0)], rtol=1e-6)
-    m, total = engine.block_lse(jnp.full((1, 3), -jnp.inf))
-    assert m[0] == -jnp.inf and total[0] == 0.0
+    bm, m, e = engine.block_exp(jnp.full((1, 3), -jnp.inf), jnp.array([-jnp.inf]))
+    assert bm[0] == -jnp.inf and m[0] == -jnp.inf and np.all(np.asarray(e) == 0.0)
+
+
+def test_block_exp_is_relative_to_the_running_maximum():
+    z = jnp.array([[1.0, 3.0, -jnp.inf], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    bm, m, e = engine.block_exp(z, jnp.array([5.0, 2.0]))
+    np.testing.assert_array_equal(bm, [3.0, -np.inf])
+    np.testing.assert_array_equal(m, [5.0, 2.0])
+    np.testing.assert_allclose(e, [[np.exp(-4.0), np.exp(-2.0), 0.0], [0.0, 0.0, 0.0]],
+                               rtol=1e-6)

@@ -82,11 +82,16 @@ def rescale(s: jax.Array, m_old: jax.Array, m_new: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 0.0, s * jnp.exp(m_old - m_new))
 
 
-def block_lse(z: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(max, sum exp(z - max))`` of each row of a block; ``(-inf, 0)`` for an empty row."""
-    m = jnp.max(z, axis=1)
-    shift = jnp.where(jnp.isfinite(m), m, 0.0)
-    return m, jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+def block_exp(z: jax.Array, m_old: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""One block of the online log-sum-exp: the block's row maximum, the new running
+    maximum :math:`m' = \max(m, \max_c z_c)` and :math:`e^{z - m'}` (with a shift of 0
+    where :math:`m'` is not finite, so an all :math:`-\infty` row gives zeros, not NaN).
+    Exponentiating against :math:`m'` rather than the block's own maximum lets the same
+    array give the sum and any online expectation: one ``exp`` per element."""
+    bm = jnp.max(z, axis=1)
+    m_new = jnp.maximum(m_old, bm)
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    return bm, m_new, jnp.exp(z - shift[:, None])
 
 
 class Tokens:
@@ -135,6 +140,14 @@ def balanced(total: int, target: int) -> int:
     """A block size <= ``target`` that splits ``total`` into near-equal blocks."""
     target = max(1, min(target, total))
     return -(-total // -(-total // target))
+
+
+def transposed(x: jax.Array) -> jax.Array:
+    """``x.T`` as an array of its own. Left to itself XLA folds the transpose into the
+    ``dW = x^T dz`` product, which then contracts both operands' first axes; XLA:CPU runs
+    that form as a plain dot, about 15% slower than the row-major product its YNNPACK path
+    takes (4.1 against 3.6 ms for a 128 x 2048 x 2048 block, measured)."""
+    return lax.optimization_barrier(x.T)
 
 
 def grad_matmul(

@@ -53,6 +53,9 @@ class Rule(NamedTuple):
     kind: _dt.Kind
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
     ce: _fce.Rule  # the hard-label rule (its streams are stream 2 here)
+    # The temperature is traced, so its cotangent may be used. A constant temperature
+    # skips the per-element temperature term of the gradient pass (its cotangent is 0).
+    temperature_grad: bool = True
 
     def _one_pass(self) -> bool:
         r"""Forward and reverse KL need no second pass: :math:`\mathrm{KL}(P\|Q) =
@@ -161,8 +164,10 @@ class Rule(NamedTuple):
         log_q, log_p, log_m = self._logs(blk, stats, params)
         rows = _dt.RowSums(*(a[:, None] for a in self._row_sums(stats)))
         ds = _dt.student_grad(log_p, log_q, log_m, rows, beta, self.kind)
-        dt = _dt.teacher_grad(log_p, log_q, log_m, rows, beta, self.kind)
-        t_sum = jnp.sum(_dt.temperature_term(ds, log_q, dt, log_p), axis=1)
+        t_sum = jnp.zeros(ds.shape[:1], ds.dtype)
+        if self.temperature_grad:
+            dt = _dt.teacher_grad(log_p, log_q, log_m, rows, beta, self.kind)
+            t_sum = jnp.sum(_dt.temperature_term(ds, log_q, dt, log_p), axis=1)
         dz = temp * ds
         if self.hard:
             sub_blk, sub_stats = self._ce_view(blk, stats)
@@ -178,7 +183,8 @@ class Rule(NamedTuple):
         div, terms = self._parts(consts, stats, params)
         soft = 1.0 - hw if self.hard else jnp.ones((), r.dtype)
         r_soft = _ce.times(r, soft)
-        d_temp = _dt.temperature_cotangent(temp, div, row_sums[0])
+        d_temp = (_dt.temperature_cotangent(temp, div, row_sums[0]) if self.temperature_grad
+                  else jnp.zeros_like(div))
         d_beta = _dt.beta_cotangent(temp, self._row_sums(stats), beta, self.kind)
         d_hw = jnp.zeros((), r.dtype)
         d_ce = _ce.Params(jnp.zeros((), r.dtype), jnp.zeros((), r.dtype))
@@ -305,7 +311,7 @@ def linear_softmax_distillation(
     ct = args.compute_dtype(x, w, tx, tw)
     ce_options = _ce.Options(hard and smoothing, False, ignore, False)
     ce_rule = _fce.Rule(ce_options, args.num_classes(v, axis_name), False)
-    rule = Rule(kind, hard, ce_rule)
+    rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct),
                     _ce.Params(eps.astype(ct), jnp.zeros((), ct)))

@@ -43,7 +43,7 @@ from . import vma
 from .blocks import (
     Tokens,
     balanced,
-    block_lse,
+    block_exp,
     cols,
     fold_vocab,
     grad_matmul,
@@ -51,6 +51,7 @@ from .blocks import (
     narrow_bits,
     put_cols,
     rescale,
+    transposed,
     weight_cols,
 )
 from .interface import Block, Grads, Head, Options, RowStats, Rule, Tree
@@ -127,14 +128,13 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     def first_body(acc, start, width):
         ms, ss, sums, expects, amax = acc
         blk = tile(start, width)
-        new_m, new_s = [], []
+        new_m, new_s, weights = [], [], []
         streams = rule.streams(blk, call.params)
         for i, z in enumerate(streams):
-            bm, bs = block_lse(z)
-            m1 = jnp.maximum(ms[i], bm)
-            shift = jnp.where(jnp.isfinite(bm), bm, 0.0)
+            bm, m1, e = block_exp(z, ms[i])
             new_m.append(m1)
-            new_s.append(rescale(ss[i], ms[i], m1) + rescale(bs, shift, m1))
+            new_s.append(rescale(ss[i], ms[i], m1) + jnp.sum(e, axis=1))
+            weights.append(e)
             if i == 0 and amax is not None:
                 cand = (jnp.argmax(z, axis=1) + blk.first_class).astype(jnp.int32)
                 amax = jnp.where(bm > ms[0], cand, amax)
@@ -142,7 +142,7 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
         sums = tuple(a + b for a, b in zip(sums, add, strict=True))
         if n_expect:
             pairs = zip(expects, streams_of, rule.expectations(blk, call.params), strict=True)
-            expects = tuple(_expect_step(e, streams[i], vals, ms[i], new_m[i])
+            expects = tuple(_expect_step(e, weights[i], vals, ms[i], new_m[i])
                             for e, i, vals in pairs)
         return vma.vary_all((tuple(new_m), tuple(new_s), sums, expects, amax), call.axes)
 
@@ -177,13 +177,13 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     return stats._replace(second=seconds)
 
 
-def _expect_step(acc: jax.Array, z: jax.Array, values: jax.Array, m_old: jax.Array,
+def _expect_step(acc: jax.Array, weight: jax.Array, values: jax.Array, m_old: jax.Array,
                  m_new: jax.Array) -> jax.Array:
     r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
     the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
-    exponentials it is later divided by). Classes of weight 0 add 0, whatever ``v`` holds."""
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    weight = jnp.exp(z - shift[:, None])
+    exponentials it is later divided by); ``weight`` is the block's :math:`e^{z_c - m}`
+    from :func:`~softmax_jax.fused.blocks.block_exp`. Classes of weight 0 add 0, whatever
+    ``v`` holds."""
     block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
     return rescale(acc, m_old, m_new) + block
 
@@ -230,6 +230,7 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
             stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
         if want_grad:
             r = tokens.take(views["r"], k)
+            x_t = transposed(xs[0])
 
             def grad_body(acc, start, width):
                 dx, dw, db, dcap, gs = acc
@@ -237,7 +238,7 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
                                        None if raw is None else cols(raw, start, width), stats, r)
                 dx = dx + grad_matmul(dz, weight_cols(head0.w, start, width, ct), (1, 1), ct,
                                       True)
-                dw = put_cols(dw, start, grad_matmul(dz, xs[0], (0, 0), ct, False), add=True)
+                dw = put_cols(dw, start, grad_matmul(dz, x_t, (1, 0), ct, False), add=True)
                 if db is not None:
                     db = put_cols(db, start, jnp.sum(dz, axis=0), add=True)
                 gs = tuple(a + b for a, b in zip(gs, add, strict=True))
@@ -342,7 +343,7 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
             outs["dx"] = tokens.put(outs["dx"], k, dx_k)
             outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
                                       for o, a in zip(outs["grad_sums"], add, strict=True))
-            dw_j = dw_j + grad_matmul(dz, xs[0], (0, 0), ct, False)
+            dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False)
             db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
             return vma.vary_all((dw_j, db_j, dcap + dc), call.axes) + (outs,)
 
