@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from softmax_jax.experiments.cli import add_run_arguments
+
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
@@ -62,19 +64,8 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                         help="weight of the label cross-entropy (default 0.5)")
     distil.add_argument("--beta", type=float, default=0.0,
                         help="0: forward KL, 1: reverse KL, between: generalised JSD (default 0)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--devices", type=int, default=None,
-                     help="data-parallel devices (default: all); on CPU this many host"
-                          " devices are simulated")
-    run.add_argument("--eval-every", type=int, default=50,
-                     help="held-out evaluation interval in steps (default 50)")
-    run.add_argument("--eval-positions", type=int, default=4096,
-                     help="held-out positions per interval evaluation (default 4096)")
-    run.add_argument("--final-eval-positions", type=int, default=32768,
-                     help="held-out positions for the final perplexities (default 32768)")
-    run.add_argument("--out", type=Path, default=Path("runs/distill"),
-                     help="default runs/distill")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_arguments(parser, eval_positions=4096, final_eval_positions=32768,
+                      out=Path("runs/distill"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from softmax_jax.experiments.cli import add_run_arguments
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -55,20 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
     model.add_argument("--z-loss", type=float, default=0.0, help="default 0")
     model.add_argument("--seed", type=int, default=0, help="default 0")
-    run = parser.add_argument_group("run")
-    run.add_argument("--devices", type=int, default=None,
-                     help="data-parallel devices (default: all); on CPU this many host"
-                          " devices are simulated")
-    run.add_argument("--eval-every", type=int, default=50,
-                     help="held-out evaluation interval in steps (default 50)")
-    run.add_argument("--eval-positions", type=int, default=8192,
-                     help="held-out positions per interval evaluation (default 8192)")
-    run.add_argument("--final-eval-positions", type=int, default=65536,
-                     help="held-out positions for the final perplexity (default 65536)")
-    run.add_argument("--out", type=Path, default=Path("runs/lm"), help="default runs/lm")
+    run = add_run_arguments(parser, eval_positions=8192, final_eval_positions=65536,
+                            out=Path("runs/lm"))
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --out up to --steps")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.devices is not None and args.devices < 1:
         parser.error(f"--devices must be positive, got {args.devices}")
