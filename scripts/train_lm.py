@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments.cli import add_run_arguments
+from softmax_jax.experiments.cli import add_run_arguments, check_common_arguments
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,16 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in --out up to --steps")
     args = parser.parse_args(argv)
-    if args.devices is not None and args.devices < 1:
-        parser.error(f"--devices must be positive, got {args.devices}")
-    if args.max_files is not None and args.max_files < 2:
-        parser.error(f"--max-files must be at least 2, got {args.max_files}")
-    if args.heldout_every < 2:
-        parser.error(f"--heldout-every must be at least 2, got {args.heldout_every}")
-    if args.devices is not None and args.batch_size % args.devices:
-        parser.error(
-            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
-        )
+    check_common_arguments(parser, args)
     return args
 
 

@@ -27,3 +27,17 @@ def add_run_arguments(
     run.add_argument("--out", type=Path, default=out, help=f"default {out}")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return run
+
+
+def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors (``parser.error``) for the data and run flags both scripts share."""
+    if args.devices is not None and args.devices < 1:
+        parser.error(f"--devices must be positive, got {args.devices}")
+    if args.max_files is not None and args.max_files < 2:
+        parser.error(f"--max-files must be at least 2, got {args.max_files}")
+    if args.heldout_every < 2:
+        parser.error(f"--heldout-every must be at least 2, got {args.heldout_every}")
+    if args.devices is not None and args.batch_size % args.devices:
+        parser.error(
+            f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"
+        )
