@@ -94,6 +94,30 @@ def block_exp(z: jax.Array, m_old: jax.Array) -> tuple[jax.Array, jax.Array, jax
     return bm, m_new, jnp.exp(z - shift[:, None])
 
 
+def merge_shards(axis: Any, ms, ss, firsts, argmax):
+    """Merges per-shard statistics over the vocabulary axis (identity without one)."""
+    if axis is None:
+        return ms, ss, firsts, argmax
+    m_all = tuple(lax.pmax(m, axis) for m in ms)
+    ss = tuple(lax.psum(rescale(s, m, ma), axis) for s, m, ma in zip(ss, ms, m_all, strict=True))
+    firsts = tuple(lax.psum(f, axis) for f in firsts)
+    if argmax is not None:
+        big = jnp.iinfo(argmax.dtype).max
+        argmax = lax.pmin(jnp.where(ms[0] == m_all[0], argmax, big), axis)
+    return m_all, ss, firsts, argmax
+
+
+def expect_step(acc: jax.Array, weight: jax.Array, values: jax.Array, m_old: jax.Array,
+                 m_new: jax.Array) -> jax.Array:
+    r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
+    the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
+    exponentials it is later divided by); ``weight`` is the block's :math:`e^{z_c - m}`
+    from :func:`block_exp`. Classes of weight 0 add 0, whatever
+    ``v`` holds."""
+    block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
+    return rescale(acc, m_old, m_new) + block
+
+
 class Tokens:
     """Token block ``k`` holds the strided rows ``k, k + nt, ...``: viewed as ``[tb, nt]``
     (a free reshape) it is index ``k`` of axis 1. Under jit with batch-sharded inputs each

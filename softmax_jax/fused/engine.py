@@ -45,9 +45,11 @@ from .blocks import (
     balanced,
     block_exp,
     cols,
+    expect_step,
     fold_vocab,
     grad_matmul,
     matmul,
+    merge_shards,
     narrow_bits,
     put_cols,
     rescale,
@@ -101,20 +103,6 @@ def _block(call: _Call, logits, start: Any, rows) -> Block:
                  tuple(cols(c, start, width) for c in call.classes), rows)
 
 
-def _merge_shards(call: _Call, ms, ss, firsts, argmax):
-    """Merges per-shard statistics over the vocabulary axis (identity without one)."""
-    axis = call.opt.axis_name
-    if axis is None:
-        return ms, ss, firsts, argmax
-    m_all = tuple(lax.pmax(m, axis) for m in ms)
-    ss = tuple(lax.psum(rescale(s, m, ma), axis) for s, m, ma in zip(ss, ms, m_all, strict=True))
-    firsts = tuple(lax.psum(f, axis) for f in firsts)
-    if argmax is not None:
-        big = jnp.iinfo(argmax.dtype).max
-        argmax = lax.pmin(jnp.where(ms[0] == m_all[0], argmax, big), axis)
-    return m_all, ss, firsts, argmax
-
-
 def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: int,
                    tb: int) -> RowStats:
     """The statistics of one token block: first pass, shard merge, optional second pass."""
@@ -142,7 +130,7 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
         sums = tuple(a + b for a, b in zip(sums, add, strict=True))
         if n_expect:
             pairs = zip(expects, streams_of, rule.expectations(blk, call.params), strict=True)
-            expects = tuple(_expect_step(e, weights[i], vals, ms[i], new_m[i])
+            expects = tuple(expect_step(e, weights[i], vals, ms[i], new_m[i])
                             for e, i, vals in pairs)
         return vma.vary_all((tuple(new_m), tuple(new_s), sums, expects, amax), call.axes)
 
@@ -156,7 +144,7 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
                         lax.psum(rescale(e, ms[i], lax.pmax(ms[i], call.opt.axis_name)),
                                  call.opt.axis_name)
                         for e, i in zip(expects, streams_of, strict=True))
-    ms, ss, firsts, amax = _merge_shards(call, ms, ss, firsts, amax)
+    ms, ss, firsts, amax = merge_shards(call.opt.axis_name, ms, ss, firsts, amax)
     if n_expect:
         firsts = firsts + tuple(jnp.where(ss[i] == 0, 0.0, e / jnp.where(ss[i] == 0, 1.0, ss[i]))
                                 for e, i in zip(expects, streams_of, strict=True))
@@ -175,17 +163,6 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     if call.opt.axis_name is not None:
         seconds = tuple(lax.psum(s, call.opt.axis_name) for s in seconds)
     return stats._replace(second=seconds)
-
-
-def _expect_step(acc: jax.Array, weight: jax.Array, values: jax.Array, m_old: jax.Array,
-                 m_new: jax.Array) -> jax.Array:
-    r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
-    the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
-    exponentials it is later divided by); ``weight`` is the block's :math:`e^{z_c - m}`
-    from :func:`~softmax_jax.fused.blocks.block_exp`. Classes of weight 0 add 0, whatever
-    ``v`` holds."""
-    block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
-    return rescale(acc, m_old, m_new) + block
 
 
 def _dlogits(call: _Call, blk: Block, raw: jax.Array | None, stats: RowStats, r: jax.Array):
