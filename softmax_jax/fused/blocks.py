@@ -51,10 +51,17 @@ def weight_cols(w: jax.Array, start: Any, width: int, ct: np.dtype) -> jax.Array
     bits = narrow_bits(w.dtype, ct)
     if bits is None or (isinstance(start, int) and start == 0 and width == w.shape[-1]):
         return cols(w, start, width)
-    if not isinstance(start, int):
-        w, _ = lax.optimization_barrier((w, start))
-    block = cols(lax.bitcast_convert_type(w, bits), start, width)
-    return lax.bitcast_convert_type(block, w.dtype)
+    return through_bits(w, start, bits, lambda a: cols(a, start, width))
+
+
+def through_bits(a: jax.Array, index: Any, bits: np.dtype,
+                 take: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``take(a)`` done on the bits of a narrow float ``a`` (see :func:`weight_cols`); a
+    traced ``index`` goes through the optimisation barrier with ``a``, so that the bit view
+    stays inside the loop that ``index`` counts."""
+    if not isinstance(index, int):
+        a, _ = lax.optimization_barrier((a, index))
+    return lax.bitcast_convert_type(take(lax.bitcast_convert_type(a, bits)), a.dtype)
 
 
 def put_cols(a: jax.Array, start: Any, update: jax.Array, add: bool) -> jax.Array:
@@ -112,8 +119,7 @@ def expect_step(acc: jax.Array, weight: jax.Array, values: jax.Array, m_old: jax
     r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
     the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
     exponentials it is later divided by); ``weight`` is the block's :math:`e^{z_c - m}`
-    from :func:`block_exp`. Classes of weight 0 add 0, whatever
-    ``v`` holds."""
+    from :func:`block_exp`. Classes of weight 0 add 0, whatever ``v`` holds."""
     block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
     return rescale(acc, m_old, m_new) + block
 
@@ -148,12 +154,10 @@ class Tokens:
         :func:`weight_cols`, so that no float32 copy of the whole array is hoisted."""
         bits = narrow_bits(a.dtype, np.dtype(np.float32)) if jnp.issubdtype(
             a.dtype, jnp.floating) else None
-        if bits is None or isinstance(k, int):
-            return lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
-        a, _ = lax.optimization_barrier((a, k))
-        block = lax.dynamic_index_in_dim(lax.bitcast_convert_type(a, bits), k, axis=1,
-                                         keepdims=False)
-        return lax.bitcast_convert_type(block, a.dtype)
+        def index(b: jax.Array) -> jax.Array:
+            return lax.dynamic_index_in_dim(b, k, axis=1, keepdims=False)
+
+        return index(a) if bits is None or isinstance(k, int) else through_bits(a, k, bits, index)
 
     @staticmethod
     def put(a: jax.Array, k: Any, block: jax.Array) -> jax.Array:
