@@ -8,9 +8,12 @@ devices in two processes. For every entry of :data:`CASES` it runs the fused los
 and ``teacher_b``) sharded along the vocabulary axis ``"v"`` and everything else
 replicated, takes the value and the gradients of ``x``, ``w`` and ``b``, and writes them,
 replicated back onto every device, to ``OUT_DIR/process{PROCESS_ID}.npz`` (keys
-``{case}/value``, ``{case}/dx``, ``{case}/dw``, ``{case}/db``). It prints one JSON line per
-case. The test process computes the same losses unsharded, in one process with no
-distribution, with :func:`value_and_grads` and :func:`inputs` from this module, and compares.
+``{case}/value``, ``{case}/dx``, ``{case}/dw``, ``{case}/db``). Each process also computes
+every case unsharded on one of its devices and prints, per case, one JSON line with the
+value and the largest relative errors (:func:`compare`), then a verdict line; it exits with
+status 1 when any case differs by more than :data:`TOLERANCE`. The test process computes the
+same losses unsharded, in one process with no distribution, with :func:`value_and_grads` and
+:func:`inputs` from this module, and compares with what each process wrote.
 
 Everything listens on 127.0.0.1 only: the coordinator is bound there, and gloo is told to
 use that address rather than whatever the machine's host name resolves to.
@@ -60,10 +63,21 @@ SPECS = {"x": (), "w": (None, AXIS), "b": (AXIS,), "tx": (), "tw": (None, AXIS),
          "tb": (AXIS,), "labels": (), "ct": ()}
 
 
-def distillation_available() -> bool:
-    import softmax_jax as sj  # noqa: PLC0415
+# Largest error of a sharded result, relative to max(1, the unsharded result's largest entry):
+# float32 summation in another order over four shards.
+TOLERANCE = 2e-5
+KEYS = ("value", "dx", "dw", "db")
 
-    return hasattr(sj, "linear_softmax_distillation")
+
+def compare(got: dict[str, Any], want: dict[str, Any]) -> dict[str, float]:
+    """Per key of :data:`KEYS`, the largest error of ``got`` against ``want`` relative to
+    ``max(1, max |want|)``; shapes must agree."""
+    errs = {}
+    for key in KEYS:
+        g, w = np.asarray(got[key], np.float64), np.asarray(want[key], np.float64)
+        assert g.shape == w.shape, (key, g.shape, w.shape)
+        errs[key] = float(np.max(np.abs(g - w))) / max(1.0, float(np.max(np.abs(w))))
+    return errs
 
 
 def inputs() -> dict[str, np.ndarray]:
@@ -183,23 +197,34 @@ def main(argv: list[str]) -> int:
         for n, v in host.items()
     }
     saved: dict[str, np.ndarray] = {}
+    mismatched = []
     for case in CASES:
-        if case.loss == "distillation" and not distillation_available():
-            print(json.dumps({"case": case.name, "skipped": "no linear_softmax_distillation"}),
-                  flush=True)
-            continue
         result = value_and_grads(case, placed, mesh)
         for key, arr in result.items():
             saved[f"{case.name}/{key}"] = _local(arr)
+        got = {key: saved[f"{case.name}/{key}"] for key in KEYS}
+        want = value_and_grads(case, {n: jax.numpy.asarray(v) for n, v in host.items()})
+        errs = compare(got, want)
+        match = max(errs.values()) < TOLERANCE
+        if not match:
+            mismatched.append(case.name)
         print(json.dumps({"case": case.name, "process": process_id,
-                          "value": float(saved[f"{case.name}/value"])}), flush=True)
+                          "value": float(got["value"]), "unsharded": float(want["value"]),
+                          "max_rel_err": errs, "match": match}), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / f"process{process_id}.npz", **saved)
     print(json.dumps({"case": "done", "process": process_id,
                       "devices": [str(d) for d in jax.devices()]}), flush=True)
+    verdict = (f"all {len(CASES)} cases match" if not mismatched else
+               f"{len(mismatched)} of {len(CASES)} cases differ: {', '.join(mismatched)}")
+    print(f"process {process_id}: sharded over {jax.device_count()} devices in "
+          f"{jax.process_count()} processes vs unsharded (value, dx, dw, db; relative error "
+          f"< {TOLERANCE:g}): {verdict}", flush=True)
     jax.distributed.shutdown()
-    return 0
+    return 1 if mismatched else 0
 
 
 if __name__ == "__main__":
+    # Run by hand, import the package beside this file, as the tests' subprocesses do.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main(sys.argv[1:]))

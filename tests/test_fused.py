@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import torch
 from _residuals import saved_residuals
 
 import softmax_jax as sj
@@ -37,8 +38,17 @@ def _inputs(dtype=jnp.float32, n=N, d=D, v=V, seed=0):
     w = (jax.random.normal(kw, (d, v)) * 0.8).astype(dtype)
     b = (jax.random.normal(kb, (v,)) * 0.5).astype(dtype)
     labels = jax.random.randint(ky, (n,), 0, v)
+    # Labels on every block boundary (first and last column of each block of 8 or 24, and
+    # V - 1), where an off-by-one in a block's label lookup would show; then the ignored ones.
+    edges = _block_edges(v)[: max(0, n - 5)]
+    labels = labels.at[4:4 + len(edges)].set(jnp.asarray(edges, labels.dtype))
     labels = labels.at[3].set(IGNORE).at[n - 1].set(IGNORE)
     return x, w, b, labels
+
+
+def _block_edges(v, blocks=(8, 24)):
+    starts = {s for vb in blocks for s in range(0, v, vb)}
+    return sorted({0, v - 1} | starts | {s - 1 for s in starts if s > 0})
 
 
 def unfused(x, w, labels, b=None, *, reduction="mean", soft_cap=None, ignore_index=None,
@@ -113,6 +123,52 @@ def test_each_option_matches_unfused_float32(reduction, opts):
 def test_each_block_layout_matches_unfused_float32(reduction, blocks):
     """Held rows in one or several (padded) token blocks, and recomputed vocabulary blocks."""
     _check_against_unfused(reduction, OPTIONS["all"], blocks)
+
+
+def _torch_reference(x, w, b, labels, cot, reduction, *, label_smoothing=0.0, z_loss=0.0,
+                     soft_cap=None, ignore_index=None, class_weights=None):
+    """PyTorch in float64: value and (dx, dw, db) of F.cross_entropy on x @ w + b with the
+    cap, plus an explicit z_loss * lse**2 on the counted tokens."""
+    t = [torch.tensor(np.asarray(a, np.float64), requires_grad=True) for a in (x, w, b)]
+    z = t[0] @ t[1] + t[2]
+    if soft_cap is not None:
+        z = soft_cap * torch.tanh(z / soft_cap)
+    y = torch.tensor(np.asarray(labels, np.int64))
+    ign = -100 if ignore_index is None else ignore_index
+    cw = None if class_weights is None else torch.tensor(np.asarray(class_weights, np.float64))
+    per = torch.nn.functional.cross_entropy(z, y, weight=cw, ignore_index=ign,
+                                            label_smoothing=label_smoothing, reduction="none")
+    kept = (y != ign).double()
+    per = per + z_loss * torch.logsumexp(z, 1) ** 2 * kept
+    if reduction == "none":
+        out, scalar = per, (per * torch.tensor(np.asarray(cot, np.float64))).sum()
+    else:
+        den = kept.sum() if cw is None else (cw[y.clamp(min=0)] * kept).sum()
+        out = scalar = per.sum() / den.clamp(min=1e-300)
+    scalar.backward()
+    return out.detach().numpy(), tuple(a.grad.numpy() for a in t)
+
+
+@pytest.mark.parametrize("opts", [
+    {"label_smoothing": 0.15}, {"z_loss": 1e-2}, {"soft_cap": 3.0},
+    {"class_weights": np.linspace(0.3, 2.0, V)}, {"ignore_index": IGNORE},
+    {"ignore_index": IGNORE, "label_smoothing": 0.3, "z_loss": 1e-3, "soft_cap": 5.0,
+     "class_weights": np.linspace(2.0, 0.5, V)},
+], ids=["smoothing", "z_loss", "soft_cap", "class_weights", "ignore_index", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_each_option_matches_pytorch_float64(reduction, opts):
+    """An oracle that shares no code with the fused rule (the core loss does): PyTorch's
+    F.cross_entropy with weight/ignore_index/label_smoothing, the cap and the z-loss term
+    written out, on two-pass vocabulary blocks."""
+    x, w, b, labels = _inputs()
+    labels = _labels_for(opts, labels)
+    cot = jax.random.normal(jax.random.PRNGKey(9), (N,))
+    got = _value_and_grads(
+        lambda x, w, b: linear_softmax_cross_entropy(
+            x, w, labels, b, reduction=reduction, **opts, **BLOCKS["two_pass"]),
+        x, w, b, reduction, cot)
+    want = _torch_reference(x, w, b, labels, cot, reduction, **opts)
+    _assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

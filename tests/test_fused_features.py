@@ -27,8 +27,11 @@ def _inputs(n=N, d=D, v=V, seed=0, dtype=jnp.float64):
     x = jnp.asarray(rng.normal(size=(n, d)), dtype)
     w = jnp.asarray(rng.normal(size=(d, v)) * 0.7, dtype)
     b = jnp.asarray(rng.normal(size=(v,)) * 0.5, dtype)
-    labels = jnp.asarray(rng.integers(0, v, n)).at[2].set(IGNORE)
-    return x, w, b, labels
+    labels = rng.integers(0, v, n)
+    # the first and last column of each vocabulary block of 8, and V - 1
+    edges = sorted({c for s in range(0, v, 8) for c in (s, s - 1) if c >= 0} | {v - 1})
+    labels[3:3 + len(edges)] = edges[: max(0, n - 3)]
+    return x, w, b, jnp.asarray(labels).at[2].set(IGNORE)
 
 
 def _unfused(x, w, labels, b, reduction, *, soft_cap=None, class_weights=None, **kw):
@@ -198,6 +201,29 @@ def test_stats_match_logsumexp_and_argmax(reduction, blocks):
     plain = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE, soft_cap=3.0,
                                          reduction=reduction, **BLOCKS[blocks])
     np.testing.assert_allclose(loss, plain, rtol=1e-6)
+
+
+# Rows of w: logit patterns with ties in the same and in different blocks of 8 (V = 20).
+_TIES = np.zeros((7, 20), np.float32)
+_TIES[1, [3, 11, 19]] = 1.0  # three blocks
+_TIES[2, [9, 17]] = 1.0  # the second and third block
+_TIES[3, [8, 16]] = 1.0  # block starts
+_TIES[4, [7, 15]] = 1.0  # block ends
+_TIES[5, 19] = 1.0  # the last class alone
+_TIES[6, [0, 5]] = -1.0  # ties at the maximum 0 everywhere else
+
+
+@pytest.mark.parametrize("blocks", [{}, {"vocab_block": 8}, {"vocab_block": 8, "token_block": 3}],
+                         ids=["held", "tiles", "small_tiles"])
+def test_argmax_takes_the_first_of_tied_classes_across_blocks(blocks):
+    # jnp.argmax's rule, the first index among equal maxima, whichever blocks hold them.
+    x = jnp.eye(7, dtype=jnp.float32)
+    w = jnp.asarray(_TIES)
+    labels = jnp.zeros((7,), jnp.int32)
+    _, stats = linear_softmax_cross_entropy(x, w, labels, return_stats=True, **blocks)
+    want = jnp.argmax(x @ w, axis=1)
+    np.testing.assert_array_equal(want, [0, 3, 9, 8, 7, 19, 1])
+    np.testing.assert_array_equal(stats.argmax, want)
 
 
 def test_stats_carry_no_gradient():

@@ -4,16 +4,13 @@ Two worker processes (``tests/_multiprocess_check.py``) form a JAX cluster with
 ``jax.distributed.initialize`` on 127.0.0.1, two CPU devices each and gloo collectives, and
 run every case of ``CASES`` inside ``jax.shard_map`` over the four devices, with the heads
 sharded along the vocabulary. This process computes the same values and gradients (``x``,
-``w``, ``b``) without any sharding and compares them with what each worker wrote. The
-distillation cases are skipped while ``softmax_jax.linear_softmax_distillation`` does not
-exist.
+``w``, ``b``) without any sharding and compares them with what each worker wrote.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _subprocess import repo_env
 
 WORKER = Path(__file__).with_name("_multiprocess_check.py")
 _spec = importlib.util.spec_from_file_location("_multiprocess_check", WORKER)
@@ -43,8 +41,7 @@ def _free_port() -> int:
 def _run_workers(out_dir: Path) -> list[str]:
     """Starts both workers, waits for both, and returns their combined output; fails with
     both outputs when either fails or runs past the timeout."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = repo_env(drop=("XLA_FLAGS",), JAX_PLATFORMS="cpu")
     port = _free_port()
     procs = [
         subprocess.Popen(
@@ -91,18 +88,24 @@ def test_workers_formed_one_four_device_cluster(worker_results):
 
 @pytest.mark.parametrize("case", check.CASES, ids=lambda c: c.name)
 def test_two_processes_match_one(worker_results, case):
-    if case.loss == "distillation" and not check.distillation_available():
-        pytest.skip("softmax_jax.linear_softmax_distillation does not exist yet")
     want = check.value_and_grads(case, {k: jax.numpy.asarray(v) for k, v in
                                         check.inputs().items()})
     assert np.isfinite(float(want["value"])), want["value"]
     for i, arrays in worker_results["arrays"].items():
-        for key in ("value", "dx", "dw", "db"):
-            got = arrays.get(f"{case.name}/{key}")
-            assert got is not None, f"process {i} did not write {case.name}/{key}"
-            expected = np.asarray(want[key])
-            assert got.shape == expected.shape, (i, key, got.shape, expected.shape)
-            scale = max(1.0, float(np.max(np.abs(expected))))
-            err = float(np.max(np.abs(got - expected))) / scale
-            assert err < 2e-5, f"process {i}, {case.name}, {key}: relative error {err:.2e}"
+        missing = [k for k in check.KEYS if f"{case.name}/{k}" not in arrays]
+        assert not missing, f"process {i} did not write {case.name}/{missing}"
+        errs = check.compare({k: arrays[f"{case.name}/{k}"] for k in check.KEYS}, want)
+        assert max(errs.values()) < check.TOLERANCE, (i, case.name, errs)
         assert np.any(arrays[f"{case.name}/dw"]), "an all-zero dw would prove nothing"
+
+
+def test_each_worker_compared_every_case_and_printed_a_verdict(worker_results):
+    # What a run by hand shows: per case the errors against the unsharded run, then a verdict.
+    for i in range(check.NUM_PROCESSES):
+        rows = [r for r in worker_results["lines"]
+                if r.get("process") == i and "match" in r]
+        assert [r["case"] for r in rows] == [c.name for c in check.CASES]
+        assert all(r["match"] for r in rows), rows
+        assert f"process {i}: sharded over 4 devices in 2 processes vs unsharded" in (
+            worker_results["logs"])
+    assert worker_results["logs"].count(f"all {len(check.CASES)} cases match") == 2
