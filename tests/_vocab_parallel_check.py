@@ -24,6 +24,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _rounding import gradient_rounding_ratios  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -172,9 +173,7 @@ def check_bf16(mesh: Mesh) -> None:
 
     The f32 loss agrees to float32 rounding. Each gradient is a product of the logit
     gradient dz, rounded to bf16 (as the fused rule does for narrow weights), with bf16
-    operands, accumulated in f32 and rounded once more: its error is at most half a bf16
-    spacing of ``|dz| @ |w|.T`` (resp. ``|x|.T @ |dz|``, ``sum |dz|``) plus half a spacing of
-    the result. The check allows one spacing of each, twice that bound.
+    operands, accumulated in f32 and rounded once more (``_rounding.py``).
     """
     x, w, b, labels = _inputs()
     xb, wb, bb = (a.astype(jnp.bfloat16) for a in (x, w, b))
@@ -202,14 +201,8 @@ def check_bf16(mesh: Mesh) -> None:
     a /= a.sum(1, keepdims=True)
     kept = np.asarray(labels) != IGNORE
     dz = np.where(kept[:, None], a - np.eye(V)[np.where(kept, labels, 0)], 0.0) / kept.sum()
-    ax, aw = np.abs(np.asarray(xr, np.float64)), np.abs(np.asarray(wr, np.float64))
-    sizes = (np.abs(dz) @ aw.T, ax.T @ np.abs(dz), np.abs(dz).sum(0))
-    eps = float(jnp.finfo(jnp.bfloat16).eps)
-    ratios = []
-    for g, w_, size in zip(got[1], want[1], sizes, strict=True):
-        g, w_ = np.asarray(g, np.float64), np.asarray(w_, np.float64)
-        bound = eps * (size + np.abs(w_)) + 1e-30
-        ratios.append(float(np.max(np.abs(g - w_) / bound)))
+    ratios = gradient_rounding_ratios(got[1], want[1], dz, xr, wr,
+                                      float(jnp.finfo(jnp.bfloat16).eps))
     print(json.dumps({"name": "bf16 gradients within their rounding bound",
                       "max_err": max(ratios), "ratios": ratios}), flush=True)
     assert max(ratios) <= 1.0, ratios
