@@ -487,11 +487,13 @@ def test_logsumexp_b_refuses_bad_scale_factors():
         sj.logsumexp(jnp.ones((3, 4)), axis=-1, where=jnp.ones(3, bool))
 
 
-@pytest.mark.parametrize("shape", [(0,), (0, 3), (2, 0), (2, 0, 3)])
-@pytest.mark.parametrize("axis", [-1, 0, None, (0, -1)], ids=["-1", "0", "None", "(0,-1)"])
+# every shape with every axis, except a pair of axes on the 1-D shape, which has only one
+@pytest.mark.parametrize(("shape", "axis"), [
+    pytest.param(shape, axis, id=f"{shape}-{axis}".replace(" ", ""))
+    for shape in [(0,), (0, 3), (2, 0), (2, 0, 3)] for axis in [-1, 0, None, (0, -1)]
+    if not (isinstance(axis, tuple) and len(shape) < 2)
+])
 def test_zero_size_inputs_behave_as_in_jax_nn(shape, axis):
-    if isinstance(axis, tuple) and len(shape) < 2:
-        return
     x = jnp.zeros(shape)
     for name in ("softmax", "log_softmax"):
         got, want = getattr(sj, name)(x, axis=axis), getattr(jax.nn, name)(x, axis=axis)

@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _subprocess import repo_env
 
 from softmax_jax.experiments import lm
 from softmax_jax.experiments.lm_distill import (
@@ -212,7 +212,7 @@ def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_p
 def test_script_is_data_parallel_over_simulated_devices(tmp_path):
     # Under the SPMD partitioner the fused distillation head sees batch-sharded rows; sharding
     # must not change the numbers.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     env.pop("XLA_FLAGS", None)
     runs = {}
     for devices in ("1", "2"):
@@ -241,7 +241,7 @@ def test_script_is_data_parallel_over_simulated_devices(tmp_path):
     ],
 )
 def test_script_rejects_bad_flags(tmp_path, args, message):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env = repo_env(JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

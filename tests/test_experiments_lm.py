@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _subprocess import repo_env
 
 import softmax_jax as sj
 from softmax_jax.experiments import lm
@@ -232,7 +232,7 @@ def test_load_params_reads_the_model_widths_from_the_checkpoint(corpus, tmp_path
 
 
 def run_script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=180)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _subprocess import repo_env
 from test_experiments_data import write_fake_mnist
 
 from softmax_jax.experiments.data import MNIST_FILES
@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def run_script(name: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     return subprocess.run(
         [sys.executable, str(SCRIPTS / name), *map(str, args)],
         cwd=cwd,
