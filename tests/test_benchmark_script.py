@@ -2,33 +2,49 @@
 
 from __future__ import annotations
 
-import os
+import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from _subprocess import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _core_case_names() -> list[str]:
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    module = sys.modules[spec.name]
+    return [c.name for c in module.core_cases(4, 5, np.float32)]
+
+
 @pytest.mark.parametrize("extra", [[], ["--hugepages"]], ids=["default", "hugepages"])
 def test_core_benchmark_small_run_prints_a_complete_table(extra):
+    # The table's structure, not the speed (the benchmark itself measures that).
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "32", "--v", "50",
          "--repeats", "2", *extra],
         capture_output=True, text=True, check=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"},
+        env=repo_env(drop=("GLIBC_TUNABLES",)),
     ).stdout
     header = out.splitlines()[0]
     assert ("glibc.malloc.hugetlb=1" in header) == bool(extra), header
-    rows = [line for line in out.splitlines() if line.startswith("| softmax") or
-            line.startswith("| log") or line.startswith("| sigmoid")
-            or line.startswith("| distillation")]
-    assert len(rows) == 10, out
+    assert "N=32, V=50, median of 2 interleaved runs" in out, out
+    rows = _table(out, "| function | anchor | anchor ms | softmax_jax ms | time ratio")
+    assert [r[0] for r in rows] == _core_case_names(), out
     for row in rows:
-        ratio = float(row.split("|")[5].strip().rstrip("x"))
-        assert 0.0 < ratio < 100.0, row
+        assert len(row) == 8, row
+        assert row[1], row  # every row names its anchor
+        for cell in (row[2], row[3], row[6], row[7]):  # milliseconds and MiB
+            assert re.fullmatch(r"\d+(\.\d)?", cell), row
+        assert re.fullmatch(r"\d+\.\d\dx", row[4]), row
 
 
 def _table(out: str, header_start: str) -> list[list[str]]:
@@ -44,12 +60,10 @@ def _table(out: str, header_start: str) -> list[list[str]]:
 
 
 def test_fused_suite_quick_run_prints_every_table():
-    import softmax_jax as sj
-
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused", "--quick",
          "--repeats", "1"],
-        capture_output=True, text=True, check=True, timeout=600,
+        capture_output=True, text=True, check=True, timeout=600, env=repo_env(),
     ).stdout
     ce = _table(out, "| N | D | V | anchor temp MiB")
     assert [r[:3] for r in ce] == [["96", "16", "300"], ["64", "8", "1000"]], out
@@ -60,16 +74,12 @@ def test_fused_suite_quick_run_prints_every_table():
         assert float(row[9]) < 1e-4, row
     for row in chunked[0::2]:  # the fused cross-entropy is there and agrees too
         assert float(row[10]) < 1e-4, row
-        assert 0.0 < float(row[6].split("x")[0]) < 100.0, row
+        assert re.fullmatch(r"\d+\.\d+x.*", row[6]), row
     bf16 = _table(out, "| loss | N | D | V | fused temp MiB")
     assert [r[:4] for r in bf16][0] == ["cross-entropy", "256", "64", "4096"]
     assert float(bf16[0][4]) > 0.0
-    if hasattr(sj, "linear_softmax_distillation"):
-        assert len(_table(out, "| N | D | V | anchor temp MiB")) == 2
-        assert all(float(r[10]) < 1e-4 for r in chunked[1::2]), chunked
-        assert float(bf16[1][4]) > 0.0
-    else:
-        assert "linear_softmax_distillation does not exist" in out
+    assert all(float(r[10]) < 1e-4 for r in chunked[1::2]), chunked
+    assert float(bf16[1][4]) > 0.0
 
 
 def test_timing_helpers_measure_and_compare():
