@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(teacher LMConfig, student LMConfig, DistillConfig); their checks become usage errors."""
     from softmax_jax.experiments.lm import LMConfig
-    from softmax_jax.experiments.lm_distill import DistillConfig
+    from softmax_jax.experiments.lm.distill import DistillConfig
 
     shared = {
         "vocab_size": args.vocab, "context": args.context, "batch_size": args.batch_size,
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
 
     from softmax_jax.experiments import lm
     from softmax_jax.experiments.checkpoint import atomic_write_json
-    from softmax_jax.experiments.lm_distill import run_distillation
+    from softmax_jax.experiments.lm.distill import run_distillation
 
     teacher_cfg, student_cfg, dcfg = args.configs
     mesh = lm.make_mesh(args.devices)

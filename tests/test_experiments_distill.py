@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from softmax_jax.experiments import lm
-from softmax_jax.experiments.lm_distill import (
+from softmax_jax.experiments.lm.distill import (
     DistillConfig,
     distillation_head_loss,
     run_distillation,

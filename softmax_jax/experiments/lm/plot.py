@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from softmax_jax.experiments.lm_train import TrainResult
+from softmax_jax.experiments.lm.loop import TrainResult
 
 __all__ = ["plot_distillation", "plot_losses"]
 

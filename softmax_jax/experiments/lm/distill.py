@@ -1,6 +1,6 @@
 r"""Knowledge distillation on the stdlib next-token model, through the fused distillation head.
 
-A wider *teacher* (the model of :mod:`softmax_jax.experiments.lm_model`, trained briefly, or
+A wider *teacher* (the model of :mod:`softmax_jax.experiments.lm.model`, trained briefly, or
 loaded from a ``train_lm.py`` checkpoint) teaches a narrower *student*. The student is trained
 twice from the same initial parameters on the same batches for the same number of steps:
 
@@ -31,10 +31,10 @@ import jax
 from jax.sharding import Mesh
 
 import softmax_jax as sj
-from softmax_jax.experiments.lm_checkpoint import load_params
-from softmax_jax.experiments.lm_corpus import Corpus
-from softmax_jax.experiments.lm_model import LMConfig, Params, _head_token_block, features
-from softmax_jax.experiments.lm_train import Objective, TrainResult, evaluate, train
+from softmax_jax.experiments.lm.checkpoint import load_params
+from softmax_jax.experiments.lm.corpus import Corpus
+from softmax_jax.experiments.lm.loop import Objective, TrainResult, evaluate, train
+from softmax_jax.experiments.lm.model import LMConfig, Params, _head_token_block, features
 
 __all__ = [
     "DistillConfig",
@@ -99,7 +99,7 @@ def distillation_head_loss(
 
 
 def distillation_objective(cfg: LMConfig, dcfg: DistillConfig, mesh: Mesh) -> Objective:
-    """The student's training loss for :func:`~.lm_train.train`; the teacher's parameters
+    """The student's training loss for :func:`~.loop.train`; the teacher's parameters
     arrive as its ``frozen`` argument, so the jitted step takes them as an input."""
     token_block = _head_token_block(cfg, mesh, heads=2)
 

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from softmax_jax.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from softmax_jax.experiments.lm_corpus import Corpus
-from softmax_jax.experiments.lm_model import LMConfig, Params, init_params
+from softmax_jax.experiments.lm.corpus import Corpus
+from softmax_jax.experiments.lm.model import LMConfig, Params, init_params
 
 __all__ = [
     "CHECKPOINT_NAME",
