@@ -39,6 +39,7 @@ from softmax_jax.experiments.lm.checkpoint import (
     load_params,
     restore_state,
     save_state,
+    saved_step,
 )
 from softmax_jax.experiments.lm.corpus import (
     TOKEN_RE,
@@ -96,6 +97,7 @@ __all__ = [
     "plot_losses",
     "restore_state",
     "save_state",
+    "saved_step",
     "simulate_host_devices",
     "stdlib_files",
     "tokenize",
