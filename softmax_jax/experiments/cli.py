@@ -60,7 +60,8 @@ def claim_run_folder(parser: argparse.ArgumentParser, out: Path, resume: bool,
     if not found or resume:
         return
     if not overwrite:
-        parser.error(f"{out} already holds a run ({', '.join(found)}); pass --resume to"
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        parser.error(f"{out} already holds a run ({found[0]}{more}); pass --resume to"
                      " continue it or --overwrite to start over")
     for name in found:
         (out / name).unlink()
