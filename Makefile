@@ -24,10 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy softmax_jax
 
+# The demo is the same every time: a second `make demo` retrains runs/demo from scratch
+# (--overwrite) instead of stopping at the run the first one left there.
 demo: $(STAMP)
 	$(PY) scripts/worked_example.py
 	$(PY) scripts/slowdown.py --out runs/demo/slowdown
-	$(PY) scripts/train.py --compare --out runs/demo
+	$(PY) scripts/train.py --compare --out runs/demo --overwrite
 
 benchmark: $(STAMP)
 	$(PY) scripts/benchmark.py

@@ -14,10 +14,14 @@ Examples:
     python scripts/distill_lm.py --temperature 2 --hard-weight 0
     python scripts/train_lm.py --vocab 8000 --out runs/teacher
     python scripts/distill_lm.py --teacher-checkpoint runs/teacher/checkpoint.npz
+    python scripts/distill_lm.py --resume                     # continue an interrupted run
 
 Writes DIR/metrics.json (settings, corpus statistics, the teacher's and both students'
-held-out perplexities, per-step losses and evaluations), DIR/distill.png and, when the
-teacher is trained here, DIR/teacher/checkpoint.npz (reusable with --teacher-checkpoint).
+held-out perplexities, per-step losses and evaluations), DIR/distill.png, DIR/distill.json
+(the settings a resumed run must match) and one checkpoint per phase, rewritten atomically
+at every evaluation: DIR/teacher/checkpoint.npz when the teacher is trained here (reusable
+with --teacher-checkpoint), DIR/hard/ and DIR/distilled/checkpoint.npz. --resume continues
+phase by phase; a folder that already holds a run is refused without --resume or --overwrite.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments.cli import add_run_arguments, check_common_arguments
+from softmax_jax.experiments import cli
+
+#: What an earlier run leaves in --out (the phases' folders are lm.distill.PHASES').
+RUN_FILES = ("metrics.json", "distill.json", "teacher/checkpoint.npz", "hard/checkpoint.npz",
+             "distilled/checkpoint.npz")
 
 
 def _add_flags(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +72,9 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
                         help="weight of the label cross-entropy (default 0.5)")
     distil.add_argument("--beta", type=float, default=0.0,
                         help="0: forward KL, 1: reverse KL, between: generalised JSD (default 0)")
-    add_run_arguments(parser, eval_positions=4096, final_eval_positions=32768,
-                      out=Path("runs/distill"))
+    run = cli.add_run_arguments(parser, eval_positions=4096, final_eval_positions=32768,
+                            out=Path("runs/distill"))
+    cli.add_resume_arguments(run, "--steps (phase by phase)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,18 +86,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     _add_flags(parser)
     args = parser.parse_args(argv)
-    check_common_arguments(parser, args)
+    cli.check_common_arguments(parser, args)
+    if args.teacher_checkpoint is not None and not args.teacher_checkpoint.is_file():
+        # Before the corpus is read: that takes longer than the typo took to make.
+        parser.error(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file")
     try:
         args.configs = _configs(args)
     except ValueError as exc:
         parser.error(str(exc))
+    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(teacher LMConfig, student LMConfig, DistillConfig); their checks become usage errors."""
     from softmax_jax.experiments.lm import LMConfig
-    from softmax_jax.experiments.lm_distill import DistillConfig
+    from softmax_jax.experiments.lm.distill import DistillConfig
 
     shared = {
         "vocab_size": args.vocab, "context": args.context, "batch_size": args.batch_size,
@@ -108,14 +121,17 @@ def _report(summary: dict[str, Any], unigram: float) -> str:
     """The closing line: all perplexities, and which student is lower, by how much."""
     ppl = summary["heldout_perplexity"]
     hard, distilled = ppl["hard"], ppl["distilled"]
-    better = "distilled" if distilled < hard else "hard-label"
-    return (
+    head = (
         f"held-out perplexity: teacher {summary['teacher']['final_heldout']['perplexity']:.2f},"
         f" hard-label student {hard:.2f}, distilled student {distilled:.2f}"
-        f" (unigram baseline {unigram:.2f}); the {better} student is lower by"
-        f" {abs(hard - distilled):.2f} ({abs(hard - distilled) / hard:.1%} of the hard-label"
-        " student's)"
+        f" (unigram baseline {unigram:.2f}); "
     )
+    if summary["better"] == "tie":
+        return head + "the two students tie exactly"
+    better = "distilled" if distilled < hard else "hard-label"
+    gap = abs(hard - distilled)
+    return head + (f"the {better} student is lower by {gap:.3g} ({gap / hard:.1%} of the"
+                   " hard-label student's)")
 
 
 def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
@@ -124,7 +140,7 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
 
     from softmax_jax.experiments import lm
     from softmax_jax.experiments.checkpoint import atomic_write_json
-    from softmax_jax.experiments.lm_distill import run_distillation
+    from softmax_jax.experiments.lm.distill import run_distillation
 
     teacher_cfg, student_cfg, dcfg = args.configs
     mesh = lm.make_mesh(args.devices)
@@ -142,7 +158,8 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
         f" {jax.default_backend()} device(s)")
     result = run_distillation(
         teacher_cfg, student_cfg, dcfg, corpus, mesh, teacher_checkpoint=args.teacher_checkpoint,
-        out_dir=args.out, progress=not args.no_progress and sys.stderr.isatty(), log=log)
+        out_dir=args.out, resume=args.resume,
+        progress=not args.no_progress and sys.stderr.isatty(), log=log)
     unigram = lm.unigram_perplexity(corpus)
     summary = result.summary()
     atomic_write_json(args.out / "metrics.json", summary | {
@@ -157,9 +174,25 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
     return _report(summary, unigram)
 
 
+def _saved_phases(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves behind, phase by phase, for the interrupt message."""
+    from softmax_jax.experiments import lm
+    from softmax_jax.experiments.lm.distill import PHASES
+
+    saved = []
+    for folder, what in PHASES:
+        step = lm.saved_step(args.out / folder / lm.CHECKPOINT_NAME)
+        if step is not None:
+            saved.append(f"{what} at step {step}")
+    if not saved:
+        return "no phase reached a checkpoint"
+    return f"saved in {args.out}: " + ", ".join(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
+    cli.require_extras("distill_lm.py", ["matplotlib", "tqdm"])
     from softmax_jax.experiments import lm
 
     if args.devices is not None:
@@ -181,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distill_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ndistill_lm.py: interrupted", file=sys.stderr)
+        print(f"\ndistill_lm.py: interrupted; {_saved_phases(args)}; continue with:"
+              f" {cli.resume_command('distill_lm.py', argv)}", file=sys.stderr)
         return 130
     print(report)
     print(f"wrote {args.out}/metrics.json and distill.png;"

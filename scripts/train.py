@@ -7,9 +7,13 @@ Examples:
     python scripts/train.py --compare --out runs/compare     # all three costs, same seed
     python scripts/train.py --dataset mnist --data-dir ~/data/mnist --hidden 100 --l2 5
     python scripts/train.py --epochs 60 --resume             # continue runs/train to epoch 60
+    python scripts/train.py --epochs 5 --overwrite           # start runs/train over
 
 Writes DIR/metrics.json, DIR/curves.png and DIR/checkpoint.npz (rewritten after every
 epoch); with --compare one such folder per cost plus DIR/compare.png and DIR/compare.json.
+A folder that already holds a run is refused unless --resume or --overwrite says what to do
+with it. A run whose training loss stops being finite, or grows past 10 times the starting
+loss, stops there with an error and keeps the checkpoint of its last good epoch.
 The L2 term is Nielsen's 0.5 * l2 / n * sum(w^2) over the weights, added to the loss.
 """
 
@@ -19,6 +23,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from softmax_jax.experiments.cli import add_resume_arguments, claim_run_folder, require_extras
 
 COSTS = ("softmax_ce", "sigmoid_ce", "quadratic")
 
@@ -50,14 +56,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="output folder (default runs/train, or runs/compare with --compare)")
     run.add_argument("--compare", action="store_true",
                      help="train all three costs with the same seed and plot them together")
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out up to --epochs")
+    add_resume_arguments(run, "--epochs")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.dataset == "mnist" and args.data_dir is None:
         parser.error("--dataset mnist needs --data-dir DIR")
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.out is None:
         args.out = Path("runs/compare" if args.compare else "runs/train")
+    run_files = ["checkpoint.npz", "metrics.json"]
+    if args.compare:
+        run_files = ["compare.json", *(f"{cost}/{name}" for cost in COSTS for name in run_files)]
+    claim_run_folder(parser, args.out, args.resume, args.overwrite, run_files)
 
     from softmax_jax.experiments.mlp import TrainConfig
 
@@ -127,17 +138,27 @@ def run(args: argparse.Namespace) -> None:
         plot_curves({config.cost: state.history}, args.out / "curves.png", title)
         print()
         print(mlp.format_summary({config.cost: state}))
-        print(f"\nwrote {args.out}/metrics.json, curves.png and checkpoint.npz")
+        if state.epochs_run:
+            print(f"\nwrote {args.out}/metrics.json, curves.png and checkpoint.npz")
+        else:
+            print(f"\nnothing trained: {args.out}/checkpoint.npz is unchanged at epoch"
+                  f" {state.epoch}; rewrote metrics.json and curves.png from it")
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
+    require_extras("train.py", ["matplotlib", "tqdm"] + (["sklearn"] if args.dataset == "digits"
+                                                         else []))
     from softmax_jax.experiments.checkpoint import CheckpointError
     from softmax_jax.experiments.data import DatasetError
+    from softmax_jax.experiments.mlp import DivergenceError
 
     try:
         run(args)
+    except DivergenceError as exc:
+        print(f"train.py: error: {exc}; lower --eta (now {args.eta:g})", file=sys.stderr)
+        return 1
     except (DatasetError, CheckpointError) as exc:
         # Expected failures (bad data, unusable checkpoint): one line, no traceback.
         print(f"train.py: error: {exc}", file=sys.stderr)

@@ -12,11 +12,13 @@ Examples:
     python scripts/train_lm.py --devices 8              # 8 simulated CPU devices
     python scripts/train_lm.py --steps 50 --vocab 8000 --max-files 200 --out runs/lm_small
     python scripts/train_lm.py --steps 600 --resume     # continue runs/lm to step 600
+    python scripts/train_lm.py --overwrite              # start runs/lm over
 
 Writes DIR/metrics.json (settings, corpus statistics, per-step loss, held-out evaluations,
 final held-out perplexity and the unigram baseline), DIR/loss.png and DIR/checkpoint.npz
 (parameters, Adam state and batch generator, rewritten atomically at every evaluation; a
-resumed run continues bit-for-bit, and distill_lm.py can take it as its teacher).
+resumed run continues bit-for-bit, and distill_lm.py can take it as its teacher). A folder
+that already holds a run is refused unless --resume or --overwrite says what to do with it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments.cli import add_run_arguments, check_common_arguments
+from softmax_jax.experiments import cli
+
+RUN_FILES = ("checkpoint.npz", "metrics.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,12 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--label-smoothing", type=float, default=0.0, help="default 0")
     model.add_argument("--z-loss", type=float, default=0.0, help="default 0")
     model.add_argument("--seed", type=int, default=0, help="default 0")
-    run = add_run_arguments(parser, eval_positions=8192, final_eval_positions=65536,
+    run = cli.add_run_arguments(parser, eval_positions=8192, final_eval_positions=65536,
                             out=Path("runs/lm"))
-    run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint in --out up to --steps")
+    cli.add_resume_arguments(run, "--steps")
     args = parser.parse_args(argv)
-    check_common_arguments(parser, args)
+    cli.check_common_arguments(parser, args)
+    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
@@ -135,7 +139,7 @@ def run(args: argparse.Namespace, cfg: Any, mesh: Any, progress: bool,
         "backend": jax.default_backend(),
     }
     atomic_write_json(args.out / "metrics.json", summary)
-    lm.plot_losses(result, args.out / "loss.png")
+    lm.plot_losses(result, args.out / "loss.png", unigram_perplexity=unigram)
     return (
         f"held-out perplexity {result.final['perplexity']:.2f}"
         f" (unigram baseline {unigram:.2f})"
@@ -145,6 +149,7 @@ def run(args: argparse.Namespace, cfg: Any, mesh: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
+    cli.require_extras("train_lm.py", ["matplotlib", "tqdm"])
     from softmax_jax.experiments import lm
 
     if args.devices is not None:
@@ -172,11 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            f"\ntrain_lm.py: interrupted; the checkpoint of the last evaluation is in {args.out},"
-            " continue with --resume",
-            file=sys.stderr,
-        )
+        step = lm.saved_step(args.out / lm.CHECKPOINT_NAME)
+        saved = (f"step {step} is saved in {args.out / lm.CHECKPOINT_NAME}" if step is not None
+                 else "nothing was saved (no evaluation finished)")
+        print(f"\ntrain_lm.py: interrupted; {saved}; continue with:"
+              f" {cli.resume_command('train_lm.py', argv)}", file=sys.stderr)
         return 130
     print(report)
     elapsed = time.perf_counter() - start

@@ -18,8 +18,11 @@ import pytest
 from _subprocess import repo_env
 
 from softmax_jax.experiments import lm
-from softmax_jax.experiments.lm_distill import (
+from softmax_jax.experiments.checkpoint import CheckpointError
+from softmax_jax.experiments.lm import distill as distill_module
+from softmax_jax.experiments.lm.distill import (
     DistillConfig,
+    DistillResult,
     distillation_head_loss,
     run_distillation,
 )
@@ -153,6 +156,35 @@ def test_teacher_from_a_checkpoint(distilled, corpus):
                          DistillConfig(), corpus, lm.make_mesh(1), teacher_checkpoint=path)
 
 
+def test_resume_goes_phase_by_phase(distilled, corpus):
+    result, out = distilled
+    for phase in ("teacher", "hard", "distilled"):
+        assert (out / phase / lm.CHECKPOINT_NAME).is_file(), phase
+    lines = []
+    again = run_distillation(small_config(hidden=64, steps=20), small_config(hidden=16),
+                             DistillConfig(temperature=2.0, hard_weight=0.3), corpus,
+                             lm.make_mesh(1), out_dir=out, resume=True, log=lines.append)
+    # Every phase finished: each is loaded, none retrained, and the numbers are the same.
+    assert sum("nothing to train" in line for line in lines) == 3, lines
+    assert again.summary()["heldout_perplexity"] == result.summary()["heldout_perplexity"]
+    assert again.teacher_final == result.teacher_final
+    with pytest.raises(CheckpointError, match=r"temperature 2\.0 \(now 1\.0\); drop --resume"):
+        run_distillation(small_config(hidden=64, steps=20), small_config(hidden=16),
+                         DistillConfig(hard_weight=0.3), corpus, lm.make_mesh(1), out_dir=out,
+                         resume=True, log=lambda _: None)
+
+
+def test_a_tie_is_reported_as_a_tie(distilled):
+    result, _ = distilled
+    hard = result.students["hard"]
+    tie = DistillResult(result.teacher_config, "trained", 20, result.teacher_final,
+                        {"hard": hard, "distilled": hard}, result.distill, 0.0)
+    summary = tie.summary()
+    assert summary["better"] == "tie"
+    line = _script_module()._report(summary, 100.0)
+    assert line.endswith("the two students tie exactly") and "lower by" not in line
+
+
 # --- the script -------------------------------------------------------------------------------
 
 
@@ -198,6 +230,37 @@ def test_script_writes_metrics_and_plot(tmp_path, capsys):
     assert reused["heldout_perplexity"] == metrics["heldout_perplexity"]
 
 
+def test_script_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
+    script = _script_module()
+    out = tmp_path / "run"
+    args = [*SCRIPT_ARGS, "--out", str(out)]
+    real_train = distill_module.train
+
+    def interrupted(*a, **kw):
+        if kw.get("desc") == "distilled student":
+            raise KeyboardInterrupt
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(distill_module, "train", interrupted)
+    assert script.main(args) == 130
+    err = capsys.readouterr().err
+    assert f"saved in {out}: teacher at step 8, hard-label student at step 6;" in err
+    assert "continue with: python scripts/distill_lm.py" in err and err.rstrip().endswith(
+        "--no-progress --out " + str(out) + " --resume")
+    monkeypatch.setattr(distill_module, "train", real_train)
+    assert script.main([*args, "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert "teacher: nothing to train" in stdout
+    assert "hard-label student: nothing to train" in stdout
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in resumed["students"]["distilled"]["history"]] == [1, 2, 3, 4, 5, 6]
+    # Bit-for-bit the run the interruption cut short: the same as an uninterrupted one.
+    whole = tmp_path / "whole"
+    assert script.main([*SCRIPT_ARGS, "--out", str(whole)]) == 0
+    assert resumed["heldout_perplexity"] == json.loads(
+        (whole / "metrics.json").read_text())["heldout_perplexity"]
+
+
 def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_path, capsys):
     script = _script_module()
     teacher = distilled[1] / "teacher" / lm.CHECKPOINT_NAME  # trained with heldout_every=4
@@ -238,6 +301,9 @@ def test_script_is_data_parallel_over_simulated_devices(tmp_path):
         (("--temperature", "0"), "temperature must be a positive number"),
         (("--hard-weight", "2"), "hard_weight must lie in [0, 1]"),
         (("--devices", "3", "--batch-size", "64"), "must be divisible by --devices 3"),
+        # Reported before the corpus is read (the whole stdlib, seconds).
+        (("--teacher-checkpoint", "/nonexistent.npz"),
+         "--teacher-checkpoint /nonexistent.npz: no such file"),
     ],
 )
 def test_script_rejects_bad_flags(tmp_path, args, message):
@@ -246,6 +312,7 @@ def test_script_rejects_bad_flags(tmp_path, args, message):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "stdlib corpus" not in proc.stdout
 
 
 def test_unfused_reference_matches_a_materialised_kl():

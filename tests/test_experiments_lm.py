@@ -165,7 +165,8 @@ def test_config_and_train_reject_bad_settings(corpus):
 
 def test_plot_losses_writes_a_png(corpus, tmp_path):
     result = lm.train(small_config(steps=3), corpus, lm.make_mesh(1), log=lambda _: None)
-    lm.plot_losses(result, tmp_path / "sub" / "loss.png")
+    lm.plot_losses(result, tmp_path / "sub" / "loss.png",
+                   unigram_perplexity=lm.unigram_perplexity(corpus))
     assert (tmp_path / "sub" / "loss.png").read_bytes().startswith(PNG_MAGIC)
 
 
@@ -270,6 +271,7 @@ def test_script_is_data_parallel_over_simulated_devices(tmp_path):
         (("--devices", "0"), "--devices must be positive"),
         (("--devices", "4", "--batch-size", "30"), "must be divisible by --devices 4"),
         (("--max-files", "1"), "--max-files must be at least 2"),
+        (("--vocab", "1"), "vocab_size must be at least 2, got 1"),
     ],
 )
 def test_script_rejects_bad_flags(tmp_path, args, message):
@@ -293,6 +295,28 @@ def test_script_resumes_from_its_checkpoint(tmp_path):
     changed = run_script(*common, "--steps", "9", "--hidden", "40", "--resume", cwd=tmp_path)
     assert changed.returncode == 1 and "Traceback" not in changed.stderr
     assert "hidden 32 (now 40)" in changed.stderr
+
+
+def test_script_interrupt_names_the_saved_step(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from softmax_jax.experiments.lm import loop
+
+    spec = importlib.util.spec_from_file_location("train_lm_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    real_save = loop.save_state
+
+    def save_then_interrupt(*a, **kw):
+        real_save(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_state", save_then_interrupt)
+    out = tmp_path / "run"
+    assert script.main([*SCRIPT_ARGS, "--no-progress", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f"step 3 is saved in {out / 'checkpoint.npz'}; continue with: python" in err
+    assert err.rstrip().endswith(f"--out {out} --resume")
 
 
 def test_script_reports_unwritable_output_in_one_line(tmp_path):

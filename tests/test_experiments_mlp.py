@@ -224,3 +224,13 @@ def test_checkpoint_round_trip_and_errors(tmp_path: Path) -> None:
     assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.npz", tree)
+
+
+def test_summary_columns_stay_apart_for_a_huge_loss(small: Dataset) -> None:
+    state = mlp.init_state(mlp.TrainConfig(), small.num_features, small.num_classes)
+    state.epoch = 1
+    state.history.update(train_loss=[3424003.5], train_accuracy=[0.1], test_accuracy=[0.15],
+                         epoch_seconds=[0.1])
+    head, rule, row = mlp.format_summary({"softmax_ce": state}).splitlines()
+    assert row.split() == ["softmax_ce", "1", "0.1500", "0.1500", "0.1500", "3424003.5000"]
+    assert len(head) == len(rule) == len(row)

@@ -62,6 +62,9 @@ def test_slowdown(tmp_path: Path) -> None:
     assert runs[1]["outputs"][0] == pytest.approx(0.982, abs=1e-3)
     assert (tmp_path / "s" / "slowdown.png").read_bytes()[:8] == PNG_MAGIC
     assert "a<0.5 at" in result.stdout and "cross_entropy" in result.stdout
+    assert [(r["cost"], r["w0"], r["eta"]) for r in data["same_rate"]] == [
+        ("quadratic", 2.0, 0.15), ("cross_entropy", 2.0, 0.15)]
+    assert "The same rate, eta 0.15, from (2, 2):" in result.stdout
 
 
 def test_train_then_resume(tmp_path: Path) -> None:
@@ -86,6 +89,36 @@ def test_train_then_resume(tmp_path: Path) -> None:
     assert len(resumed["test_accuracy"]) == 3
     assert resumed["test_accuracy"][:2] == metrics["test_accuracy"]
     assert resumed["train_loss"][:2] == metrics["train_loss"]
+
+    # Resuming past the end trains nothing, leaves the checkpoint alone, says so, and puts
+    # back a metrics.json that agrees with the checkpoint (here a stale one is planted).
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    checkpoint = (out / "checkpoint.npz").read_bytes()
+    past = run_script(
+        "train.py", "--epochs", "2", "--out", out, "--resume", "--no-progress", cwd=tmp_path
+    )
+    assert past.returncode == 0, past.stderr
+    assert "checkpoint.npz is unchanged at epoch 3" in past.stdout
+    assert "curves.png and checkpoint.npz" not in past.stdout  # it wrote no checkpoint
+    assert (out / "checkpoint.npz").read_bytes() == checkpoint
+    assert json.loads((out / "metrics.json").read_text()) == resumed
+
+
+def test_train_rejects_zero_epochs(tmp_path: Path) -> None:
+    result = run_script("train.py", "--epochs", "0", "--out", tmp_path / "o", cwd=tmp_path)
+    assert result.returncode == 2 and "--epochs must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_train_stops_at_divergence(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = run_script("train.py", "--eta", "1e6", "--epochs", "3", "--out", out,
+                        "--no-progress", cwd=tmp_path)
+    assert_clean_failure(result, out)
+    assert "softmax_ce diverged in epoch 1: training loss" in result.stderr
+    assert "nothing was saved" in result.stderr and "lower --eta (now 1e+06)" in result.stderr
+    assert "epoch   1/3" not in result.stdout  # the diverged epoch is not reported as trained
+    assert not (out / "checkpoint.npz").exists() and not (out / "metrics.json").exists()
 
 
 def test_train_compare(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from softmax_jax.experiments.slowdown import (
     BOOK_RUNS,
+    SAME_RATE_RUNS,
     NeuronRun,
     format_table,
     neuron_cost,
@@ -105,3 +106,29 @@ def test_write_outputs_and_table(tmp_path: Path) -> None:
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = format_table(runs)
     assert "a(20)" in table and len(table.splitlines()) == 6
+
+
+def _numpy_first_below_half(cost: str, w: float, b: float, eta: float, epochs: int) -> int:
+    """Plain float64 gradient descent from the textbook gradients, independent of JAX."""
+    for epoch in range(epochs + 1):
+        a = 1.0 / (1.0 + np.exp(-(w + b)))
+        if a < 0.5:
+            return epoch
+        delta = a * (a * (1 - a) if cost == "quadratic" else 1.0)  # (a - y) [sigma'(z)], y = 0
+        w, b = w - eta * delta, b - eta * delta
+    raise AssertionError("never crossed")
+
+
+def test_same_rate_comparison_shows_the_slowdown(tmp_path: Path) -> None:
+    # At one rate, 0.15, from (2, 2): cross-entropy crosses 0.5 at epoch 17, quadratic at 232.
+    same = run_slowdown(300, SAME_RATE_RUNS)
+    crossings = {run.cost: run.first_below_half() for run in same}
+    assert crossings == {"quadratic": 232, "cross_entropy": 17}
+    assert crossings == {
+        cost: _numpy_first_below_half(cost, w, b, eta, 300) for cost, w, b, eta in SAME_RATE_RUNS
+    }
+    json_path, _ = write_outputs(run_slowdown(300), tmp_path, same)
+    data = json.loads(json_path.read_text())
+    assert len(data["runs"]) == 4
+    assert [(r["cost"], r["eta"], r["first_below_half"]) for r in data["same_rate"]] == [
+        ("quadratic", 0.15, 232), ("cross_entropy", 0.15, 17)]

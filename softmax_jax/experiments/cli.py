@@ -1,10 +1,79 @@
-"""Command-line flags shared by the language-model scripts (``scripts/train_lm.py`` and
-``scripts/distill_lm.py``): one definition of the "run" group, so the two cannot drift."""
+"""Command-line pieces shared by the scripts, defined once so they cannot drift.
+
+* :func:`require_extras`: the start-up check that the ``scripts`` extra is installed.
+* :func:`add_resume_arguments` and :func:`claim_run_folder`: ``--resume`` / ``--overwrite``
+  and the refusal to start a fresh run over an existing one (``train.py``, ``train_lm.py``,
+  ``distill_lm.py``).
+* :func:`add_run_arguments` and :func:`check_common_arguments`: the "run" flags of the
+  language-model scripts.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+#: The install command of the scripts' optional dependencies.
+SCRIPTS_INSTALL = "pip install 'softmax_jax[scripts]'"
+
+#: import name -> distribution name, for the message.
+_DISTRIBUTIONS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def require_extras(prog: str, modules: Sequence[str]) -> None:
+    """Exits with status 1 and one ``error:`` line naming the install command when one of
+    ``modules`` cannot be imported; called at start-up, before any work is done."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            name = _DISTRIBUTIONS.get(module, module)
+            print(f"{prog}: error: {name} is not installed ({exc}); the scripts need their"
+                  f" extras: {SCRIPTS_INSTALL}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+def add_resume_arguments(group: argparse._ArgumentGroup, until: str) -> None:
+    """``--resume`` (continue the run in ``--out`` up to ``until``) and ``--overwrite``
+    (start over), mutually exclusive."""
+    either = group.add_mutually_exclusive_group()
+    either.add_argument("--resume", action="store_true",
+                        help=f"continue the run in --out up to {until}")
+    either.add_argument("--overwrite", action="store_true",
+                        help="start over, replacing the run in --out")
+
+
+def claim_run_folder(parser: argparse.ArgumentParser, out: Path, resume: bool,
+                     overwrite: bool, run_files: Sequence[str]) -> None:
+    """Refuses (``parser.error``) a fresh run over an existing one.
+
+    ``run_files`` are the paths, relative to ``out``, whose presence means a run is there.
+    With ``resume`` the run is continued by the script; with ``overwrite`` those files are
+    removed now, so nothing of the old run (a later phase's checkpoint, say) can be mistaken
+    for the new one's.
+    """
+    found = [name for name in run_files if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        parser.error(f"{out} already holds a run ({found[0]}{more}); pass --resume to"
+                     " continue it or --overwrite to start over")
+    for name in found:
+        (out / name).unlink()
+
+
+def resume_command(prog: str, argv: Sequence[str] | None) -> str:
+    """The command that continues an interrupted run: its own flags, with ``--resume`` in
+    place of ``--overwrite``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    script = sys.argv[0] if Path(sys.argv[0]).name == prog else f"scripts/{prog}"
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["python", script, *kept, "--resume"])
 
 
 def add_run_arguments(

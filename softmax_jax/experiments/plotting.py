@@ -82,29 +82,63 @@ def plot_compare(
     plot_curves(histories, path, title)
 
 
-def plot_slowdown(runs: Sequence[Mapping[str, Any]], path: PathLike) -> None:
-    """Cost (left) and output (right) against epoch for the single-neuron runs.
+def _neuron_outputs(ax: Any, runs: Sequence[Mapping[str, Any]], styles: Mapping[Any, str],
+                    **legend: Any) -> None:
+    """Output against epoch, colour by cost, line style by starting point, rate in the label."""
+    for run in runs:
+        label = f"{run['cost']}, eta {run['eta']:g}, from (w, b) = ({run['w0']:g}, {run['b0']:g})"
+        style = styles.get((run["w0"], run["b0"]), "-.")
+        ax.plot(run["outputs"], style, color=COST_COLORS.get(run["cost"]), label=label)
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set(xlabel="epoch", ylabel="output a (target 0)", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", **legend)
+
+
+def plot_slowdown(
+    runs: Sequence[Mapping[str, Any]],
+    path: PathLike,
+    same_rate: Sequence[Mapping[str, Any]] = (),
+) -> None:
+    """The single neuron's output (the quantity the argument is about) against epoch.
+
+    Left: ``runs``, the book's settings, whose rates differ (stated in the title and the
+    legend). Right, when given: ``same_rate``, the costs at one rate, each run's first epoch
+    below 0.5 marked.
 
     Args:
-      runs: dicts with ``cost``, ``w0``, ``b0``, ``eta``, ``costs`` and ``outputs``, as in
+      runs: dicts with ``cost``, ``w0``, ``b0``, ``eta`` and ``outputs``, as in
         ``slowdown.json``.
       path: the PNG to write.
+      same_rate: runs at one shared rate, with ``first_below_half`` (an epoch or ``None``).
     """
     plt = _pyplot()
-    fig, (ax_cost, ax_out) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
-    # Colour tells the cost, line style the starting point.
-    starts = list(dict.fromkeys((run["w0"], run["b0"]) for run in runs))
-    for run in runs:
-        label = f"{run['cost']}, (w, b) = ({run['w0']:g}, {run['b0']:g}), eta {run['eta']:g}"
-        style = ("--", "-", ":", "-.")[starts.index((run["w0"], run["b0"])) % 4]
-        color = COST_COLORS.get(run["cost"])
-        ax_cost.plot(run["costs"], style, color=color, label=label)
-        ax_out.plot(run["outputs"], style, color=color, label=label)
-    ax_cost.set(xlabel="epoch", ylabel="cost C", title="Cost of the single neuron")
-    ax_out.set(xlabel="epoch", ylabel="output a (target 0)", title="Output of the single neuron")
-    ax_out.set_ylim(0, 1)
-    for ax in (ax_cost, ax_out):
-        ax.grid(alpha=0.3)
-    ax_cost.legend(fontsize="small")
+    panels = 2 if same_rate else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2), layout="constrained",
+                             squeeze=False)
+    rates = ", ".join(dict.fromkeys(f"{r['cost']} {r['eta']:g}" for r in runs))
+    # One line style per starting point, the same in both panels.
+    starts = dict.fromkeys((r["w0"], r["b0"]) for r in (*runs, *same_rate))
+    styles = dict(zip(starts, ("--", "-", ":"), strict=False))
+    _neuron_outputs(axes[0, 0], runs, styles, loc="lower left")
+    axes[0, 0].set_title(f"The book's rates differ: {rates}", fontsize="medium")
+    if same_rate:
+        ax = axes[0, 1]
+        # Between the quadratic plateau and the crossing marks.
+        _neuron_outputs(ax, same_rate, styles, loc="upper left", bbox_to_anchor=(0.1, 0.9))
+        last = len(same_rate[0]["outputs"]) - 1
+        for run in same_rate:
+            epoch = run["first_below_half"]
+            if epoch is not None:
+                # Labels of late crossings go to the left of their point, inside the axes.
+                late = epoch > last / 2
+                ax.plot([epoch], [run["outputs"][epoch]], "o", color=COST_COLORS.get(run["cost"]))
+                ax.annotate(f"{run['cost']}: a < 0.5 at epoch {epoch}",
+                            (epoch, run["outputs"][epoch]), xytext=(-8, 8) if late else (8, -14),
+                            textcoords="offset points", ha="right" if late else "left",
+                            fontsize="small")
+        shared = ", ".join(dict.fromkeys(f"{r['eta']:g}" for r in same_rate))
+        ax.set_title(f"The same rate, eta {shared}", fontsize="medium")
+    fig.suptitle("One sigmoid neuron, input 1, target 0: output against epoch")
     _save(fig, path)
     plt.close(fig)

@@ -55,7 +55,12 @@ from __future__ import annotations
 
 from softmax_jax.experiments.mlp.config import COSTS, OPTIMIZERS, TrainConfig
 from softmax_jax.experiments.mlp.costs import l2_penalty, per_example_cost
-from softmax_jax.experiments.mlp.loop import run_compare, train
+from softmax_jax.experiments.mlp.loop import (
+    DIVERGENCE_FACTOR,
+    DivergenceError,
+    run_compare,
+    train,
+)
 from softmax_jax.experiments.mlp.model import Params, forward, init_params
 from softmax_jax.experiments.mlp.report import format_summary, history_array, metrics_record
 from softmax_jax.experiments.mlp.state import TrainState, init_state
@@ -76,8 +81,10 @@ from softmax_jax.experiments.mlp.storage import (
 __all__ = [
     "CHECKPOINT_NAME",
     "COSTS",
+    "DIVERGENCE_FACTOR",
     "METRICS_NAME",
     "OPTIMIZERS",
+    "DivergenceError",
     "EvalFn",
     "Params",
     "StepFn",

@@ -10,6 +10,7 @@ an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,9 +35,32 @@ from softmax_jax.experiments.mlp.storage import (
     save_state,
 )
 
-__all__ = ["run_compare", "train"]
+__all__ = ["DIVERGENCE_FACTOR", "DivergenceError", "run_compare", "train"]
 
 Log = Callable[[str], None]
+
+#: An epoch whose training loss is this many times the starting parameters' has diverged.
+DIVERGENCE_FACTOR = 10.0
+
+
+class DivergenceError(RuntimeError):
+    """Training diverged: an epoch's training loss was not finite, or more than
+    :data:`DIVERGENCE_FACTOR` times the loss of the starting parameters. That epoch was not
+    saved; ``saved_epoch`` is the last epoch on disk (0: nothing saved)."""
+
+    def __init__(self, config: TrainConfig, epoch: int, loss: float, start_loss: float,
+                 out: Path | None, saved_epoch: int) -> None:
+        self.saved_epoch = saved_epoch
+        if out is None:
+            kept = "nothing was saved"
+        elif saved_epoch:
+            kept = f"the checkpoint of epoch {saved_epoch}, the last good one, is kept in {out}"
+        else:
+            kept = f"nothing was saved in {out}"
+        super().__init__(
+            f"{config.cost} diverged in epoch {epoch}: training loss {loss:.6g}, against"
+            f" {start_loss:.4g} for the starting parameters; {kept}"
+        )
 
 
 def _epoch_order(rng: np.random.Generator, n: int, padded: int) -> jax.Array:
@@ -106,6 +130,8 @@ def train(
 
     Raises:
       CheckpointError: ``resume`` found a checkpoint that is unreadable or from another run.
+      DivergenceError: an epoch's training loss was not finite or more than
+        :data:`DIVERGENCE_FACTOR` times the starting parameters'; that epoch is not saved.
     """
     say = log or (lambda _line: None)
     out = Path(out_dir) if out_dir is not None else None
@@ -119,6 +145,12 @@ def train(
     test_set = (jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
     step = make_train_step(config, n_train)
     evaluate = make_evaluate(config, n_train)
+    # The yardstick of divergence: the loss of the run's starting parameters (recomputed for a
+    # resumed run, whose fresh state is the same for the same seed).
+    start = state if state.epoch == 0 else init_state(
+        config, dataset.num_features, dataset.num_classes)
+    start_loss = float(evaluate(start.params, (train_set, test_set))[0][1])
+    first_epoch = state.epoch
 
     bar = None
     if progress:
@@ -137,6 +169,9 @@ def train(
             )
             (train_acc, train_loss), (test_acc, _) = evaluate(params, (train_set, test_set))
             seconds = time.perf_counter() - t0
+            if not math.isfinite(train_loss) or train_loss > DIVERGENCE_FACTOR * start_loss:
+                raise DivergenceError(config, epoch + 1, train_loss, start_loss, out,
+                                      state.epoch if out is not None else 0)
 
             state.params, state.opt_state, state.epoch = params, opt_state, epoch + 1
             for key, value in (
@@ -156,9 +191,13 @@ def train(
     finally:
         if bar is not None:
             bar.close()
-    if out is not None and state.epoch >= config.epochs and not state.history["train_loss"]:
-        # Zero epochs asked for: still leave a metrics file behind for tools that expect one.
-        atomic_write_json(out / METRICS_NAME, metrics_record(config, dataset, state))
+    state.epochs_run = state.epoch - first_epoch
+    if out is not None and not state.epochs_run:
+        # Nothing to train (a resume past --epochs): metrics.json is rewritten from the
+        # checkpoint, as the run that wrote it left it, so the two never disagree; the
+        # checkpoint itself is untouched.
+        reached = dataclasses.replace(config, epochs=state.epoch)
+        atomic_write_json(out / METRICS_NAME, metrics_record(reached, dataset, state))
     return state
 
 

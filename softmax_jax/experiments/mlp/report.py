@@ -37,21 +37,26 @@ def history_array(state: TrainState, key: str) -> np.ndarray:
 def format_summary(states: dict[str, TrainState]) -> str:
     """A table of runs by cost: test accuracy after epoch 1 and at the end, best, final loss.
 
-    The first-epoch column is where the quadratic cost's slowdown shows.
+    The first-epoch column is where the quadratic cost's slowdown shows. Every column is as
+    wide as its widest entry, so a huge loss (a diverging run) cannot run into its neighbour.
     """
-    head = (
-        f"{'cost':<12}{'epochs':>7}{'acc@1':>9}{'final acc':>11}{'best acc':>10}"
-        f"{'train loss':>12}"
-    )
-    lines = [head, "-" * len(head)]
+    rows = [["cost", "epochs", "acc@1", "final acc", "best acc", "train loss"]]
     for cost, state in states.items():
         h = state.history
-        if not h["test_accuracy"]:
-            lines.append(f"{cost:<12}{state.epoch:>7}{'-':>9}{'-':>11}{'-':>10}{'-':>12}")
-            continue
-        lines.append(
-            f"{cost:<12}{state.epoch:>7}{h['test_accuracy'][0]:>9.4f}"
-            f"{h['test_accuracy'][-1]:>11.4f}{max(h['test_accuracy']):>10.4f}"
-            f"{h['train_loss'][-1]:>12.4f}"
+        if h["test_accuracy"]:
+            acc, loss = h["test_accuracy"], h["train_loss"][-1]
+            rows.append([cost, str(state.epoch), f"{acc[0]:.4f}", f"{acc[-1]:.4f}",
+                         f"{max(acc):.4f}", f"{loss:.4f}"])
+        else:
+            rows.append([cost, str(state.epoch), "-", "-", "-", "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         )
+
+    lines = [line(row) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)

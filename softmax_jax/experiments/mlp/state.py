@@ -39,6 +39,8 @@ class TrainState:
       epoch: number of completed epochs.
       history: per-epoch metrics so far (``train_loss``, ``train_accuracy``,
         ``test_accuracy``, ``epoch_seconds``).
+      epochs_run: the epochs trained by the :func:`~.loop.train` call that returned this
+        state (0 when a resumed run had nothing to train); not stored in the checkpoint.
     """
 
     params: Params
@@ -46,6 +48,7 @@ class TrainState:
     rng: np.random.Generator
     epoch: int = 0
     history: dict[str, list[float]] = field(default_factory=_empty_history)
+    epochs_run: int = 0
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,6 +1,6 @@
 r"""Knowledge distillation on the stdlib next-token model, through the fused distillation head.
 
-A wider *teacher* (the model of :mod:`softmax_jax.experiments.lm_model`, trained briefly, or
+A wider *teacher* (the model of :mod:`softmax_jax.experiments.lm.model`, trained briefly, or
 loaded from a ``train_lm.py`` checkpoint) teaches a narrower *student*. The student is trained
 twice from the same initial parameters on the same batches for the same number of steps:
 
@@ -15,11 +15,17 @@ Both heads are fused: neither the student's nor the teacher's ``batch x vocab`` 
 materialised; the teacher enters as its hidden state and its output layer, and gets no
 gradient. Both students are judged by the same yardstick, the held-out cross-entropy of the
 corpus labels (perplexity :math:`e^{\text{loss}}`), whichever objective trained them.
+
+With an output directory each phase keeps its own checkpoint, written atomically at every
+evaluation (:data:`PHASES`: ``teacher/``, ``hard/``, ``distilled/``), and a resumed run goes
+phase by phase: a finished phase is loaded, not retrained, and an interrupted one continues
+from its last evaluation, bit-for-bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -31,18 +37,27 @@ import jax
 from jax.sharding import Mesh
 
 import softmax_jax as sj
-from softmax_jax.experiments.lm_checkpoint import load_params
-from softmax_jax.experiments.lm_corpus import Corpus
-from softmax_jax.experiments.lm_model import LMConfig, Params, _head_token_block, features
-from softmax_jax.experiments.lm_train import Objective, TrainResult, evaluate, train
+from softmax_jax.experiments.checkpoint import CheckpointError, atomic_write_json
+from softmax_jax.experiments.lm.checkpoint import load_params
+from softmax_jax.experiments.lm.corpus import Corpus
+from softmax_jax.experiments.lm.loop import Objective, TrainResult, evaluate, train
+from softmax_jax.experiments.lm.model import LMConfig, Params, _head_token_block, features
 
 __all__ = [
+    "PHASES",
+    "SETTINGS_NAME",
     "DistillConfig",
     "DistillResult",
     "distillation_head_loss",
     "distillation_objective",
     "run_distillation",
 ]
+
+
+#: ``(folder, description)`` of the run's phases, in order; each folder holds the phase's
+#: ``checkpoint.npz`` (the teacher's only when it is trained here).
+PHASES = (("teacher", "teacher"), ("hard", "hard-label student"),
+          ("distilled", "distilled student"))
 
 
 @dataclass(frozen=True)
@@ -99,7 +114,7 @@ def distillation_head_loss(
 
 
 def distillation_objective(cfg: LMConfig, dcfg: DistillConfig, mesh: Mesh) -> Objective:
-    """The student's training loss for :func:`~.lm_train.train`; the teacher's parameters
+    """The student's training loss for :func:`~.loop.train`; the teacher's parameters
     arrive as its ``frozen`` argument, so the jitted step takes them as an input."""
     token_block = _head_token_block(cfg, mesh, heads=2)
 
@@ -139,7 +154,8 @@ class DistillResult:
             "distillation": dataclasses.asdict(self.distill),
             "students": {name: r.summary() for name, r in self.students.items()},
             "heldout_perplexity": ppl,
-            "better": min(ppl, key=lambda name: ppl[name]),
+            # An exact tie is a tie, not a win for whichever student is listed first.
+            "better": "tie" if len(set(ppl.values())) == 1 else min(ppl, key=ppl.__getitem__),
             "seconds": self.seconds,
         }
 
@@ -150,19 +166,56 @@ def _teacher(
     mesh: Mesh,
     checkpoint: str | Path | None,
     out_dir: str | Path | None,
+    resume: bool,
     progress: bool,
     log: Callable[[str], object],
 ) -> tuple[Params, LMConfig, str, int]:
     """Loads the teacher from ``checkpoint`` (its widths come from the file), or trains it
-    with train_lm's loop, checkpointing in ``out_dir/teacher`` for later reuse."""
+    (or resumes it) with train_lm's loop, checkpointing in ``out_dir/teacher`` for reuse."""
     if checkpoint is not None:
         params, cfg, step = load_params(checkpoint, corpus)
         log(f"teacher: {checkpoint} (hidden {cfg.hidden}, embed {cfg.embed_dim}, {step} steps)")
         return params, cfg, str(checkpoint), step
-    out = Path(out_dir) / "teacher" if out_dir is not None else None
-    result = train(teacher_cfg, corpus, mesh, out_dir=out, progress=progress, desc="teacher",
-                   log=lambda line: log(f"teacher: {line}"))
+    result = train(teacher_cfg, corpus, mesh, out_dir=_phase_dir(out_dir, "teacher"),
+                   resume=resume, progress=progress, desc="teacher",
+                   log=_prefixed(log, "teacher"))
     return result.params, teacher_cfg, "trained", teacher_cfg.steps
+
+
+def _prefixed(log: Callable[[str], object], what: str) -> Callable[[str], object]:
+    """``log`` with each line prefixed by the phase it comes from."""
+    return lambda line: log(f"{what}: {line}")
+
+
+def _phase_dir(out_dir: str | Path | None, phase: str) -> Path | None:
+    return Path(out_dir) / phase if out_dir is not None else None
+
+
+#: The file in the output directory that records what the phases were started with.
+SETTINGS_NAME = "distill.json"
+
+
+def _claim_settings(out_dir: str | Path | None, resume: bool, settings: dict[str, Any]) -> None:
+    """Records the settings the phases' checkpoints cannot check themselves (the
+    distillation's, the teacher's source); a resumed run must match them.
+
+    Raises:
+      CheckpointError: resuming a run that was started with other settings.
+    """
+    if out_dir is None:
+        return
+    path = Path(out_dir) / SETTINGS_NAME
+    if resume and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(path, f"not readable ({exc})") from exc
+        if saved != settings:
+            diffs = ", ".join(f"{k} {saved.get(k)!r} (now {v!r})" for k, v in settings.items()
+                              if saved.get(k) != v)
+            raise CheckpointError(path, f"the run was started with {diffs}; drop --resume")
+        return
+    atomic_write_json(path, settings)
 
 
 def run_distillation(
@@ -174,17 +227,24 @@ def run_distillation(
     *,
     teacher_checkpoint: str | Path | None = None,
     out_dir: str | Path | None = None,
+    resume: bool = False,
     progress: bool = False,
     log: Callable[[str], object] = print,
 ) -> DistillResult:
     """Gets a teacher, then trains ``student_cfg`` twice: on the labels, and distilled.
 
     ``teacher_cfg`` is ignored when ``teacher_checkpoint`` is given. The teacher must see the
-    same context length and vocabulary as the student; its widths are free.
+    same context length and vocabulary as the student; its widths are free. With
+    ``out_dir`` every phase is checkpointed in its folder of :data:`PHASES`; ``resume``
+    continues each phase from its checkpoint where there is one.
     """
     start = time.perf_counter()
+    _claim_settings(out_dir, resume, dataclasses.asdict(dcfg) | {
+        "teacher": str(teacher_checkpoint) if teacher_checkpoint is not None
+        else teacher_cfg.identity() | {"steps": teacher_cfg.steps},
+    })
     params, tcfg, source, tsteps = _teacher(
-        teacher_cfg, corpus, mesh, teacher_checkpoint, out_dir, progress, log)
+        teacher_cfg, corpus, mesh, teacher_checkpoint, out_dir, resume, progress, log)
     if (tcfg.context, tcfg.vocab_size) != (student_cfg.context, student_cfg.vocab_size):
         raise ValueError(
             f"the teacher sees context {tcfg.context} over {tcfg.vocab_size} tokens, the student"
@@ -195,13 +255,14 @@ def run_distillation(
     teacher_final = evaluate(params, corpus.heldout, teacher_eval, mesh,
                              student_cfg.final_eval_positions)
     log(f"teacher: held-out perplexity {teacher_final['perplexity']:.2f}")
-    students = {
-        "hard": train(student_cfg, corpus, mesh, progress=progress, desc="student, hard labels",
-                      log=lambda line: log(f"hard-label student: {line}")),
-        "distilled": train(student_cfg, corpus, mesh, progress=progress,
-                           desc="student, distilled",
-                           objective=distillation_objective(student_cfg, dcfg, mesh),
-                           frozen=params, log=lambda line: log(f"distilled student: {line}")),
-    }
+    objectives = {"hard": (None, None),
+                  "distilled": (distillation_objective(student_cfg, dcfg, mesh), params)}
+    students = {}
+    for phase, what in PHASES[1:]:
+        objective, frozen = objectives[phase]
+        students[phase] = train(
+            student_cfg, corpus, mesh, out_dir=_phase_dir(out_dir, phase), resume=resume,
+            objective=objective, frozen=frozen, progress=progress, desc=what,
+            log=_prefixed(log, what))
     return DistillResult(tcfg, source, tsteps, teacher_final, students, dcfg,
                          time.perf_counter() - start)

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from softmax_jax.experiments.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from softmax_jax.experiments.lm_corpus import Corpus
-from softmax_jax.experiments.lm_model import LMConfig, Params, init_params
+from softmax_jax.experiments.lm.corpus import Corpus
+from softmax_jax.experiments.lm.model import LMConfig, Params, init_params
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -32,12 +32,11 @@ __all__ = [
     "load_params",
     "restore_state",
     "save_state",
+    "saved_step",
 ]
 
 CHECKPOINT_NAME = "checkpoint.npz"
 _FORMAT = "softmax_jax.lm/1"
-
-
 
 
 @dataclass
@@ -145,3 +144,12 @@ def load_params(path: str | Path, corpus: Corpus) -> tuple[Params, LMConfig, int
         raise CheckpointError(path, f"incomplete checkpoint metadata ({exc!r})") from exc
     tree, _ = load_checkpoint(path, _tree(fresh_state(cfg, optax.adam(cfg.learning_rate))))
     return tree["params"], cfg, int(meta["step"])
+
+
+def saved_step(path: str | Path) -> int | None:
+    """The step of the checkpoint at ``path``, or ``None`` when there is no readable one
+    (what an interrupted script reports as saved)."""
+    try:
+        return int(_read_meta(Path(path))["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None

@@ -58,7 +58,10 @@ class LMConfig:
     final_eval_positions: int = 65536
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context", "embed_dim", "hidden", "batch_size",
+        if self.vocab_size < 2:
+            # <unk> alone: every target is the same token, nothing to learn or measure.
+            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        for name in ("context", "embed_dim", "hidden", "batch_size",
                      "eval_every", "eval_positions", "final_eval_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,12 +1,12 @@
 """The training loop of the next-token experiments: jitted steps and held-out evaluation.
 
 One loop serves every model of :mod:`softmax_jax.experiments.lm`: ``train_lm.py`` trains with
-the default objective (the fused cross-entropy of :func:`~.lm_model.loss_fn`), and
+the default objective (the fused cross-entropy of :func:`~.model.loss_fn`), and
 ``distill_lm.py`` passes its own objective and the teacher's parameters as ``frozen``. Only
 the objective differs between the two students, so their batches, initial parameters and
 evaluations are the same and their perplexities compare like for like.
 
-With an output directory the loop writes a checkpoint (:mod:`.lm_checkpoint`) at every
+With an output directory the loop writes a checkpoint (:mod:`.checkpoint`) at every
 evaluation and at the end, so an interrupted run loses at most ``eval_every`` steps and
 resumes bit-for-bit.
 """
@@ -27,15 +27,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from softmax_jax.experiments.lm_checkpoint import (
+from softmax_jax.experiments.lm.checkpoint import (
     CHECKPOINT_NAME,
     TrainState,
     fresh_state,
     restore_state,
     save_state,
 )
-from softmax_jax.experiments.lm_corpus import Corpus, windows
-from softmax_jax.experiments.lm_model import PAD_LABEL, LMConfig, Params, _head_token_block, loss_fn
+from softmax_jax.experiments.lm.corpus import Corpus, windows
+from softmax_jax.experiments.lm.model import PAD_LABEL, LMConfig, Params, _head_token_block, loss_fn
 
 __all__ = [
     "Objective",

@@ -23,24 +23,25 @@ model whose output layer has a 32k vocabulary, trained data-parallel under :func
 * **Checkpoints.** Parameters, Adam's state and the batch generator, written atomically at
   every evaluation; a resumed run ends bit-for-bit where an uninterrupted one would.
 
-The code lives in four modules, shared by ``scripts/train_lm.py`` and
-``scripts/distill_lm.py``: :mod:`~softmax_jax.experiments.lm_corpus` (text and tokens),
-:mod:`~softmax_jax.experiments.lm_model` (the model and its fused head),
-:mod:`~softmax_jax.experiments.lm_train` (the training loop and evaluation),
-:mod:`~softmax_jax.experiments.lm_checkpoint` and :mod:`~softmax_jax.experiments.lm_plot`.
-This module gathers their public names.
+The code is a package with one module per part, shared by ``scripts/train_lm.py`` and
+``scripts/distill_lm.py``: :mod:`.corpus` (text and tokens), :mod:`.model` (the model and
+its fused head), :mod:`.loop` (the training loop and evaluation), :mod:`.checkpoint`,
+:mod:`.plot` and :mod:`.distill` (the teacher and students of ``distill_lm.py``). This
+module gathers the public names of the first five, so ``from softmax_jax.experiments import
+lm`` is all a caller needs.
 """
 
 from __future__ import annotations
 
-from softmax_jax.experiments.lm_checkpoint import (
+from softmax_jax.experiments.lm.checkpoint import (
     CHECKPOINT_NAME,
     TrainState,
     load_params,
     restore_state,
     save_state,
+    saved_step,
 )
-from softmax_jax.experiments.lm_corpus import (
+from softmax_jax.experiments.lm.corpus import (
     TOKEN_RE,
     UNK,
     Corpus,
@@ -52,7 +53,14 @@ from softmax_jax.experiments.lm_corpus import (
     unigram_perplexity,
     windows,
 )
-from softmax_jax.experiments.lm_model import (
+from softmax_jax.experiments.lm.loop import (
+    Objective,
+    TrainResult,
+    evaluate,
+    make_train_step,
+    train,
+)
+from softmax_jax.experiments.lm.model import (
     PAD_LABEL,
     LMConfig,
     Params,
@@ -62,14 +70,7 @@ from softmax_jax.experiments.lm_model import (
     make_mesh,
     simulate_host_devices,
 )
-from softmax_jax.experiments.lm_plot import plot_distillation, plot_losses
-from softmax_jax.experiments.lm_train import (
-    Objective,
-    TrainResult,
-    evaluate,
-    make_train_step,
-    train,
-)
+from softmax_jax.experiments.lm.plot import plot_distillation, plot_losses
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -96,6 +97,7 @@ __all__ = [
     "plot_losses",
     "restore_state",
     "save_state",
+    "saved_step",
     "simulate_host_devices",
     "stdlib_files",
     "tokenize",
