@@ -219,17 +219,22 @@ def transposed(x: jax.Array) -> jax.Array:
 
 
 def grad_matmul(
-    dz: jax.Array, other: jax.Array, contract: tuple[int, int], ct: np.dtype, dz_first: bool
+    dz: jax.Array, other: jax.Array, contract: tuple[int, int], ct: np.dtype, dz_first: bool,
+    result: np.dtype,
 ) -> jax.Array:
     """A gradient product of ``dz`` (compute dtype) with ``x`` or a block of ``w``,
-    accumulated in ``ct``.
+    accumulated in ``ct``; ``result`` is the dtype of the input whose gradient it is.
 
-    When ``other`` is narrower (bfloat16/float16 weights or inputs), ``dz`` is rounded to its
-    dtype rather than ``other`` widened, as Cut Cross-Entropy and Liger Kernel do: widening
-    a block of ``w`` inside the loop lets XLA hoist the conversion of the whole ``w`` out of
-    it, a float32 ``D x V`` temporary.
+    Only when both ``other`` and that input are narrower than ``ct`` (bfloat16 ``x`` and
+    ``w``) is ``dz`` rounded to ``other``'s dtype, as Cut Cross-Entropy and Liger Kernel do:
+    the gradient is narrow anyway, and the product runs on narrow operands. Otherwise
+    ``other`` is widened, so that the gradient of a wider input (float32 ``x`` with bfloat16
+    ``w``) keeps its own dtype's accuracy. ``other`` is a block taken through its bits behind
+    the loop-index barrier (:func:`weight_cols`, :meth:`Tokens.take`), so its widening stays
+    in the loop: no float32 copy of the whole ``w`` is hoisted out of it.
     """
-    if np.dtype(other.dtype).itemsize < np.dtype(ct).itemsize:
+    size = np.dtype(ct).itemsize
+    if np.dtype(other.dtype).itemsize < size and np.dtype(result).itemsize < size:
         dz = dz.astype(other.dtype)
     else:
         other = other.astype(ct)

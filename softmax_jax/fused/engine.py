@@ -212,8 +212,9 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
                 dz, add, dc = _dlogits(call, tile(start, width),
                                        None if raw is None else cols(raw, start, width), stats, r)
                 dx = dx + grad_matmul(dz, weight_cols(head0.w, start, width, ct), (1, 1), ct,
-                                      True)
-                dw = put_cols(dw, start, grad_matmul(dz, x_t, (1, 0), ct, False), add=True)
+                                      True, head0.x.dtype)
+                dw = put_cols(dw, start, grad_matmul(dz, x_t, (1, 0), ct, False, head0.w.dtype),
+                              add=True)
                 if db is not None:
                     db = put_cols(db, start, jnp.sum(dz, axis=0), add=True)
                 gs = tuple(a + b for a, b in zip(gs, add, strict=True))
@@ -314,11 +315,13 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
             dz, add, dc = _dlogits(call, _block(call, logits, start, rows), raw, stats,
                                    tokens.take(views["r"], k))
             outs = dict(outs)
-            dx_k = tokens.take(outs["dx"], k) + grad_matmul(dz, w_j, (1, 1), ct, True)
+            dx_k = tokens.take(outs["dx"], k) + grad_matmul(
+                dz, w_j, (1, 1), ct, True, head0.x.dtype)
             outs["dx"] = tokens.put(outs["dx"], k, dx_k)
             outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
                                       for o, a in zip(outs["grad_sums"], add, strict=True))
-            dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False)
+            dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False,
+                                      head0.w.dtype)
             db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
             return vma.vary_all((dw_j, db_j, dcap + dc), call.axes) + (outs,)
 
