@@ -328,7 +328,7 @@ def _call(**overrides):
         ({"w": jnp.ones((V, D))}, ValueError, r"w must be \[D, V\] with D = x.shape\[-1\] = 12"),
         ({"w": jnp.ones((D,))}, ValueError, r"w must be a 2-D \[D, V\]"),
         ({"labels": jnp.ones((N,))}, TypeError, "labels must be an integer array"),
-        ({"labels": jnp.ones((N, 1), jnp.int32)}, ValueError, r"labels.shape must have x's leading"),
+        ({"labels": jnp.ones((N, 1), jnp.int32)}, ValueError, r"labels.shape must have x's"),
         ({"labels": jnp.ones((N + 1,), jnp.int32)}, ValueError, r"labels.shape=\(38,\)"),
         ({"b": jnp.ones((V + 1,))}, ValueError, r"b must be a 1-D \[V\].*\(102,\)"),
         ({"b": jnp.ones((V,), jnp.int32)}, TypeError, "b must be a floating-point"),

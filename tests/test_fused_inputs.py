@@ -71,7 +71,8 @@ def test_kl_of_heads_offset_by_a_constant_keeps_float32_accuracy(offset, beta, b
 def test_kl_offset_gradient_keeps_float32_accuracy():
     x, w, b = _offset_heads(1000.0, n=16, v=700)
     grad = jax.grad(lambda x: linear_softmax_distillation(x, w, x, w, b=b))(x)
-    ref = jax.grad(lambda x: sj.distillation_loss(x @ w + b, jax.lax.stop_gradient(x @ w)).mean())(x)
+    ref = jax.grad(lambda x: sj.distillation_loss(
+        x @ w + b, jax.lax.stop_gradient(x @ w)).mean())(x)
     np.testing.assert_allclose(grad, ref, atol=1e-5)
 
 
@@ -206,9 +207,9 @@ def test_weighted_mean_over_zero_label_weights_is_nan_as_pytorch(smoothing):
         lambda x, w: linear_softmax_cross_entropy(x, w, labels, **kw), argnums=(0, 1))(x, w)
     xt = torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True)
     z = xt @ torch.tensor(np.asarray(w), dtype=torch.float64)
-    ref = torch.nn.functional.cross_entropy(
-        z, torch.tensor(np.asarray(labels), dtype=torch.long), weight=torch.tensor(np.asarray(cw), dtype=torch.float64),
-        label_smoothing=smoothing)
+    y_t = torch.tensor(np.asarray(labels), dtype=torch.long)
+    w_t = torch.tensor(np.asarray(cw), dtype=torch.float64)
+    ref = torch.nn.functional.cross_entropy(z, y_t, weight=w_t, label_smoothing=smoothing)
     ref.backward()
     assert np.isnan(ref.item()) and np.isnan(loss)
     ref_dx = xt.grad.numpy()
@@ -217,9 +218,7 @@ def test_weighted_mean_over_zero_label_weights_is_nan_as_pytorch(smoothing):
     assert np.all(np.isnan(dw))
     total = linear_softmax_cross_entropy(x, w, labels, reduction="sum", **kw)
     ref_sum = torch.nn.functional.cross_entropy(
-        z.detach(), torch.tensor(np.asarray(labels), dtype=torch.long),
-        weight=torch.tensor(np.asarray(cw), dtype=torch.float64), label_smoothing=smoothing,
-        reduction="sum")
+        z.detach(), y_t, weight=w_t, label_smoothing=smoothing, reduction="sum")
     np.testing.assert_allclose(total, ref_sum.item(), rtol=1e-5, atol=1e-6)
 
 
@@ -228,7 +227,7 @@ def test_mean_with_no_kept_token_stays_zero():
     x, w, _, _ = _small(v=5)
     labels = jnp.full((6,), -100)
     for cw in (None, jnp.arange(5.0)):
-        loss, dx = jax.value_and_grad(lambda x: linear_softmax_cross_entropy(
+        loss, dx = jax.value_and_grad(lambda x, cw=cw: linear_softmax_cross_entropy(
             x, w, labels, ignore_index=-100, class_weights=cw, label_smoothing=0.2))(x)
         assert float(loss) == 0.0 and not np.any(dx)
 

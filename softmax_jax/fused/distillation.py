@@ -9,8 +9,8 @@ row's :math:`K_P = \mathrm{KL}(P\|M)` and :math:`K_Q = \mathrm{KL}(Q\|M)`; for t
 cases the first pass keeps the KL itself online, as the expectation of the centred
 log-ratio :math:`(t - m_t) - (s - m_s)` against the running maxima, so it needs no second
 pass and keeps float32 accuracy however far apart the two heads' logits are
-(:math:`E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` would cancel). The gradient pass then gives the student's logit
-gradient
+(:math:`E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` would cancel). The gradient
+pass then gives the student's logit gradient
 
 .. math::
     \frac{\partial\ell}{\partial z_s} = h\,\delta_{\mathrm{CE}}
@@ -265,8 +265,9 @@ def linear_softmax_distillation(
     Returns:
       ``"mean"``/``"sum"``: a scalar in the compute dtype (float32 for bfloat16, float16
       and float32 inputs, float64 for float64 ones under x64); ``"none"``: ``x``'s leading
-      shape, in the inputs' dtype. A teacher class with probability where the student has none makes the
-      loss infinite (its true value); a traced out-of-range hyper-parameter gives NaN.
+      shape, in the inputs' dtype. A teacher class with probability where the student has
+      none makes the loss infinite (its true value); a traced out-of-range hyper-parameter
+      gives NaN for the loss and every derivative.
 
     Raises:
       TypeError, ValueError: bad dtypes or shapes, hyper-parameters out of range, missing
