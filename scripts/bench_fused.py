@@ -246,21 +246,20 @@ def print_chunked_table(rows: list[dict], repeats: int) -> None:
 
 
 def bf16_rows(n: int, d: int, v: int, full_size: bool) -> list[dict]:
-    """Temporary memory of the fused losses' value_and_grad for bfloat16 inputs, compiled
-    for abstract arguments (nothing of that size is allocated or run)."""
+    """Temporary memory of the fused losses' value_and_grad for bfloat16 weights, compiled
+    for abstract arguments (nothing of that size is allocated or run): bfloat16 ``x``, then
+    float32 ``x`` (mixed precision, whose float32 ``dx`` keeps float32 accuracy)."""
     bf16 = jnp.bfloat16
-    x, w = jax.ShapeDtypeStruct((n, d), bf16), jax.ShapeDtypeStruct((d, v), bf16)
-    labels = jax.ShapeDtypeStruct((n,), jnp.int32)
-    cases: list[tuple[str, Callable | None, tuple]] = [(
-        "cross-entropy",
-        jax.value_and_grad(lambda x, w, y: sj.linear_softmax_cross_entropy(x, w, y),
-                           argnums=(0, 1)),
-        (x, w, labels),
-    )]
+    w, labels = jax.ShapeDtypeStruct((d, v), bf16), jax.ShapeDtypeStruct((n,), jnp.int32)
+    ce = jax.value_and_grad(lambda x, w, y: sj.linear_softmax_cross_entropy(x, w, y),
+                            argnums=(0, 1))
     kd = kd_functions({}).get("fused")
-    cases.append(("distillation (T=2, beta=0)",
-                  None if kd is None else jax.value_and_grad(kd, argnums=(0, 1)),
-                  (x, w, x, w)))
+    kd_grad = None if kd is None else jax.value_and_grad(kd, argnums=(0, 1))
+    cases: list[tuple[str, Callable | None, tuple]] = []
+    for x_dtype, note in ((bf16, ""), (jnp.float32, ", float32 x")):
+        x = jax.ShapeDtypeStruct((n, d), x_dtype)
+        cases += [(f"cross-entropy{note}", ce, (x, w, labels)),
+                  (f"distillation (T=2, beta=0){note}", kd_grad, (x, w, x, w))]
     rows = []
     for name, fn, args in cases:
         row: dict = {"loss": name, "n": n, "d": d, "v": v, "full_size": full_size}
@@ -274,8 +273,8 @@ def bf16_rows(n: int, d: int, v: int, full_size: bool) -> list[dict]:
 
 def print_bf16_table(rows: list[dict]) -> None:
     print(
-        "\nbfloat16 inputs, value_and_grad w.r.t. x and w, compiled only (not run):"
-        " memory_analysis() temporaries\n"
+        "\nbfloat16 weights (and bfloat16 x unless noted), value_and_grad w.r.t. x and w,"
+        " compiled only (not run): memory_analysis() temporaries\n"
     )
     print("| loss | N | D | V | fused temp MiB | target |")
     print("|---|---:|---:|---:|---:|---|")

@@ -381,10 +381,10 @@ def _call(**overrides):
     [
         ({"x": jnp.ones((N,))}, ValueError, r"x must be a 2-D \[N, D\].*\(37,\)"),
         ({"x": jnp.ones((N, D), jnp.int32)}, TypeError, "x must be a floating-point"),
-        ({"w": jnp.ones((V, D))}, ValueError, r"w must be \[D, V\] with D = x.shape\[1\] = 12"),
+        ({"w": jnp.ones((V, D))}, ValueError, r"w must be \[D, V\] with D = x.shape\[-1\] = 12"),
         ({"w": jnp.ones((D,))}, ValueError, r"w must be a 2-D \[D, V\]"),
         ({"labels": jnp.ones((N,))}, TypeError, "labels must be an integer array"),
-        ({"labels": jnp.ones((N, 1), jnp.int32)}, ValueError, r"labels must be a 1-D \[N\]"),
+        ({"labels": jnp.ones((N, 1), jnp.int32)}, ValueError, r"labels.shape must have x's"),
         ({"labels": jnp.ones((N + 1,), jnp.int32)}, ValueError, r"labels.shape=\(38,\)"),
         ({"b": jnp.ones((V + 1,))}, ValueError, r"b must be a 1-D \[V\].*\(102,\)"),
         ({"b": jnp.ones((V,), jnp.int32)}, TypeError, "b must be a floating-point"),

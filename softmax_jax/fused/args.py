@@ -21,31 +21,38 @@ REDUCTIONS = ("mean", "sum", "none")
 def head(
     x: jax.typing.ArrayLike, w: jax.typing.ArrayLike, b: jax.typing.ArrayLike | None,
     prefix: str = "",
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """``(x, w, b)`` as arrays, checked: ``x`` ``[N, D]``, ``w`` ``[D, V]``, ``b`` ``[V]``."""
+) -> tuple[jax.Array, jax.Array, jax.Array | None, tuple[int, ...]]:
+    """``(x, w, b, lead)`` as arrays, checked: ``x`` ``[..., D]`` (any leading axes, e.g.
+    ``[B, T, D]``) flattened to ``[N, D]`` with ``lead`` its leading shape, ``w`` ``[D, V]``,
+    ``b`` ``[V]``."""
     nx, nw, nb = f"{prefix}x", f"{prefix}w", f"{prefix}b"
     x_arr = _v.as_float_array(nx, x)
     w_arr = _v.as_float_array(nw, w)
-    return _head_shapes(x_arr, w_arr, None if b is None else _v.as_float_array(nb, b), prefix)
+    if x_arr.ndim < 2:
+        raise ValueError(f"{nx} must be a 2-D [N, D] array, or [..., D] with more leading"
+                         f" token axes ([B, T, D]), got {nx}.shape={tuple(x_arr.shape)}")
+    lead = tuple(x_arr.shape[:-1])
+    x_arr = x_arr.reshape((math.prod(lead), x_arr.shape[-1]))
+    b_arr = None if b is None else _v.as_float_array(nb, b)
+    return (*_head_shapes(x_arr, w_arr, b_arr, prefix, lead), lead)
 
 
 def _head_shapes(
-    x: jax.Array, w: jax.Array, b: jax.Array | None, prefix: str
+    x: jax.Array, w: jax.Array, b: jax.Array | None, prefix: str, lead: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     nx, nw, nb = f"{prefix}x", f"{prefix}w", f"{prefix}b"
-    if x.ndim != 2:
-        raise ValueError(f"{nx} must be a 2-D [N, D] array, got {nx}.shape={tuple(x.shape)}")
+    shape = lead + x.shape[1:]
     if w.ndim != 2:
         raise ValueError(f"{nw} must be a 2-D [D, V] array, got {nw}.shape={tuple(w.shape)}")
     n, d = x.shape
     if w.shape[0] != d:
         raise ValueError(
-            f"{nw} must be [D, V] with D = {nx}.shape[1] = {d}, got {nw}.shape={tuple(w.shape)}"
-            f" ({nx}.shape={tuple(x.shape)}); pass the kernel of x @ w, not its transpose")
+            f"{nw} must be [D, V] with D = {nx}.shape[-1] = {d}, got {nw}.shape={tuple(w.shape)}"
+            f" ({nx}.shape={shape}); pass the kernel of x @ w, not its transpose")
     if n == 0 or w.shape[1] == 0:
         raise ValueError(
             f"{nx} and {nw} need at least one token and one class, got {nx}.shape="
-            f"{tuple(x.shape)}, {nw}.shape={tuple(w.shape)}")
+            f"{shape}, {nw}.shape={tuple(w.shape)}")
     if b is not None:
         if b.shape != (w.shape[1],):
             raise ValueError(f"{nb} must be a 1-D [V] array with V = {nw}.shape[1] ="
@@ -53,10 +60,18 @@ def _head_shapes(
     return x, w, b
 
 
-def labels_for(labels: jax.Array, n: int) -> None:
-    if labels.shape != (n,):
-        raise ValueError(f"labels must be a 1-D [N] array with N = x.shape[0] = {n}, got"
-                         f" labels.shape={tuple(labels.shape)}")
+def tokens_like(name: str, shape: tuple[int, ...], lead: tuple[int, ...]) -> None:
+    """Raises unless ``shape``, the token axes of ``name`` (``labels.shape``,
+    ``teacher_x.shape[:-1]``), is ``x``'s leading shape ``lead``."""
+    if tuple(shape) != lead:
+        raise ValueError(f"{name} must have x's leading shape {lead} (one entry per token),"
+                         f" got {name}={tuple(shape)}")
+
+
+def labels_for(labels: jax.Array, lead: tuple[int, ...]) -> jax.Array:
+    """``labels`` of shape ``lead`` (checked), flattened to ``[N]``."""
+    tokens_like("labels.shape", labels.shape, lead)
+    return labels.reshape(-1)
 
 
 def reduction(value: str) -> str:
@@ -67,12 +82,15 @@ def reduction(value: str) -> str:
 
 def soft_cap(value: object) -> tuple[jax.Array, bool]:
     """``(cap, capped)``: None and ``inf`` mean no cap (``inf * tanh(z / inf)`` would be NaN
-    at ``z = 0``; its limit is ``z``); a concrete ``cap <= 0`` raises, a traced one gives NaN."""
+    at ``z = 0``; its limit is ``z``). Checked as every hyper-parameter is
+    (:func:`softmax_jax._validation.hyperparameter`): a concrete ``cap <= 0`` raises; a traced
+    one out of range makes the loss and its derivatives NaN (the custom VJP's validity check,
+    ``cap > 0``, as for the temperature)."""
     if value is None:
         return jnp.ones((), jnp.float32), False
-    cap, _ = _v.hyperparameter("soft_cap", value, -math.inf, None)
     if isinstance(value, jax.core.Tracer):
-        return jnp.where(cap > 0, cap, jnp.nan), True
+        return _v.hyperparameter("soft_cap", value, 0.0, None)[0], True
+    cap, _ = _v.hyperparameter("soft_cap", value, -math.inf, None)  # a real scalar
     concrete = float(np.asarray(value))
     if not concrete > 0:
         raise ValueError(f"soft_cap must be > 0 (or None), got {value!r}")

@@ -114,14 +114,54 @@ def merge_shards(axis: Any, ms, ss, firsts, argmax):
     return m_all, ss, firsts, argmax
 
 
-def expect_step(acc: jax.Array, weight: jax.Array, values: jax.Array, m_old: jax.Array,
-                 m_new: jax.Array) -> jax.Array:
-    r"""One block of an online expectation: :math:`\sum_c e^{z_c - m} v_c`, kept relative to
-    the running maximum :math:`m` of ``z`` (rescaled as the maximum grows, like the sum of
-    exponentials it is later divided by); ``weight`` is the block's :math:`e^{z_c - m}`
-    from :func:`block_exp`. Classes of weight 0 add 0, whatever ``v`` holds."""
-    block = jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
-    return rescale(acc, m_old, m_new) + block
+def _finite(m: jax.Array) -> jax.Array:
+    """A running maximum as the shift it stands for: 0 while the part is empty."""
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def shift_log_ratio(acc: jax.Array, s: jax.Array, old: tuple[jax.Array, jax.Array],
+                    new: tuple[jax.Array, jax.Array]) -> jax.Array:
+    r"""Moves a centred sum of :func:`log_ratio_step` from the maxima ``old = (m_a, m_b)``
+    to ``new``: its values drop by :math:`\Delta = (m_a' - m_a) - (m_b' - m_b)` (each
+    difference of the size of the logits' spread, not of the logits), so
+    :math:`A' = e^{m_a - m_a'}(A - \Delta\,S_a)`, with ``s`` the sum :math:`S_a` relative
+    to ``m_a`` (an empty part, :math:`S_a = 0`, gives :math:`A' = 0`)."""
+    delta = (_finite(new[0]) - _finite(old[0])) - (_finite(new[1]) - _finite(old[1]))
+    return jnp.where(s == 0, 0.0, (acc - delta * s) * jnp.exp(old[0] - new[0]))
+
+
+def log_ratio_step(acc: jax.Array, s: jax.Array, weight: jax.Array, za: jax.Array,
+                   zb: jax.Array, old: tuple[jax.Array, jax.Array],
+                   new: tuple[jax.Array, jax.Array]) -> jax.Array:
+    r"""One block of the online expectation of the log-ratio of two softmaxes,
+
+    .. math::
+        A = \sum_c e^{a_c - m_a}\big((a_c - m_a) - (b_c - m_b)\big), \qquad
+        \mathrm{KL}(\mathrm{softmax}(a) \| \mathrm{softmax}(b)) = A / S_a - \log S_a
+          + \log S_b,
+
+    with :math:`m` the running maxima of the two streams and :math:`S` their sums of
+    exponentials relative to them. Each stream is centred by its own maximum, so every value
+    is of the size of the logits' spread: the one-pass :math:`E_P[a - b] - (\mathrm{lse}\,a
+    - \mathrm{lse}\,b)` subtracts numbers of the logits' size and loses float32 accuracy
+    when the two differ by a large constant. ``weight`` is the block's :math:`e^{a - m_a'}`
+    (:func:`block_exp`), ``s`` the running :math:`S_a` before the block, ``old``/``new``
+    the maxima ``(m_a, m_b)`` before and after it. Classes of weight 0 add 0, whatever
+    their values."""
+    acc = shift_log_ratio(acc, s, old, new)
+    values = (za - _finite(new[0])[:, None]) - (zb - _finite(new[1])[:, None])
+    return acc + jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
+
+
+def merge_log_ratios(axis: Any, accs, ss, pairs, ms):
+    """Merges the :func:`log_ratio_step` sums of every shard of the vocabulary axis: each
+    is moved to the global maxima, then they are added (identity without an axis)."""
+    if axis is None:
+        return accs
+    m_all = tuple(lax.pmax(m, axis) for m in ms)
+    return tuple(
+        lax.psum(shift_log_ratio(acc, ss[i], (ms[i], ms[j]), (m_all[i], m_all[j])), axis)
+        for acc, (i, j) in zip(accs, pairs, strict=True))
 
 
 class Tokens:
@@ -179,17 +219,22 @@ def transposed(x: jax.Array) -> jax.Array:
 
 
 def grad_matmul(
-    dz: jax.Array, other: jax.Array, contract: tuple[int, int], ct: np.dtype, dz_first: bool
+    dz: jax.Array, other: jax.Array, contract: tuple[int, int], ct: np.dtype, dz_first: bool,
+    result: np.dtype,
 ) -> jax.Array:
     """A gradient product of ``dz`` (compute dtype) with ``x`` or a block of ``w``,
-    accumulated in ``ct``.
+    accumulated in ``ct``; ``result`` is the dtype of the input whose gradient it is.
 
-    When ``other`` is narrower (bfloat16/float16 weights or inputs), ``dz`` is rounded to its
-    dtype rather than ``other`` widened, as Cut Cross-Entropy and Liger Kernel do: widening
-    a block of ``w`` inside the loop lets XLA hoist the conversion of the whole ``w`` out of
-    it, a float32 ``D x V`` temporary.
+    Only when both ``other`` and that input are narrower than ``ct`` (bfloat16 ``x`` and
+    ``w``) is ``dz`` rounded to ``other``'s dtype, as Cut Cross-Entropy and Liger Kernel do:
+    the gradient is narrow anyway, and the product runs on narrow operands. Otherwise
+    ``other`` is widened, so that the gradient of a wider input (float32 ``x`` with bfloat16
+    ``w``) keeps its own dtype's accuracy. ``other`` is a block taken through its bits behind
+    the loop-index barrier (:func:`weight_cols`, :meth:`Tokens.take`), so its widening stays
+    in the loop: no float32 copy of the whole ``w`` is hoisted out of it.
     """
-    if np.dtype(other.dtype).itemsize < np.dtype(ct).itemsize:
+    size = np.dtype(ct).itemsize
+    if np.dtype(other.dtype).itemsize < size and np.dtype(result).itemsize < size:
         dz = dz.astype(other.dtype)
     else:
         other = other.astype(ct)

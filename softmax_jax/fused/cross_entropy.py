@@ -89,6 +89,11 @@ class Rule(NamedTuple):
     def weights(self, consts, scale, factor):
         return _ce.times(scale, factor)
 
+    def valid(self, params):
+        """Whether the traced hyper-parameters are in range (:func:`_ce.hyperparameters`
+        turned those that are not into NaN)."""
+        return ~(jnp.isnan(params.ce.eps) | jnp.isnan(params.ce.lam))
+
     def streams(self, blk, params):
         return (blk.logits[0],)
 
@@ -243,14 +248,18 @@ def linear_softmax_cross_entropy(
     Reverse mode only: ``jax.jvp`` of the loss raises.
 
     Args:
-      x: ``[N, D]`` floating-point inputs of the output layer (hidden states).
+      x: ``[N, D]`` floating-point inputs of the output layer (hidden states), or
+        ``[..., D]`` with any leading token axes (``[B, T, D]``, as a language model hands
+        them over; flattened inside, so the gradient comes back in ``x``'s shape).
       w: ``[D, V]`` weights (the ``x @ w`` convention of JAX dense layers); under
         ``axis_name``, this device's ``[D, V / shards]`` slice of the vocabulary.
-      labels: ``[N]`` integer class ids in ``[0, V)`` (global ids under ``axis_name``).
+      labels: integer class ids in ``[0, V)`` of ``x``'s leading shape (``[N]``,
+        ``[B, T]``; global ids under ``axis_name``).
       b: optional ``[V]`` bias (this device's slice under ``axis_name``).
       reduction: ``"mean"`` (over the tokens that are not ignored, or, with class weights,
-        divided by their summed label weights as PyTorch does; 0 when none is kept),
-        ``"sum"`` or ``"none"`` (per-token losses).
+        divided by their summed label weights as PyTorch does, so NaN, as in PyTorch, when
+        the kept tokens' label weights add up to 0; 0 when no token is kept, where PyTorch
+        gives NaN), ``"sum"`` or ``"none"`` (per-token losses, ``x``'s leading shape).
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose tokens get
         loss 0 and gradient 0 and are left out of the mean.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
@@ -272,11 +281,15 @@ def linear_softmax_cross_entropy(
         (three matrix products); smaller recomputes each block in the gradient pass.
 
     Returns:
-      The loss: for ``"mean"``/``"sum"`` a float32 scalar (float64 under x64), whatever the
-      input dtype; for ``"none"`` ``[N]`` per-token losses in the inputs' dtype. With
-      ``return_stats``, ``(loss, stats)``. A label outside ``[0, V)`` that is not
-      ``ignore_index`` gives NaN for its token. Gradients come back in each input's dtype,
-      accumulated in float32 (at least).
+      The loss: for ``"mean"``/``"sum"`` a scalar in the compute dtype, float32 for
+      bfloat16, float16 and float32 inputs and float64 for float64 ones (under x64, as
+      optax's loss of float32 inputs stays float32), accumulated in it; for ``"none"``
+      per-token losses of ``x``'s leading shape in the inputs' dtype. With ``return_stats``,
+      ``(loss, stats)`` (``stats`` of ``x``'s leading shape). A label outside ``[0, V)``
+      that is not ``ignore_index`` gives NaN for its token, a traced hyper-parameter out of
+      range NaN for the loss and every derivative. Gradients come back in each input's
+      dtype, accumulated in float32 (at least); with mixed dtypes (float32 ``x``, bfloat16
+      ``w``) the wider input's gradient keeps its own dtype's accuracy.
 
     Raises:
       TypeError: non-floating ``x``/``w``/``b``/``class_weights`` or non-integer ``labels``.
@@ -302,10 +315,9 @@ def linear_softmax_cross_entropy(
       >>> print(stats.lse, stats.argmax)
       [4.4076 2.0986] [2 0]
     """
-    x, w, b = args.head(x, w, b)
-    labels = _ce.integer_labels(labels)
+    x, w, b, lead = args.head(x, w, b)
+    labels = args.labels_for(_ce.integer_labels(labels), lead)
     n, v = x.shape[0], w.shape[1]
-    args.labels_for(labels, n)
     reduction = args.reduction(reduction)
     weights = _ce.check_class_weights(class_weights, v)
     params, options = _ce.hyperparameters(
@@ -325,6 +337,8 @@ def linear_softmax_cross_entropy(
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
     loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights), full, cap.astype(ct))
+    if reduction == "none":
+        loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    return loss, FusedStats(*(lax.stop_gradient(a) for a in aux))
+    return loss, FusedStats(*(lax.stop_gradient(a).reshape(lead) for a in aux))

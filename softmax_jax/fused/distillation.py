@@ -6,10 +6,11 @@ cross-entropy's rule. With :math:`s = z_s/T` and :math:`t = z_t/T` the engine ke
 online normalisers of both (and of :math:`z_s` itself when the hard-label term is on). For
 the generalised JSD a second pass over the blocks, with both normalisers known, adds up each
 row's :math:`K_P = \mathrm{KL}(P\|M)` and :math:`K_Q = \mathrm{KL}(Q\|M)`; for the two KL
-cases the first pass also keeps the online expectation :math:`E_P[t - s]` (or
-:math:`E_Q[s - t]`), so :math:`\mathrm{KL}(P\|Q) = E_P[t - s] - (\mathrm{lse}\,t -
-\mathrm{lse}\,s)` needs no second pass. The gradient pass then gives the student's logit
-gradient
+cases the first pass keeps the KL itself online, as the expectation of the centred
+log-ratio :math:`(t - m_t) - (s - m_s)` against the running maxima, so it needs no second
+pass and keeps float32 accuracy however far apart the two heads' logits are
+(:math:`E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` would cancel). The gradient
+pass then gives the student's logit gradient
 
 .. math::
     \frac{\partial\ell}{\partial z_s} = h\,\delta_{\mathrm{CE}}
@@ -58,22 +59,18 @@ class Rule(NamedTuple):
     temperature_grad: bool = True
 
     def _one_pass(self) -> bool:
-        r"""Forward and reverse KL need no second pass: :math:`\mathrm{KL}(P\|Q) =
-        E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` is an online expectation."""
+        r"""Forward and reverse KL need no second pass: the engine keeps them online
+        (:func:`~softmax_jax.fused.blocks.log_ratio_step`)."""
         return self.kind in ("forward", "reverse")
 
     def sizes(self) -> tuple[int, int, int]:
         n_first = (self.ce.sizes()[1] if self.hard else 0) + (1 if self._one_pass() else 0)
         return 3 if self.hard else 2, n_first, 0 if self._one_pass() else 2
 
-    def expectation_streams(self) -> tuple[int, ...]:
+    def expectation_streams(self) -> tuple[tuple[int, int], ...]:
         if not self._one_pass():
             return ()
-        return (1,) if self.kind == "forward" else (0,)
-
-    def expectations(self, blk, params):
-        s, t = self.streams(blk, params)[:2]
-        return (t - s,) if self.kind == "forward" else (s - t,)
+        return ((1, 0),) if self.kind == "forward" else ((0, 1),)
 
     def grad_sizes(self) -> int:
         return 1
@@ -98,6 +95,13 @@ class Rule(NamedTuple):
 
     def weights(self, consts, scale, factor):
         return _ce.times(scale, factor)
+
+    def valid(self, params):
+        r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
+        :math:`T` and :math:`\beta` (:func:`_dt.valid_hyperparameters`), and the NaN that the
+        shared validation puts in for the others."""
+        ok = _dt.valid_hyperparameters(params.temperature, params.beta)
+        return ok & ~jnp.isnan(params.hard_weight) & self.ce.valid(params)
 
     def streams(self, blk, params):
         z, t = blk.logits
@@ -131,12 +135,9 @@ class Rule(NamedTuple):
         """Per row :math:`(K_P, K_Q)`, from the second pass or the online expectation."""
         if not self._one_pass():
             return _dt.RowSums(*stats.second)
-        q, p = stats.norms[0], stats.norms[1]
-        log_ratio = ((p.m - q.m) + (p.log_s - q.log_s))[:, 0]  # lse t - lse s
+        kl = stats.first[-1]
         if self.kind == "forward":
-            kl = stats.first[-1] - log_ratio
             return _dt.RowSums(kl, jnp.zeros_like(kl))
-        kl = stats.first[-1] + log_ratio
         return _dt.RowSums(jnp.zeros_like(kl), kl)
 
     def _parts(self, consts, stats, params):
@@ -156,8 +157,7 @@ class Rule(NamedTuple):
             nll, uniform, lse, _ = terms
             ce = _ce.loss(nll, uniform, lse, jnp.ones_like(nll), None, params.ce, self.ce.options)
             loss = _ce.times(params.hard_weight, ce) + _ce.times(1.0 - params.hard_weight, loss)
-        valid = _dt.valid_hyperparameters(params.temperature, params.beta)
-        return jnp.where(valid, _ce.times(scale, loss), jnp.nan)
+        return _ce.times(scale, loss)
 
     def dlogits(self, blk, stats, r, params):
         temp, beta = params.temperature, params.beta
@@ -174,9 +174,7 @@ class Rule(NamedTuple):
             sub_params = _fce.Params(params.ce, jnp.zeros((), r.dtype))
             dce, _ = self.ce.dlogits(sub_blk, sub_stats, jnp.ones_like(r), sub_params)
             dz = _ce.times(params.hard_weight, dce) + _ce.times(1.0 - params.hard_weight, dz)
-        dz = _ce.times(r[:, None], dz)
-        valid = _dt.valid_hyperparameters(temp, beta)
-        return jnp.where(valid, dz, jnp.nan), (t_sum,)
+        return _ce.times(r[:, None], dz), (t_sum,)
 
     def cotangents(self, consts, scale, stats, row_sums, r, params):
         temp, beta, hw = params.temperature, params.beta, params.hard_weight
@@ -246,16 +244,18 @@ def linear_softmax_distillation(
     unfused :func:`softmax_jax.distillation_loss`).
 
     Args:
-      x: ``[N, D]`` student hidden states. w: ``[D, V]`` student weights (this device's
-        vocabulary slice under ``axis_name``).
-      teacher_x: ``[N, D_t]`` teacher hidden states. teacher_w: ``[D_t, V]`` teacher weights
-        (sharded like ``w``).
-      labels: ``[N]`` integer labels; required when ``hard_weight`` is nonzero (or traced)
-        or ``ignore_index`` is given.
+      x: ``[N, D]`` student hidden states, or ``[..., D]`` with any leading token axes
+        (``[B, T, D]``). w: ``[D, V]`` student weights (this device's vocabulary slice
+        under ``axis_name``).
+      teacher_x: ``[..., D_t]`` teacher hidden states of ``x``'s leading shape. teacher_w:
+        ``[D_t, V]`` teacher weights (sharded like ``w``).
+      labels: integer labels of ``x``'s leading shape; required when ``hard_weight`` is
+        nonzero (or traced) or ``ignore_index`` is given.
       b, teacher_b: optional ``[V]`` biases (vocabulary slices under ``axis_name``).
       temperature: :math:`T > 0`. beta: :math:`\beta \in [0, 1]`. hard_weight:
         :math:`h \in [0, 1]`, weight of the hard-label cross-entropy.
-      reduction: ``"mean"`` (over kept tokens; 0 when none is), ``"sum"`` or ``"none"``.
+      reduction: ``"mean"`` (over kept tokens; 0 when none is), ``"sum"`` or ``"none"``
+        (``x``'s leading shape).
       ignore_index: a label value whose tokens get loss 0 and gradient 0 and are left out
         of the mean.
       label_smoothing: :math:`\epsilon \in [0, 1]` of the hard-label term.
@@ -263,9 +263,11 @@ def linear_softmax_distillation(
         :func:`~softmax_jax.fused.linear_softmax_cross_entropy`.
 
     Returns:
-      ``"mean"``/``"sum"``: a float32 (float64 under x64) scalar; ``"none"``: ``[N]`` in the
-      inputs' dtype. A teacher class with probability where the student has none makes the
-      loss infinite (its true value); a traced out-of-range hyper-parameter gives NaN.
+      ``"mean"``/``"sum"``: a scalar in the compute dtype (float32 for bfloat16, float16
+      and float32 inputs, float64 for float64 ones under x64); ``"none"``: ``x``'s leading
+      shape, in the inputs' dtype. A teacher class with probability where the student has
+      none makes the loss infinite (its true value); a traced out-of-range hyper-parameter
+      gives NaN for the loss and every derivative.
 
     Raises:
       TypeError, ValueError: bad dtypes or shapes, hyper-parameters out of range, missing
@@ -283,23 +285,22 @@ def linear_softmax_distillation(
       >>> print(sj.distillation_loss(x @ w, tx @ tw, temperature=2.0))
       [1.2806 1.0649]
     """
-    x, w, b = args.head(x, w, b)
-    tx, tw, tb = args.head(teacher_x, teacher_w, teacher_b, "teacher_")
+    x, w, b, lead = args.head(x, w, b)
+    tx, tw, tb, teacher_lead = args.head(teacher_x, teacher_w, teacher_b, "teacher_")
+    args.tokens_like("teacher_x.shape[:-1]", teacher_lead, lead)
     n, v = x.shape[0], w.shape[1]
-    if tx.shape[0] != n or tw.shape[1] != v:
+    if tw.shape[1] != v:
         raise ValueError(
-            f"teacher_x must have N = {n} rows and teacher_w V = {v} columns (this device's"
-            f" vocabulary), got teacher_x.shape={tuple(tx.shape)},"
+            f"teacher_w must have V = {v} columns (this device's vocabulary), got"
             f" teacher_w.shape={tuple(tw.shape)}")
     reduction = args.reduction(reduction)
     temp, beta_arr, kind = _dt.hyperparameters(temperature, beta)
     hw, hard = _v.hyperparameter("hard_weight", hard_weight, 0.0, 1.0)
-    eps, smoothing = _v.hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
-    ignore = _ce.check_ignore_index(ignore_index)
+    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
+    ignore = ce_options.ignore_index
     label_arr = None
     if labels is not None:
-        label_arr = _ce.integer_labels(labels)
-        args.labels_for(label_arr, n)
+        label_arr = args.labels_for(_ce.integer_labels(labels), lead)
     elif hard or ignore is not None:
         raise ValueError("labels are required when hard_weight is nonzero (or traced) or"
                          f" ignore_index is given (hard_weight={hard_weight!r},"
@@ -309,12 +310,11 @@ def linear_softmax_distillation(
                                  min(w.dtype.itemsize, tw.dtype.itemsize), token_block,
                                  vocab_block, heads=2)
     ct = args.compute_dtype(x, w, tx, tw)
-    ce_options = _ce.Options(hard and smoothing, False, ignore, False)
+    ce_options = ce_options._replace(smoothing=hard and ce_options.smoothing)
     ce_rule = _fce.Rule(ce_options, args.num_classes(v, axis_name), False)
     rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
-    params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct),
-                    _ce.Params(eps.astype(ct), jnp.zeros((), ct)))
+    params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
     consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)))
     loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))
-    return loss
+    return loss.reshape(lead) if reduction == "none" else loss

@@ -45,10 +45,11 @@ from .blocks import (
     balanced,
     block_exp,
     cols,
-    expect_step,
     fold_vocab,
     grad_matmul,
+    log_ratio_step,
     matmul,
+    merge_log_ratios,
     merge_shards,
     narrow_bits,
     put_cols,
@@ -109,9 +110,10 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     rule, ct = call.rule, call.ct
     n_streams, n_first, n_second = rule.sizes()
 
-    # Optional: online expectations E_{softmax(stream i)}[v] (the last entries of ``first``).
-    streams_of = rule.expectation_streams() if hasattr(rule, "expectation_streams") else ()
-    n_expect = len(streams_of)
+    # Optional: online KL(softmax(stream i) || softmax(stream j)) for each pair (i, j) of
+    # expectation_streams() (the last entries of ``first``).
+    pairs = rule.expectation_streams() if hasattr(rule, "expectation_streams") else ()
+    n_expect = len(pairs)
 
     def first_body(acc, start, width):
         ms, ss, sums, expects, amax = acc
@@ -128,10 +130,10 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
                 amax = jnp.where(bm > ms[0], cand, amax)
         add = rule.first_sums(blk, call.params)
         sums = tuple(a + b for a, b in zip(sums, add, strict=True))
-        if n_expect:
-            pairs = zip(expects, streams_of, rule.expectations(blk, call.params), strict=True)
-            expects = tuple(expect_step(e, weights[i], vals, ms[i], new_m[i])
-                            for e, i, vals in pairs)
+        expects = tuple(
+            log_ratio_step(e, ss[i], weights[i], streams[i], streams[j], (ms[i], ms[j]),
+                           (new_m[i], new_m[j]))
+            for e, (i, j) in zip(expects, pairs, strict=True))
         return vma.vary_all((tuple(new_m), tuple(new_s), sums, expects, amax), call.axes)
 
     zeros = jnp.zeros((tb,), ct)
@@ -139,18 +141,14 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
             (zeros,) * n_streams, (zeros,) * (n_first - n_expect), (zeros,) * n_expect,
             jnp.zeros((tb,), jnp.int32) if call.opt.want_argmax else None)
     ms, ss, firsts, expects, amax = fold_vocab(first_body, vma.vary_all(init, call.axes), v, vb)
-    if n_expect:
-        expects = tuple(e if call.opt.axis_name is None else
-                        lax.psum(rescale(e, ms[i], lax.pmax(ms[i], call.opt.axis_name)),
-                                 call.opt.axis_name)
-                        for e, i in zip(expects, streams_of, strict=True))
+    expects = merge_log_ratios(call.opt.axis_name, expects, ss, pairs, ms)
     ms, ss, firsts, amax = merge_shards(call.opt.axis_name, ms, ss, firsts, amax)
-    if n_expect:
-        firsts = firsts + tuple(jnp.where(ss[i] == 0, 0.0, e / jnp.where(ss[i] == 0, 1.0, ss[i]))
-                                for e, i in zip(expects, streams_of, strict=True))
-    norms = tuple(
-        Normalizer(jnp.where(jnp.isfinite(m), m, 0.0)[:, None], jnp.log(s)[:, None])
-        for m, s in zip(ms, ss, strict=True))
+    logs = tuple(jnp.log(s) for s in ss)
+    firsts = firsts + tuple(
+        jnp.where(ss[i] == 0, 0.0, e / jnp.where(ss[i] == 0, 1.0, ss[i])) - logs[i] + logs[j]
+        for e, (i, j) in zip(expects, pairs, strict=True))
+    norms = tuple(Normalizer(jnp.where(jnp.isfinite(m), m, 0.0)[:, None], log_s[:, None])
+                  for m, log_s in zip(ms, logs, strict=True))
     stats = RowStats(norms, firsts, (), amax)
     if not n_second:
         return stats
@@ -214,8 +212,9 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
                 dz, add, dc = _dlogits(call, tile(start, width),
                                        None if raw is None else cols(raw, start, width), stats, r)
                 dx = dx + grad_matmul(dz, weight_cols(head0.w, start, width, ct), (1, 1), ct,
-                                      True)
-                dw = put_cols(dw, start, grad_matmul(dz, x_t, (1, 0), ct, False), add=True)
+                                      True, head0.x.dtype)
+                dw = put_cols(dw, start, grad_matmul(dz, x_t, (1, 0), ct, False, head0.w.dtype),
+                              add=True)
                 if db is not None:
                     db = put_cols(db, start, jnp.sum(dz, axis=0), add=True)
                 gs = tuple(a + b for a, b in zip(gs, add, strict=True))
@@ -316,11 +315,13 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
             dz, add, dc = _dlogits(call, _block(call, logits, start, rows), raw, stats,
                                    tokens.take(views["r"], k))
             outs = dict(outs)
-            dx_k = tokens.take(outs["dx"], k) + grad_matmul(dz, w_j, (1, 1), ct, True)
+            dx_k = tokens.take(outs["dx"], k) + grad_matmul(
+                dz, w_j, (1, 1), ct, True, head0.x.dtype)
             outs["dx"] = tokens.put(outs["dx"], k, dx_k)
             outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
                                       for o, a in zip(outs["grad_sums"], add, strict=True))
-            dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False)
+            dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False,
+                                      head0.w.dtype)
             db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
             return vma.vary_all((dw_j, db_j, dcap + dc), call.axes) + (outs,)
 

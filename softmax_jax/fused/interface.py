@@ -52,7 +52,7 @@ class RowStats(NamedTuple):
 
 
 class Rule(Protocol):
-    """What a loss tells the engine: a hashable NamedTuple of static choices with these
+    r"""What a loss tells the engine: a hashable NamedTuple of static choices with these
     methods (per-row results are ``[tokens]`` arrays, blocks ``[tokens, width]``).
 
     - ``sizes()``: ``(streams, first sums, second sums)``, how many of each the rule uses;
@@ -62,13 +62,15 @@ class Rule(Protocol):
     - ``second_sums(block, stats, params)``: additive per-row sums that need the finished
       normalisers (a second pass; only when ``sizes()[2] > 0``);
     - ``dlogits(block, stats, r, params)``: ``(r_i * dloss/dz, per-row sums)`` for head 0;
-    - optionally ``expectation_streams()`` and ``expectations(block, params)``: values
-      :math:`v` whose expectation under the softmax of the given stream is kept online in
-      the first pass (they are the last ``len(expectation_streams())`` first sums).
+    - optionally ``expectation_streams()``: pairs ``(i, j)`` of streams whose
+      :math:`\mathrm{KL}(\mathrm{softmax}(z_i) \| \mathrm{softmax}(z_j))` the first pass
+      keeps online, each stream centred by its running maximum (the last
+      ``len(expectation_streams())`` first sums;
+      :func:`~softmax_jax.fused.blocks.log_ratio_step`).
 
     The custom-VJP layer (:mod:`softmax_jax.fused.vjp`) also calls ``heads``, ``rows``,
-    ``classes``, ``scale``, ``denominator``, ``weights``, ``row_loss``, ``cotangents`` and
-    ``aux``.
+    ``classes``, ``scale``, ``denominator``, ``weights``, ``valid`` (whether the traced
+    hyper-parameters are in range), ``row_loss``, ``cotangents`` and ``aux``.
     """
 
     def sizes(self) -> tuple[int, int, int]: ...

@@ -10,7 +10,9 @@ r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two s
 
 Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
 (partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
-(labels, class weights, the teacher's head) get zero cotangents.
+(labels, class weights, the teacher's head) get zero cotangents. A hyper-parameter out of
+range (traced, so it could not raise; :meth:`valid`) makes the loss and every cotangent NaN,
+as in the unfused losses.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def _num_classes(static: Static, w: jax.Array) -> Any:
     return w.shape[1] if axis is None else w.shape[1] * jax.lax.axis_size(axis)
 
 
+def _valid(static: Static, params: Any, cap: jax.Array) -> jax.Array:
+    """Whether the traced hyper-parameters are in range (the rule's, and a soft cap > 0)."""
+    ok = static.rule.valid(params)
+    return ok & (cap > 0) if static.engine.capped else ok
+
+
 def _cast(static: Static, grads: engine.Grads, g: jax.Array, dparams: Any):
     """``g`` times the gradients, each in its primal's dtype and varying axes."""
     dx = vma.match_varying(g * grads.dx, static.vma_x).astype(static.dtypes[0])
@@ -78,19 +86,24 @@ def _reduced_fwd(static, x, w, b, consts, params, cap):
     inv = jnp.ones((), ct)
     if static.reduction == "mean":
         den = rule.denominator(consts, scale)
-        # Nothing counted: loss 0 and gradients 0 rather than 0 / 0.
-        inv = jnp.where(den == 0, 0.0, 1.0 / jnp.where(den == 0, 1.0, den))
+        # Nothing counted: loss 0 and gradients 0 rather than 0 / 0 (PyTorch: NaN). Counted
+        # tokens whose label weights add up to 0: NaN, as PyTorch's weighted mean gives.
+        kept = jnp.any(scale != 0)
+        inv = jnp.where(den == 0, jnp.where(kept, jnp.nan, 0.0),
+                        1.0 / jnp.where(den == 0, 1.0, den))
     r = rule.weights(consts, scale, inv)
     stats, grads = _run(static, x, w, b, consts, params, cap, r=r)
-    loss = jnp.sum(rule.row_loss(consts, scale, stats, params)) * inv
+    ok = _valid(static, params, cap)
+    loss = jnp.where(ok, jnp.sum(rule.row_loss(consts, scale, stats, params)) * inv, jnp.nan)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
-    return (loss, rule.aux(stats)), (grads, dparams)
+    return (loss, rule.aux(stats)), (grads, dparams, ok)
 
 
 def _reduced_bwd(static, res, g):
     g = g[0]  # the auxiliary outputs (statistics) carry no gradient
-    grads, dparams = res
-    dx, dw, db, dparams, dcap = _cast(static, grads, g.astype(grads.dx.dtype), dparams)
+    grads, dparams, ok = res
+    g = jnp.where(ok, g.astype(grads.dx.dtype), jnp.nan)
+    dx, dw, db, dparams, dcap = _cast(static, grads, g, dparams)
     return dx, dw, db, None, dparams, dcap
 
 
@@ -107,7 +120,8 @@ def _per_token_fwd(static, x, w, b, consts, params, cap):
     ct, rule = _ct(static), static.rule
     scale = rule.scale(consts, _num_classes(static, w), ct)
     stats, _ = _run(static, x, w, b, consts, params, cap)
-    loss = rule.row_loss(consts, scale, stats, params)
+    loss = jnp.where(_valid(static, params, cap), rule.row_loss(consts, scale, stats, params),
+                     jnp.nan)
     out = jnp.result_type(*(d for d in static.dtypes if d is not None))
     return (loss.astype(out), rule.aux(stats)), (x, w, b, consts, params, cap, stats)
 
@@ -120,7 +134,7 @@ def _per_token_bwd(static, res, g):
     r = rule.weights(consts, scale, g.astype(ct))
     _, grads = _run(static, x, w, b, consts, params, cap, r=r, saved=stats)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
-    one = jnp.ones((), ct)
+    one = jnp.where(_valid(static, params, cap), jnp.ones((), ct), jnp.nan)
     dx, dw, db, dparams, dcap = _cast(static, grads, one, dparams)
     return dx, dw, db, None, dparams, dcap
 
