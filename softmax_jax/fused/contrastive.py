@@ -161,10 +161,10 @@ def positives(bt: Batch, s: jax.Array, labels: jax.Array | None) -> jax.Array:
     if labels is None:
         pos = s * jnp.sum(x * y, axis=1)
     else:
-        y_l = jnp.take(y, labels, axis=0, mode="fill", fill_value=jnp.nan)
-        pos = s * jnp.sum(x * y_l, axis=1)
-        ok = jnp.take(bt.keep, labels, axis=0, mode="fill", fill_value=False)
-        pos = jnp.where(ok, pos, jnp.nan)
+        inside = (labels >= 0) & (labels < y.shape[0])
+        lab = jnp.where(inside, labels, 0)
+        pos = s * jnp.sum(x * y[lab], axis=1)
+        pos = jnp.where(inside & bt.keep[lab], pos, jnp.nan)
     return jnp.where(bt.keep, pos, 0.0)
 
 

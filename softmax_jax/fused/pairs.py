@@ -40,7 +40,7 @@ def _setup(static: Static, x, y, s, b, keep, *more) -> tuple[Call, Rows]:
     ct = np.dtype(jnp.promote_types(jnp.result_type(x.dtype, y.dtype), jnp.float32))
     axes = frozenset().union(vma.axis_set(static.axis_name),
                              *(vma.varying(a) for a in (x, y, s, b, keep, *more)))
-    call = Call(static.rule, ct, s.astype(ct), b.astype(ct), static.blocks[1], axes)
+    call = Call(static.rule, ct, jnp.asarray(s, ct), jnp.asarray(b, ct), static.blocks[1], axes)
     first: Any = 0
     if static.axis_name is not None:
         first = lax.axis_index(static.axis_name) * x.shape[0]
@@ -65,7 +65,7 @@ def _outputs(static: Static, call: Call, rows: Rows, y, keep):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def reduced(static: Static, x, y, s, b, keep, r_row, r_col) -> jax.Array:
-    """:math:`\sum_i r_i\,\mathrm{row}_i + \sum_j r'_j\,\mathrm{col}_j` over the whole
+    r""":math:`\sum_i r_i\,\mathrm{row}_i + \sum_j r'_j\,\mathrm{col}_j` over the whole
     (global) matrix, replicated over the ring."""
     return _reduced_fwd(static, x, y, s, b, keep, r_row, r_col)[0]
 
