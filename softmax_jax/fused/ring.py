@@ -21,6 +21,7 @@ from typing import Any
 import jax
 from jax import lax
 
+from . import vma
 from .columns import (
     Acc,
     Call,
@@ -48,6 +49,8 @@ def around(axis: Hashable | None, step: Callable[[Any, Any, Any], tuple[Any, Any
         return step(local, travel, 0)
     p = lax.axis_size(axis)
     me = lax.axis_index(axis)
+    # what ppermute returns varies over the axis, so the carry must from the start
+    local, travel = vma.vary_all((local, travel), vma.axis_set(axis))
 
     def body(k, carry):
         loc, tr = step(*carry, (me + k) % p)
