@@ -21,9 +21,11 @@ from softmax_jax.fused import contrastive as _fc
 __all__ = ["contrastive_loss", "sigmoid_contrastive_loss"]
 
 
-def _pair(x, y, where, axis_name: Hashable | None, diagonal: bool):
+def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
+          where_in: jax.typing.ArrayLike | None, axis_name: Hashable | None, diagonal: bool
+          ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(x, y, where)`` checked: ``x`` ``[N, D]``, ``y`` ``[M, D]``, ``where`` ``[N]``."""
-    x, y = _v.as_float_array("x", x), _v.as_float_array("y", y)
+    x, y = _v.as_float_array("x", x_in), _v.as_float_array("y", y_in)
     for name, a in (("x", x), ("y", y)):
         if a.ndim != 2 or a.shape[0] == 0:
             raise ValueError(f"{name} must be a 2-D [rows, D] array with at least one row,"
@@ -31,12 +33,13 @@ def _pair(x, y, where, axis_name: Hashable | None, diagonal: bool):
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same embedding size D, got x.shape="
                          f"{tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    if (diagonal or where is not None) and x.shape[0] != y.shape[0]:
-        why = "where marks pairs" if where is not None else "the positives are the diagonal"
+    if (diagonal or where_in is not None) and x.shape[0] != y.shape[0]:
+        why = "where marks pairs" if where_in is not None else "the positives are the diagonal"
         raise ValueError(f"x and y need the same number of rows N == M ({why}), got"
                          f" x.shape={tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    if where is not None:
-        where = _v.check_where(where, (x.shape[0],), ())
+    where = None
+    if where_in is not None:
+        where = _v.check_where(where_in, (x.shape[0],), ())
         if where.shape != (x.shape[0],):
             raise ValueError(f"where must be a boolean [N] mask with N = {x.shape[0]}, got"
                              f" where.shape={tuple(where.shape)}")
@@ -137,15 +140,16 @@ def contrastive_loss(
     if not diagonal and axis_name is not None:
         raise ValueError("labels cannot be combined with axis_name: the ring puts the"
                          " positives on the global diagonal (pass labels=None)")
-    x, y, where = _pair(x, y, where, axis_name, diagonal)
+    xa, ya, mask = _pair(x, y, where, axis_name, diagonal)
     reduction = args.reduction(reduction)
-    if not diagonal:
-        labels = _ce.integer_labels(labels)
-        if labels.shape != (x.shape[0],):
+    lab: jax.Array | None = None
+    if labels is not None:
+        lab = jnp.asarray(_ce.integer_labels(labels))
+        if lab.shape != (xa.shape[0],):
             raise ValueError(f"labels must be a 1-D [N] array with N = x.shape[0] ="
-                             f" {x.shape[0]}, got labels.shape={tuple(labels.shape)}")
-    s = _scalar("logit_scale", logit_scale, args.compute_dtype(x, y))
-    return _clip_jit(x, y, s, labels, where, bool(bidirectional), reduction, axis_name)
+                             f" {xa.shape[0]}, got labels.shape={tuple(lab.shape)}")
+    s = _scalar("logit_scale", logit_scale, args.compute_dtype(xa, ya))
+    return _clip_jit(xa, ya, s, lab, mask, bool(bidirectional), reduction, axis_name)
 
 
 def sigmoid_contrastive_loss(
@@ -193,9 +197,9 @@ def sigmoid_contrastive_loss(
       >>> print(sj.sigmoid_contrastive_loss(x, x, logit_scale=2.0, logit_bias=-1.0))
       0.6265
     """
-    x, y, where = _pair(x, y, where, axis_name, True)
+    xa, ya, mask = _pair(x, y, where, axis_name, True)
     reduction = args.reduction(reduction)
-    ct = args.compute_dtype(x, y)
+    ct = args.compute_dtype(xa, ya)
     s = _scalar("logit_scale", logit_scale, ct)
     b = _scalar("logit_bias", logit_bias, ct)
-    return _sigmoid_jit(x, y, s, b, where, reduction, axis_name)
+    return _sigmoid_jit(xa, ya, s, b, mask, reduction, axis_name)

@@ -47,9 +47,17 @@ class ClipRule(NamedTuple):
 
     bidirectional: bool
 
-    needs_stats = True
-    row_lse = True
-    row_sums = 0
+    @property
+    def needs_stats(self) -> bool:
+        return True
+
+    @property
+    def row_lse(self) -> bool:
+        return True
+
+    @property
+    def row_sums(self) -> int:
+        return 0
 
     @property
     def col_lse(self) -> bool:
@@ -93,9 +101,17 @@ class SigmoidRule(NamedTuple):
 
     row_sums: int = 1  # 0 in a backward pass, where the losses are known
 
-    needs_stats = False
-    row_lse = False
-    col_lse = False
+    @property
+    def needs_stats(self) -> bool:
+        return False
+
+    @property
+    def row_lse(self) -> bool:
+        return False
+
+    @property
+    def col_lse(self) -> bool:
+        return False
 
     def gradient_only(self) -> SigmoidRule:
         return self._replace(row_sums=0)

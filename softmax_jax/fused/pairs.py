@@ -51,9 +51,9 @@ def _grads(static: Static, call: Call, rows: Rows, y, keep, outs, r_row, r_col):
     """One gradient pass: ``(cotangents of x, y, s, b, row sums as views)``."""
     row_aux, col_aux = static.rule.aux(outs, rows.tokens.view(r_row), r_col)
     acc, dyt = ring.gradients(call, static.axis_name, rows, y, keep, row_aux, col_aux)
-    cts = (call.scale * rows.tokens.unview(acc.dx), call.scale * dyt.T, acc.ds, acc.db)
+    raw = (call.scale * rows.tokens.unview(acc.dx), call.scale * dyt.T, acc.ds, acc.db)
     cts = tuple(vma.match_varying(c, v).astype(d)
-                for c, v, d in zip(cts, static.vma_in, static.dtypes, strict=True))
+                for c, v, d in zip(raw, static.vma_in, static.dtypes, strict=True))
     return cts, acc.sums
 
 

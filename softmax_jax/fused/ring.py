@@ -53,7 +53,7 @@ def around(axis: Hashable | None, step: Callable[[Any, Any, Any], tuple[Any, Any
     local, travel = vma.vary_all((local, travel), vma.axis_set(axis))
 
     def body(k, carry):
-        loc, tr = step(*carry, (me + k) % p)
+        loc, tr = step(carry[0], carry[1], (me + k) % p)
         return loc, lax.ppermute(tr, axis, _perm(p))
 
     if p > 1:
@@ -77,13 +77,15 @@ def statistics(call: Call, axis: Hashable | None, rows: Rows, y: jax.Array,
 
     def step(local, travel, src):
         y_b, keep_b, cm, cs = travel
-        new = stats_pass(call, rows, Cols(y_b, keep_b, src * m_b), Stats(*local, cm, cs))
+        row_m, row_s, sums = local
+        new = stats_pass(call, rows, Cols(y_b, keep_b, src * m_b),
+                         Stats(row_m, row_s, sums, cm, cs))
         return (new.row_m, new.row_s, new.sums), (y_b, keep_b, new.col_m, new.col_s)
 
     local, travel = around(axis, step, (st.row_m, st.row_s, st.sums),
                            (y, keep, st.col_m, st.col_s))
     col_m, col_s = home(axis, travel[2:])
-    return Stats(*local, col_m, col_s)
+    return Stats(local[0], local[1], local[2], col_m, col_s)
 
 
 def gradients(call: Call, axis: Hashable | None, rows: Rows, y: jax.Array, keep: jax.Array,
