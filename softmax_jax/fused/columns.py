@@ -59,7 +59,7 @@ class Tile(NamedTuple):
     """What a pair rule sees of one ``[tokens, width]`` tile."""
 
     z: jax.Array  # logits s * x y^T + b, compute dtype
-    keep: jax.Array  # both the row and the column are kept
+    keep: jax.Array | None  # both the row and the column are kept (None: all are)
     pos: jax.Array  # the pair is a positive (global row id == global column id)
 
 
@@ -72,6 +72,7 @@ class Call(NamedTuple):
     bias: jax.Array
     col_block: int
     axes: frozenset  # every mesh axis an input varies over
+    masked: bool  # some pair is left out (where, or the padding of the last token block)
 
 
 class Rows(NamedTuple):
@@ -125,11 +126,17 @@ def _tile(call: Call, rows: Rows, k: Any, blk: Cols, start: Any, width: int):
     y_c = lax.dynamic_slice_in_dim(blk.y, start, width, axis=0)
     p = matmul(x_k, y_c, (1, 1), call.ct)
     z = call.scale * p + call.bias
-    keep_r = rows.tokens.take(rows.keep, k)
-    keep = keep_r[:, None] & cols(blk.keep, start, width)[None, :]
+    keep = None
+    if call.masked:
+        keep = rows.tokens.take(rows.keep, k)[:, None] & cols(blk.keep, start, width)[None, :]
     col_ids = jnp.asarray(blk.first, jnp.int32) + start + jnp.arange(width, dtype=jnp.int32)
     pos = rows.tokens.take(rows.ids, k)[:, None] == col_ids[None, :]
     return Tile(z, keep, pos), x_k, y_c, p
+
+
+def kept(tile: Tile, a: jax.Array, fill: float) -> jax.Array:
+    """``a`` where the pair is kept, ``fill`` elsewhere."""
+    return a if tile.keep is None else jnp.where(tile.keep, a, fill)
 
 
 def _online(z: jax.Array, m_old: jax.Array, s_old: jax.Array, axis: int):
@@ -155,7 +162,7 @@ def stats_pass(call: Call, rows: Rows, blk: Cols, stats: Stats) -> Stats:
     def col_step(acc, start, width):
         rm, rs, sums, cm, cs, k = acc
         tile, _, _, _ = _tile(call, rows, k, blk, start, width)
-        zk = jnp.where(tile.keep, tile.z, -jnp.inf)
+        zk = kept(tile, tile.z, -jnp.inf)
         if rule.row_lse:
             rm, rs = _online(zk, rm, rs, 1)
         if rule.col_lse:
@@ -197,10 +204,10 @@ def grad_pass(call: Call, rows: Rows, blk: Cols, row_aux: tuple, col_aux: tuple,
         dx, dyt, ds, db, sums, k, r_aux = c
         tile, x_k, y_c, p = _tile(call, rows, k, blk, start, width)
         c_aux = tuple(cols(a, start, width) for a in col_aux)
-        dz = jnp.where(tile.keep, rule.dlogits(tile, r_aux, c_aux), 0.0)
+        dz = kept(tile, rule.dlogits(tile, r_aux, c_aux), 0.0)
         dx = dx + grad_matmul(dz, y_c, (1, 0), ct, True)
         dyt = put_cols(dyt, start, grad_matmul(dz, transposed(x_k), (1, 0), ct, False), True)
-        ds = ds + jnp.sum(jnp.where(tile.keep, dz * p, 0.0))
+        ds = ds + jnp.sum(kept(tile, dz * p, 0.0))
         db = db + jnp.sum(dz)
         sums = tuple(a + b for a, b in zip(sums, rule.sums(tile), strict=True))
         return vma.vary_all((dx, dyt, ds, db, sums), call.axes) + (k, r_aux)

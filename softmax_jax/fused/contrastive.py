@@ -30,7 +30,7 @@ from jax import lax
 
 from . import args, pairs, vma
 from .blocks import Tokens
-from .columns import Stats, Tile
+from .columns import Stats, Tile, kept
 
 # Tile of the similarity matrix: rows of x per token block, columns of y per column block.
 TOKEN_BLOCK = 1024
@@ -120,7 +120,7 @@ class SigmoidRule(NamedTuple):
         if not self.row_sums:
             return ()
         t = jnp.where(tile.pos, 1.0, -1.0)
-        return (jnp.sum(jnp.where(tile.keep, jax.nn.softplus(-t * tile.z), 0.0), axis=1),)
+        return (jnp.sum(kept(tile, jax.nn.softplus(-t * tile.z), 0.0), axis=1),)
 
     def aux(self, outs: Any, r_row: jax.Array, r_col: jax.Array) -> tuple[tuple, tuple]:
         return (r_row,), ()
@@ -141,6 +141,7 @@ class Batch(NamedTuple):
     keep: jax.Array  # [N] bool
     inv: jax.Array  # 1 / kept pairs (global) for "mean", 1 for "sum"; 0 when none is kept
     ct: Any
+    masked: bool  # where was given
 
 
 def batch(x, y, where, reduction: str, axis_name: Hashable | None) -> Batch:
@@ -157,14 +158,14 @@ def batch(x, y, where, reduction: str, axis_name: Hashable | None) -> Batch:
         if axis_name is not None:
             count = lax.psum(count, axis_name)
         inv = jnp.where(count == 0, 0.0, 1.0 / jnp.where(count == 0, 1.0, count))
-    return Batch(x, y, keep, inv, ct)
+    return Batch(x, y, keep, inv, ct, where is not None)
 
 
 def _static(rule, bt: Batch, s, b, axis_name, blocks) -> pairs.Static:
     n, m = bt.x.shape[0], bt.y.shape[0]
     tb, cb = blocks if blocks is not None else (TOKEN_BLOCK, COL_BLOCK)
     tb = Tokens(n, tb).tb
-    return pairs.Static(rule, axis_name, (tb, min(cb, m)),
+    return pairs.Static(rule, axis_name, (tb, min(cb, m)), bt.masked,
                         tuple(str(a.dtype) for a in (bt.x, bt.y, s, b)),  # type: ignore[arg-type]
                         tuple(vma.varying(a) for a in (bt.x, bt.y, s, b)))  # type: ignore[arg-type]
 

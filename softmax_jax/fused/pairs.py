@@ -32,6 +32,7 @@ class Static(NamedTuple):
     rule: Any
     axis_name: Hashable | None
     blocks: tuple[int, int]  # (token_block, col_block)
+    masked: bool  # where was given
     dtypes: tuple[str, str, str, str]  # of x, y, s, b
     vma_in: tuple[frozenset, frozenset, frozenset, frozenset]
 
@@ -40,11 +41,13 @@ def _setup(static: Static, x, y, s, b, keep, *more) -> tuple[Call, Rows]:
     ct = np.dtype(jnp.promote_types(jnp.result_type(x.dtype, y.dtype), jnp.float32))
     axes = frozenset().union(vma.axis_set(static.axis_name),
                              *(vma.varying(a) for a in (x, y, s, b, keep, *more)))
-    call = Call(static.rule, ct, jnp.asarray(s, ct), jnp.asarray(b, ct), static.blocks[1], axes)
     first: Any = 0
     if static.axis_name is not None:
         first = lax.axis_index(static.axis_name) * x.shape[0]
-    return call, rows_of(x, keep, first, static.blocks[0])
+    rows = rows_of(x, keep, first, static.blocks[0])
+    call = Call(static.rule, ct, jnp.asarray(s, ct), jnp.asarray(b, ct), static.blocks[1], axes,
+                static.masked or rows.tokens.pad > 0)
+    return call, rows
 
 
 def _grads(static: Static, call: Call, rows: Rows, y, keep, outs, r_row, r_col):
