@@ -26,7 +26,7 @@ the factor :math:`s` of :math:`\bar x, \bar y` applied once at the end. A pair t
 kept (``where``) is :math:`-\infty` in every normaliser and has :math:`\delta = 0`.
 
 A rule (``contrastive.ClipRule``, ``contrastive.SigmoidRule``) is a hashable NamedTuple with
-``row_lse``/``col_lse`` (which normalisers it needs), ``row_sums`` (how many additive
+``normalisers`` (whether it needs the rows' and the columns' log-sum-exp), ``row_sums`` (how many additive
 per-row sums the pass keeps), ``sums(tile)`` and ``dlogits(tile, rows, cols)``. The
 functions here work on one block of columns; :mod:`softmax_jax.fused.ring` moves the
 blocks of ``y`` around a device axis.
@@ -163,9 +163,9 @@ def stats_pass(call: Call, rows: Rows, blk: Cols, stats: Stats) -> Stats:
         rm, rs, sums, cm, cs, k = acc
         tile, _, _, _ = _tile(call, rows, k, blk, start, width)
         zk = kept(tile, tile.z, -jnp.inf)
-        if rule.row_lse:
+        if rule.normalisers[0]:
             rm, rs = _online(zk, rm, rs, 1)
-        if rule.col_lse:
+        if rule.normalisers[1]:
             m_c, s_c = _online(zk, cols(cm, start, width), cols(cs, start, width), 0)
             cm, cs = put_cols(cm, start, m_c, False), put_cols(cs, start, s_c, False)
         sums = tuple(a + b for a, b in zip(sums, rule.sums(tile), strict=True))

@@ -48,20 +48,13 @@ class ClipRule(NamedTuple):
     bidirectional: bool
 
     @property
-    def needs_stats(self) -> bool:
-        return True
-
-    @property
-    def row_lse(self) -> bool:
-        return True
+    def normalisers(self) -> tuple[bool, bool]:
+        """Whether the pass keeps the rows' and the columns' log-sum-exp."""
+        return True, self.bidirectional
 
     @property
     def row_sums(self) -> int:
         return 0
-
-    @property
-    def col_lse(self) -> bool:
-        return self.bidirectional
 
     def gradient_only(self) -> ClipRule:
         return self
@@ -102,16 +95,8 @@ class SigmoidRule(NamedTuple):
     row_sums: int = 1  # 0 in a backward pass, where the losses are known
 
     @property
-    def needs_stats(self) -> bool:
-        return False
-
-    @property
-    def row_lse(self) -> bool:
-        return False
-
-    @property
-    def col_lse(self) -> bool:
-        return False
+    def normalisers(self) -> tuple[bool, bool]:
+        return False, False
 
     def gradient_only(self) -> SigmoidRule:
         return self._replace(row_sums=0)

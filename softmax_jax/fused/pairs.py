@@ -61,7 +61,7 @@ def _grads(static: Static, call: Call, rows: Rows, y, keep, outs, r_row, r_col):
 
 
 def _outputs(static: Static, call: Call, rows: Rows, y, keep):
-    if not static.rule.needs_stats:
+    if not any(static.rule.normalisers):
         return None
     return static.rule.outputs(ring.statistics(call, static.axis_name, rows, y, keep))
 
