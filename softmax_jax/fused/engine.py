@@ -25,6 +25,11 @@ Layouts (:class:`~softmax_jax.fused.layout.BlockLayout`): with held rows each to
 logits are computed once and reused by every pass and the gradient; with two-level blocks
 every pass recomputes them, and the gradient pass walks the tokens inside each vocabulary
 block so that ``dW`` is accumulated in float32 one vocabulary block at a time.
+
+Losses over a similarity matrix ``s * x @ y.T`` (CLIP, SigLIP) need each column's
+normaliser too: :mod:`.columns` extends these passes with column statistics from the same
+tiles (and the same helpers of :mod:`.blocks`), and :mod:`.ring` moves the blocks of ``y``
+around a device axis with ``ppermute``.
 """
 
 from __future__ import annotations
