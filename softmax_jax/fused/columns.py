@@ -25,10 +25,10 @@ The gradient pass recomputes each tile once, asks the rule for :math:`\delta = r
 the factor :math:`s` of :math:`\bar x, \bar y` applied once at the end. A pair that is not
 kept (``where``) is :math:`-\infty` in every normaliser and has :math:`\delta = 0`.
 
-A rule (``contrastive.ClipRule``, ``contrastive.SigmoidRule``) is a hashable NamedTuple with
-``normalisers`` (whether it needs the rows' and the columns' log-sum-exp), ``row_sums`` (how many additive
-per-row sums the pass keeps), ``sums(tile)`` and ``dlogits(tile, rows, cols)``. The
-functions here work on one block of columns; :mod:`softmax_jax.fused.ring` moves the
+A rule (``contrastive.ClipRule``, ``contrastive.SigmoidRule``) is a hashable NamedTuple
+with ``normalisers`` (whether it needs the rows' and the columns' log-sum-exp),
+``row_sums`` (how many additive per-row sums the pass keeps), ``sums(tile)`` and
+``dlogits(tile, rows, cols)``. The functions here work on one block of columns; :mod:`softmax_jax.fused.ring` moves the
 blocks of ``y`` around a device axis.
 """
 
