@@ -28,8 +28,8 @@ kept (``where``) is :math:`-\infty` in every normaliser and has :math:`\delta = 
 A rule (``contrastive.ClipRule``, ``contrastive.SigmoidRule``) is a hashable NamedTuple
 with ``normalisers`` (whether it needs the rows' and the columns' log-sum-exp),
 ``row_sums`` (how many additive per-row sums the pass keeps), ``sums(tile)`` and
-``dlogits(tile, rows, cols)``. The functions here work on one block of columns; :mod:`softmax_jax.fused.ring` moves the
-blocks of ``y`` around a device axis.
+``dlogits(tile, rows, cols)``. The functions here work on one block of columns;
+:mod:`softmax_jax.fused.ring` moves the blocks of ``y`` around a device axis.
 """
 
 from __future__ import annotations
