@@ -12,6 +12,7 @@ buffers it allocates beyond arguments and outputs. The compile and timing helper
     python scripts/benchmark.py                  # core table, N=4096, V=32000, f32
     python scripts/benchmark.py --suite all      # plus the fused large-vocabulary losses
     python scripts/benchmark.py --suite fused --quick   # the fused tables on small shapes
+    python scripts/benchmark.py --suite contrastive     # CLIP/SigLIP (bench_contrastive.py)
     python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
 
 On Linux, every N x V gradient is a fresh allocation that glibc maps with ``mmap``; the first
@@ -180,7 +181,8 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=["core", "fused", "all"], default="core")
+    parser.add_argument("--suite", choices=["core", "fused", "contrastive", "all"],
+                        default="core")
     parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
     parser.add_argument("--repeats", type=int, default=15)
@@ -215,6 +217,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench_fused import run_fused_benchmarks  # noqa: PLC0415  (optional, heavy)
 
         run_fused_benchmarks(args.repeats, quick=args.quick)
+    if args.suite in ("contrastive", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_contrastive import run_contrastive_benchmarks  # noqa: PLC0415
+
+        run_contrastive_benchmarks(min(args.repeats, 5), quick=args.quick)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ the N x V logits of a large vocabulary are never materialised.
 """
 
 from softmax_jax.activations import log_softmax, logsumexp, sigmoid, softmax
+from softmax_jax.contrastive import contrastive_loss, sigmoid_contrastive_loss
 from softmax_jax.divergences import (
     distillation_loss,
     kl_divergence,
@@ -25,6 +26,7 @@ from softmax_jax.losses import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "contrastive_loss",
     "distillation_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
@@ -36,6 +38,7 @@ __all__ = [
     "quadratic_cost",
     "sigmoid",
     "sigmoid_binary_cross_entropy",
+    "sigmoid_contrastive_loss",
     "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",

@@ -204,6 +204,13 @@ class Tokens:
         return lax.dynamic_update_index_in_dim(a, block, k, axis=1)
 
 
+def token_loop(tokens: Tokens, step: Callable[[Any, Any], Any], carry: Any) -> Any:
+    """``carry = step(k, carry)`` over the token blocks (no loop for a single block)."""
+    if tokens.nt == 1:
+        return step(0, carry)
+    return lax.fori_loop(0, tokens.nt, step, carry)
+
+
 def balanced(total: int, target: int) -> int:
     """A block size <= ``target`` that splits ``total`` into near-equal blocks."""
     target = max(1, min(target, total))

@@ -25,6 +25,11 @@ Layouts (:class:`~softmax_jax.fused.layout.BlockLayout`): with held rows each to
 logits are computed once and reused by every pass and the gradient; with two-level blocks
 every pass recomputes them, and the gradient pass walks the tokens inside each vocabulary
 block so that ``dW`` is accumulated in float32 one vocabulary block at a time.
+
+Losses over a similarity matrix ``s * x @ y.T`` (CLIP, SigLIP) need each column's
+normaliser too: :mod:`.columns` extends these passes with column statistics from the same
+tiles (and the same helpers of :mod:`.blocks`), and :mod:`.ring` moves the blocks of ``y``
+around a device axis with ``ppermute``.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ from .blocks import (
     narrow_bits,
     put_cols,
     rescale,
+    token_loop,
     transposed,
     weight_cols,
 )
@@ -236,14 +242,8 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
         db0 = None if head0.b is None else jnp.zeros((v,), ct)
     carry = (*vma.vary_all((dw0, db0, jnp.zeros((), ct)), call.axes),
              _outputs(call, tokens, views, want_stats, want_grad))
-    dw, db, dcap, outs = _token_loop(tokens, token_step, carry)
+    dw, db, dcap, outs = token_loop(tokens, token_step, carry)
     return outs, dw, db, dcap
-
-
-def _token_loop(tokens: Tokens, step, carry):
-    if tokens.nt == 1:
-        return step(0, carry)
-    return lax.fori_loop(0, tokens.nt, step, carry)
 
 
 def _outputs(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_grad: bool):
@@ -282,7 +282,7 @@ def _stats_loop(call: _Call, tokens: Tokens, views: dict) -> RowStats:
                                             tokens.tb), axes_tok)
         return jax.tree.map(lambda o, u: tokens.put(o, k, u), outs, stats)
 
-    return _token_loop(tokens, token_step, _outputs(call, tokens, views, True, False)["stats"])
+    return token_loop(tokens, token_step, _outputs(call, tokens, views, True, False)["stats"])
 
 
 def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
@@ -327,7 +327,7 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
 
         db0 = None if db is None else jnp.zeros((width,), ct)
         init = vma.vary_all((jnp.zeros((d, width), ct), db0, dcap), call.axes) + (outs,)
-        dw_j, db_j, dcap, outs = _token_loop(tokens, token_step, init)
+        dw_j, db_j, dcap, outs = token_loop(tokens, token_step, init)
         dw_j = dw_j.astype(head0.w.dtype)
         if bits is not None:
             dw_j = lax.bitcast_convert_type(dw_j, bits)
