@@ -32,6 +32,9 @@ from typing import Any
 
 PROG = "train_retrieval.py"
 EXTRAS = ("matplotlib", "tqdm")
+#: What a run writes into --out (retrieval.METRICS_NAME and FIGURE_NAME, named here so that
+#: the start-up check needs no JAX).
+RUN_FILES = ("metrics.json", "curves.png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,24 +76,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run.add_argument("--out", type=Path, default=Path("runs/retrieval"),
                      help="default runs/retrieval")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace the run already in --out")
+                     help="start over, replacing the run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
-def check_start(args: argparse.Namespace) -> str | None:
-    """The first problem that stops the run before any work, as a message; None if none."""
-    missing = []
-    for name in EXTRAS:
+def missing_extra() -> str | None:
+    """The error message when an optional dependency of the scripts is not installed (in the
+    other scripts' wording, naming the install command); None when all are there."""
+    for module in EXTRAS:
         try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        return (f"missing {', '.join(missing)}, needed by the scripts:"
-                " pip install 'softmax_jax[scripts]'")
-    if (args.out / "metrics.json").exists() and not args.overwrite:
-        return f"{args.out} already holds a run (metrics.json); pass --overwrite to replace it"
+            importlib.import_module(module)
+        except ImportError as exc:
+            return (f"{module} is not installed ({exc}); the scripts need their extras:"
+                    " pip install 'softmax_jax[scripts]'")
+    return None
+
+
+def claim_run_folder(out: Path, overwrite: bool) -> str | None:
+    """Refuses (returns the message) a run over the one already in ``out``; with
+    ``overwrite``, removes the old run's files, so that none can pass for the new run's."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        return (f"{out} already holds a run ({', '.join(found)}); pass --overwrite to"
+                " start over")
+    for name in found:
+        (out / name).unlink()
     return None
 
 
@@ -145,10 +156,10 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    problem = check_start(args)
+    problem = missing_extra()
     if problem is not None:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return 2
+        return 1
     if args.devices is not None and args.devices >= 1:
         from softmax_jax.experiments.lm import simulate_host_devices
 
@@ -159,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config(args)
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    problem = claim_run_folder(args.out, args.overwrite)  # after the flags: a typo keeps it
+    if problem is not None:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 2
     progress = not args.no_progress and sys.stderr.isatty()
     log: Callable[[str], object] = print

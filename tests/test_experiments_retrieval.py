@@ -291,7 +291,9 @@ def test_script_writes_metrics_and_figure(tmp_path: Path) -> None:
     # A second run into the same folder is refused, then allowed with --overwrite.
     again = _script(*args, cwd=tmp_path)
     assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert again.stderr.strip().endswith("pass --overwrite to replace it")
+    assert again.stderr.strip() == (
+        f"train_retrieval.py: error: {out} already holds a run (metrics.json, curves.png);"
+        " pass --overwrite to start over")
 
 
 def test_script_bad_steps_in_a_subprocess(tmp_path: Path) -> None:
@@ -328,10 +330,26 @@ def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureF
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     script = _load_script()
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
-    assert script.main(["--out", str(tmp_path / "r")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == ("train_retrieval.py: error: missing tqdm, needed by the scripts:"
-                   " pip install 'softmax_jax[scripts]'")
+    assert script.main(["--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_retrieval.py: error: tqdm is not installed")
+    assert err[0].endswith("the scripts need their extras: pip install 'softmax_jax[scripts]'")
+
+
+def test_script_overwrite_keeps_the_old_run_until_the_flags_are_good(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "curves.png").write_text("old")
+    script = _load_script()
+    assert script.main(["--out", str(out), "--overwrite", "--steps", "0"]) == 2
+    assert "steps must be positive" in capsys.readouterr().err
+    assert (out / "metrics.json").exists() and (out / "curves.png").exists()
+    assert "--overwrite" in script.claim_run_folder(out, overwrite=False)
+    assert (out / "metrics.json").exists()
+    assert script.claim_run_folder(out, overwrite=True) is None
+    assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
