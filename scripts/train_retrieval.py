@@ -111,15 +111,18 @@ class UsageError(Exception):
 
 def config(args: argparse.Namespace) -> Any:
     """The RetrievalConfig of the flags; raises ValueError naming the bad setting."""
-    from softmax_jax.experiments.retrieval import RetrievalConfig, check_data_settings
+    from softmax_jax.experiments.retrieval import RetrievalConfig, check_data_settings, make_mesh
 
     check_data_settings(args.vocab, args.max_files, args.heldout_every, args.max_query_tokens,
                         args.max_code_tokens, args.min_count)
-    return RetrievalConfig(
+    cfg = RetrievalConfig(
         loss=args.loss, batch_size=args.batch_size, steps=args.steps, learning_rate=args.lr,
         embed_dim=args.embed, hidden=args.hidden,
         eval_every=args.eval_every, seed=args.seed, devices=args.devices,
     )
+    if cfg.devices is not None:
+        make_mesh(cfg.devices)  # fewer devices than asked for (a GPU, say) is a usage error
+    return cfg
 
 
 def run(args: argparse.Namespace, cfg: Any, progress: bool,

@@ -8,6 +8,7 @@ import ast
 import importlib.util
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -173,14 +174,16 @@ def test_random_recall_is_the_chance_value() -> None:
 @pytest.mark.parametrize("loss", ["clip", "siglip"])
 def test_tiny_run_learns(tmp_path: Path, loss: str) -> None:
     split = R.load_pairs(vocab_size=100, heldout_every=3, root=write_source(tmp_path))
-    cfg = R.RetrievalConfig(loss=loss, batch_size=20, steps=60, learning_rate=1e-2,
-                            embed_dim=16, hidden=32, eval_every=30)
+    cfg = R.RetrievalConfig(loss=loss, batch_size=20, steps=30, learning_rate=1e-2,
+                            embed_dim=16, hidden=32, eval_every=15)
     result = R.train(cfg, split, log=lambda _: None)
     losses = np.array([h["loss"] for h in result.history])
     assert losses[-10:].mean() < 0.5 * losses[:10].mean()
-    assert [e["step"] for e in result.evals] == [0, 30, 60]
-    # Held-out functions it never saw, found far above chance (1/20).
-    assert result.final["recall@1"] >= 0.3
+    assert [e["step"] for e in result.evals] == [0, 15, 30]
+    # Held-out functions it never saw: the untrained towers already match shared words (about
+    # half at recall@1, chance 1/20); training finds nearly all.
+    assert result.evals[0]["recall@1"] < 0.7
+    assert result.final["recall@1"] >= 0.9
     assert result.final["random_recall@1"] == 1 / 20
 
 
@@ -308,6 +311,7 @@ def test_script_bad_steps_in_a_subprocess(tmp_path: Path) -> None:
 @pytest.mark.parametrize("flags, message", [
     (["--batch-size", "1"], "batch_size must be at least 2"),
     (["--devices", "0"], "devices must be positive"),
+    (["--devices", str(len(jax.devices()) + 1)], "devices but JAX sees"),
     (["--lr", "nan"], "learning_rate must be a positive number"),
     (["--vocab", "1"], "vocab_size must be at least 2"),
     (["--max-files", "1"], "max_files must be at least 2"),
@@ -315,7 +319,9 @@ def test_script_bad_steps_in_a_subprocess(tmp_path: Path) -> None:
     (["--source", "/nonexistent/folder"], "/nonexistent/folder not found"),
 ])
 def test_script_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                          flags: list[str], message: str) -> None:
+                          monkeypatch: pytest.MonkeyPatch, flags: list[str], message: str) -> None:
+    # main() sets XLA_FLAGS for --devices; keep that out of the later tests' environment.
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     write_source(tmp_path)
     script = _load_script()
     code = script.main(["--source", str(tmp_path), "--heldout-every", "3",
@@ -367,7 +373,7 @@ def test_step_loss_is_the_loss_of_the_towers(loss: str) -> None:
     u = np.asarray(R.embed(params, "query", tokens, lengths))
     v = np.asarray(R.embed(params, "code", batch[2], batch[3]))
     logit = {k: float(a) for k, a in params["logit"].items()}
-    z = np.exp(logit["log_scale"]) * (u @ v.T)
+    z = math.exp(logit["log_scale"]) * (u @ v.T)
     if loss == "clip":
         ref = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(z, np.arange(4))
                      + optax.softmax_cross_entropy_with_integer_labels(z.T, np.arange(4))).mean()
