@@ -382,3 +382,20 @@ def test_step_loss_is_the_loss_of_the_towers(loss: str) -> None:
         ref = optax.sigmoid_binary_cross_entropy(z + logit["bias"], eye).sum(1).mean()
     _, _, value = R.make_train_step(cfg, opt)(params, opt.init(params), batch)
     assert float(value) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip"])
+def test_step_compiles_once(tmp_path: Path, loss: str) -> None:
+    # Weakly typed initial parameters made Adam's first update change their type, and every
+    # run compiled the step two or three times (seconds each at the real batch sizes).
+    cfg = R.RetrievalConfig(loss=loss, batch_size=4, embed_dim=4, hidden=4)
+    params = R.init_params(jax.random.key(0), cfg, 7)
+    opt = optax.adam(1e-3)
+    state = opt.init(params)
+    step = R.make_train_step(cfg, opt)
+    tokens = np.array([[1, 2], [3, 4], [5, 6], [2, 2]], np.int32)
+    lengths = np.full((4,), 2, np.int32)
+    batch = (tokens, lengths, tokens, lengths, np.ones(4, bool))
+    for _ in range(3):
+        params, state, _ = step(params, state, batch)
+    assert step._cache_size() == 1

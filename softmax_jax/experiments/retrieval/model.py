@@ -58,10 +58,13 @@ def init_params(key: jax.Array, cfg: RetrievalConfig, vocab_size: int) -> Params
     """The shared embeddings, both towers' MLPs and the temperature (and bias) at the papers'
     starting values."""
     k_embed, k_query, k_code = jax.random.split(key, 3)
+    # float32, not weakly typed: Adam's first update would otherwise change the parameters'
+    # type and compile the step again.
     if cfg.loss == "clip":
-        logit = {"log_scale": jnp.asarray(math.log(1 / 0.07))}
+        logit = {"log_scale": jnp.asarray(math.log(1 / 0.07), jnp.float32)}
     else:
-        logit = {"log_scale": jnp.asarray(math.log(10.0)), "bias": jnp.asarray(-10.0)}
+        logit = {"log_scale": jnp.asarray(math.log(10.0), jnp.float32),
+                 "bias": jnp.asarray(-10.0, jnp.float32)}
     return {
         "embed": jax.random.normal(k_embed, (vocab_size, cfg.embed_dim)) / math.sqrt(cfg.embed_dim),
         "query": _init_mlp(k_query, cfg),
