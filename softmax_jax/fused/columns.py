@@ -205,8 +205,9 @@ def grad_pass(call: Call, rows: Rows, blk: Cols, row_aux: tuple, col_aux: tuple,
         tile, x_k, y_c, p = _tile(call, rows, k, blk, start, width)
         c_aux = tuple(cols(a, start, width) for a in col_aux)
         dz = kept(tile, rule.dlogits(tile, r_aux, c_aux), 0.0)
-        dx = dx + grad_matmul(dz, y_c, (1, 0), ct, True)
-        dyt = put_cols(dyt, start, grad_matmul(dz, transposed(x_k), (1, 0), ct, False), True)
+        dx = dx + grad_matmul(dz, y_c, (1, 0), ct, True, x_k.dtype)
+        dyt = put_cols(dyt, start, grad_matmul(dz, transposed(x_k), (1, 0), ct, False, y_c.dtype),
+                       True)
         ds = ds + jnp.sum(kept(tile, dz * p, 0.0))
         db = db + jnp.sum(dz)
         sums = tuple(a + b for a, b in zip(sums, rule.sums(tile), strict=True))
