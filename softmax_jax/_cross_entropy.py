@@ -74,10 +74,13 @@ class Params(NamedTuple):
 def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
     """Integer class labels as a JAX array of at least 32 signed bits.
 
-    Narrow or unsigned labels are widened so that comparisons with the class count cannot
-    wrap (uint32 values of 2**31 and more become negative, hence invalid). NumPy 64-bit
-    labels beyond the int32 range raise ``ValueError`` when JAX runs without x64, where
-    converting them would silently wrap onto a valid class (2**32 + 1 would read as 1).
+    Narrow labels are widened to int32. Unsigned labels become the signed integer of their
+    width (int64 for uint64 under x64, else int32), with every value beyond the signed range
+    read as the signed maximum: out of range, hence NaN, never wrapped onto a valid class
+    (uint64 2**32 + 1 would read as 1) or onto a negative ``ignore_index`` (uint32
+    2**32 - 100 would read as -100). NumPy 64-bit labels beyond the int32 range raise
+    ``ValueError`` when JAX runs without x64, where converting them would wrap before any
+    check could see them.
     """
     x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
     if not x64 and isinstance(labels, (np.ndarray, np.generic)):
@@ -94,9 +97,12 @@ def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
                 " classes"
             )
     arr = _v.as_int_array("labels", labels, hint)
-    if arr.dtype.itemsize < 4 or not jnp.issubdtype(arr.dtype, jnp.signedinteger):
-        arr = arr.astype(jnp.int32)
-    return arr
+    if jnp.issubdtype(arr.dtype, jnp.unsignedinteger):
+        wide = np.dtype(np.int64 if x64 and arr.dtype.itemsize == 8 else np.int32)
+        if arr.dtype.itemsize >= wide.itemsize:
+            arr = jnp.minimum(arr, np.iinfo(wide).max)
+        return arr.astype(wide)
+    return arr.astype(jnp.int32) if arr.dtype.itemsize < 4 else arr
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
@@ -156,6 +162,12 @@ def row_scale(
     ``[0, num_classes)``, so a bad label never yields a plausible loss or gradient;
     ``valid`` says whether the label is in range."""
     dtype = np.dtype(np.float32) if dtype is None else dtype
+    info = np.iinfo(labels.dtype)
+    if ignore_index is not None and not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index={ignore_index} lies outside the range of the {labels.dtype} labels"
+            f" ([{info.min}, {info.max}]), so no label could equal it"
+        )
     valid = (labels >= 0) & (labels < num_classes)
     scale = jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
     drop = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index
