@@ -98,10 +98,10 @@ def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
             )
     arr = _v.as_int_array("labels", labels, hint)
     if jnp.issubdtype(arr.dtype, jnp.unsignedinteger):
-        wide = np.dtype(np.int64 if x64 and arr.dtype.itemsize == 8 else np.int32)
-        if arr.dtype.itemsize >= wide.itemsize:
-            arr = jnp.minimum(arr, np.iinfo(wide).max)
-        return arr.astype(wide)
+        info = np.iinfo(np.int64) if x64 and arr.dtype.itemsize == 8 else _INT32
+        if arr.dtype.itemsize * 8 >= info.bits:
+            arr = jnp.minimum(arr, info.max)
+        return arr.astype(info.dtype)
     return arr.astype(jnp.int32) if arr.dtype.itemsize < 4 else arr
 
 
@@ -151,6 +151,34 @@ def hyperparameters(
 def times(coef: jax.Array, x: jax.Array) -> jax.Array:
     """``coef * x``, but exactly 0 where ``coef`` is 0, even if ``x`` is infinite or NaN."""
     return jnp.where(coef == 0, 0.0, coef * x)
+
+
+def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
+    r""":math:`-\tfrac12 \log a = \tfrac12 (m - z) + \tfrac12 \log s` from the
+    normaliser's two parts (``m``, ``log_s``: keepdims), formed as :math:`m/2 - z/2`.
+
+    :math:`m - z` overflows once the logits span more than the largest float
+    (:math:`m = 2 \times 10^{38}`, :math:`z = -2 \times 10^{38}`) although the smoothing
+    term :math:`\frac{\epsilon}{K}(m - z)` and its derivatives are finite. Halving is exact
+    in binary (up to subnormals), so :math:`2 (m/2 - z/2)` is the correctly rounded
+    :math:`m - z` wherever that is finite: callers scale the half first and double last.
+    """
+    return (0.5 * m - 0.5 * z) + 0.5 * jnp.where(log_s == -jnp.inf, 0.0, log_s)
+
+
+def uniform_term(
+    half: jax.Array, k: int | jax.Array, w: jax.Array | None, mask: jax.Array | None,
+    axis: int,
+) -> jax.Array:
+    r"""The smoothing term :math:`\frac1K \sum_c w_c\,(-\log a_c)` per example (``axis``
+    dropped), from :func:`half_neg_log_prob` ``half``; ``w`` broadcasts along ``axis`` (None:
+    unweighted), ``k`` is per row (keepdims) or an int, masked classes add nothing. Finite
+    wherever its true value is: each term is divided by :math:`K` before the sum."""
+    terms = half if w is None else times(w, half)
+    terms = terms / k
+    if mask is not None:
+        terms = jnp.where(mask, terms, 0.0)
+    return 2.0 * jnp.sum(terms, axis=axis)
 
 
 def row_scale(

@@ -45,9 +45,9 @@ that broadcast against them. A blockwise engine does, per row:
    over rows.
 
 Check the arguments with :func:`hyperparameters` (it raises for a concrete :math:`T \le 0`,
-an infinite :math:`T` or :math:`\beta \notin [0, 1]` and gives the static ``kind``). In the backward pass set
-``g`` to NaN where :func:`valid_hyperparameters` is False (a traced out-of-range value) and
-to 0 on fully masked rows.
+an infinite :math:`T` or :math:`\beta \notin [0, 1]` and gives the static ``kind``). In
+the backward pass set ``g`` to NaN where :func:`valid_hyperparameters` is False (a traced
+out-of-range value) and to 0 on fully masked rows.
 
 Conventions: :math:`0 \log 0 = 0` (a class with probability 0 in the distribution being
 averaged adds nothing, even against :math:`\log m = -\infty`); a class with mass where the
