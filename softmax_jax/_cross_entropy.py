@@ -74,10 +74,13 @@ class Params(NamedTuple):
 def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
     """Integer class labels as a JAX array of at least 32 signed bits.
 
-    Narrow or unsigned labels are widened so that comparisons with the class count cannot
-    wrap (uint32 values of 2**31 and more become negative, hence invalid). NumPy 64-bit
-    labels beyond the int32 range raise ``ValueError`` when JAX runs without x64, where
-    converting them would silently wrap onto a valid class (2**32 + 1 would read as 1).
+    Narrow labels are widened to int32. Unsigned labels become the signed integer of their
+    width (int64 for uint64 under x64, else int32), with every value beyond the signed range
+    read as the signed maximum: out of range, hence NaN, never wrapped onto a valid class
+    (uint64 2**32 + 1 would read as 1) or onto a negative ``ignore_index`` (uint32
+    2**32 - 100 would read as -100). NumPy 64-bit labels beyond the int32 range raise
+    ``ValueError`` when JAX runs without x64, where converting them would wrap before any
+    check could see them.
     """
     x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
     if not x64 and isinstance(labels, (np.ndarray, np.generic)):
@@ -94,9 +97,12 @@ def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
                 " classes"
             )
     arr = _v.as_int_array("labels", labels, hint)
-    if arr.dtype.itemsize < 4 or not jnp.issubdtype(arr.dtype, jnp.signedinteger):
-        arr = arr.astype(jnp.int32)
-    return arr
+    if jnp.issubdtype(arr.dtype, jnp.unsignedinteger):
+        info = np.iinfo(np.int64) if x64 and arr.dtype.itemsize == 8 else _INT32
+        if arr.dtype.itemsize * 8 >= info.bits:
+            arr = jnp.minimum(arr, info.max)
+        return arr.astype(info.dtype)
+    return arr.astype(jnp.int32) if arr.dtype.itemsize < 4 else arr
 
 
 def check_ignore_index(ignore_index: object) -> int | None:
@@ -147,6 +153,34 @@ def times(coef: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * x)
 
 
+def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
+    r""":math:`-\tfrac12 \log a = \tfrac12 (m - z) + \tfrac12 \log s` from the
+    normaliser's two parts (``m``, ``log_s``: keepdims), formed as :math:`m/2 - z/2`.
+
+    :math:`m - z` overflows once the logits span more than the largest float
+    (:math:`m = 2 \times 10^{38}`, :math:`z = -2 \times 10^{38}`) although the smoothing
+    term :math:`\frac{\epsilon}{K}(m - z)` and its derivatives are finite. Halving is exact
+    in binary (up to subnormals), so :math:`2 (m/2 - z/2)` is the correctly rounded
+    :math:`m - z` wherever that is finite: callers scale the half first and double last.
+    """
+    return (0.5 * m - 0.5 * z) + 0.5 * jnp.where(log_s == -jnp.inf, 0.0, log_s)
+
+
+def uniform_term(
+    half: jax.Array, k: int | jax.Array, w: jax.Array | None, mask: jax.Array | None,
+    axis: int,
+) -> jax.Array:
+    r"""The smoothing term :math:`\frac1K \sum_c w_c\,(-\log a_c)` per example (``axis``
+    dropped), from :func:`half_neg_log_prob` ``half``; ``w`` broadcasts along ``axis`` (None:
+    unweighted), ``k`` is per row (keepdims) or an int, masked classes add nothing. Finite
+    wherever its true value is: each term is divided by :math:`K` before the sum."""
+    terms = half if w is None else times(w, half)
+    terms = terms / k
+    if mask is not None:
+        terms = jnp.where(mask, terms, 0.0)
+    return 2.0 * jnp.sum(terms, axis=axis)
+
+
 def row_scale(
     labels: jax.Array, num_classes: int | jax.Array, ignore_index: int | None,
     keep: jax.Array | None = None, dtype: np.dtype | None = None,
@@ -156,6 +190,12 @@ def row_scale(
     ``[0, num_classes)``, so a bad label never yields a plausible loss or gradient;
     ``valid`` says whether the label is in range."""
     dtype = np.dtype(np.float32) if dtype is None else dtype
+    info = np.iinfo(labels.dtype)
+    if ignore_index is not None and not info.min <= ignore_index <= info.max:
+        raise ValueError(
+            f"ignore_index={ignore_index} lies outside the range of the {labels.dtype} labels"
+            f" ([{info.min}, {info.max}]), so no label could equal it"
+        )
     valid = (labels >= 0) & (labels < num_classes)
     scale = jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
     drop = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index

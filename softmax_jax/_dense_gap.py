@@ -4,9 +4,10 @@ The dense loss is :math:`\sum_k y_k(-\log a_k) = \sum_k y_k (m - z_k) + \log s \
 In the first sum a zero target on a :math:`-\infty` (or masked) logit must add 0, not
 :math:`0 \cdot \infty = \mathrm{NaN}`. Guarding every term with ``where`` makes XLA:CPU's
 reduction about 5x slower, so the plain sum is computed first, and only the rows where it
-came out NaN are recomputed with the guarded form (through ``lax.cond``, so that a call
-with no such row pays nothing). A row's value depends on that row alone: it is the plain
-sum if that is a number, else the guarded one.
+came out NaN or infinite are recomputed with the guarded form (through ``lax.cond``, so
+that a call with no such row pays nothing), which also halves each gap before the sum, so
+that logits spanning more than the float range stay finite. A row's value depends on that
+row alone: it is the plain sum if that is finite, else the guarded one.
 """
 
 from __future__ import annotations
@@ -32,16 +33,20 @@ def guarded_gap(y: jax.Array, z: jax.Array, m: jax.Array, axis: int) -> jax.Arra
     """The weighted gap with every term made safe, for masked calls and NaN rows."""
     # Capping each gap at the largest float makes 0 * gap = 0 for a -inf logit; a positive
     # target on such a logit then gets its true infinite loss back from the second sum.
+    # The gap is halved first (exact in binary) and the sum doubled last: m - z overflows
+    # once the logits span more than the largest float, while y (m - z) may not.
     # (Both stay clear of select-in-reduce, which XLA:CPU materialises as N x V.)
     big = jnp.finfo(z.dtype).max
-    capped = jnp.sum(y * jnp.minimum(m - z, big), axis=axis, keepdims=True)
+    half = jnp.minimum(0.5 * m - 0.5 * z, big)
+    capped = 2.0 * jnp.sum(y * half, axis=axis, keepdims=True)
     hopeless = jnp.any((y > 0) & (z == -jnp.inf), axis=axis, keepdims=True)
     return jnp.where(hopeless, jnp.inf, capped)
 
 
 def _plain_or_guarded(y: jax.Array, z: jax.Array, m: jax.Array, axis: int) -> jax.Array:
     plain = jnp.sum(y * (m - z), axis=axis, keepdims=True)
-    bad = jnp.isnan(plain)
+    # NaN: a zero target on a -inf logit; inf: that, or an m - z beyond the float range.
+    bad = ~jnp.isfinite(plain)
     return jax.lax.cond(
         jnp.any(bad),
         lambda: jnp.where(bad, guarded_gap(y, z, m, axis), plain),

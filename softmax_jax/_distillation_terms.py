@@ -44,10 +44,10 @@ that broadcast against them. A blockwise engine does, per row:
    :func:`times`, so a row with ``g = 0`` adds 0 even if its loss is infinite), summed
    over rows.
 
-Check the arguments with :func:`hyperparameters` (it raises for a concrete :math:`T \le 0`
-or :math:`\beta \notin [0, 1]` and gives the static ``kind``). In the backward pass set
-``g`` to NaN where :func:`valid_hyperparameters` is False (a traced out-of-range value) and
-to 0 on fully masked rows.
+Check the arguments with :func:`hyperparameters` (it raises for a concrete :math:`T \le 0`,
+an infinite :math:`T` or :math:`\beta \notin [0, 1]` and gives the static ``kind``). In
+the backward pass set ``g`` to NaN where :func:`valid_hyperparameters` is False (a traced
+out-of-range value) and to 0 on fully masked rows.
 
 Conventions: :math:`0 \log 0 = 0` (a class with probability 0 in the distribution being
 averaged adds nothing, even against :math:`\log m = -\infty`); a class with mass where the
@@ -80,11 +80,15 @@ def kind_of(beta: object) -> Kind:
 
 
 def hyperparameters(temperature: object, beta: object) -> tuple[jax.Array, jax.Array, Kind]:
-    """``(temperature, beta, kind)`` checked: a concrete :math:`T \\le 0` or
-    :math:`\\beta \\notin [0, 1]` raises ``ValueError`` naming the argument."""
-    _, nonzero = _v.hyperparameter("temperature", temperature, 0.0, None)
-    if not nonzero:
-        raise ValueError("temperature must be > 0, got 0.0")
+    """``(temperature, beta, kind)`` checked: a concrete :math:`T \\le 0`, an infinite
+    :math:`T` or :math:`\\beta \\notin [0, 1]` raises ``ValueError`` naming the argument.
+    Shared with the fused distillation, which so refuses these values too."""
+    _v.hyperparameter("temperature", temperature, 0.0, None)
+    if not isinstance(temperature, jax.core.Tracer):
+        value = float(np.asarray(temperature))
+        # z / inf is 0 or NaN (for an infinite logit), never the uniform limit: refuse it.
+        if not 0.0 < value < np.inf:
+            raise ValueError(f"temperature must be > 0 and finite, got {value}")
     _v.hyperparameter("beta", beta, 0.0, 1.0)
     # The raw values, not hyperparameter()'s NaN-substituted ones: through that ``where`` an
     # out-of-range traced value would get gradient 0; valid_hyperparameters makes it NaN.
@@ -92,9 +96,9 @@ def hyperparameters(temperature: object, beta: object) -> tuple[jax.Array, jax.A
 
 
 def valid_hyperparameters(temperature: jax.Array, beta: jax.Array) -> jax.Array:
-    """Whether :math:`T > 0` and :math:`0 \\le \\beta \\le 1` (False for NaN): where False,
-    every output must be NaN."""
-    return (temperature > 0) & (beta >= 0) & (beta <= 1)
+    """Whether :math:`0 < T < \\infty` and :math:`0 \\le \\beta \\le 1` (False for NaN):
+    where False, every output must be NaN."""
+    return (temperature > 0) & (temperature < jnp.inf) & (beta >= 0) & (beta <= 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,9 +117,11 @@ def log_mixture(log_p: jax.Array, log_q: jax.Array, beta: jax.Array, kind: Kind)
 
 
 def kl_term(log_a: jax.Array, log_m: jax.Array) -> jax.Array:
-    r""":math:`a (\log a - \log m)`, 0 where :math:`a = 0` (:math:`0 \log 0 = 0`)."""
-    zero = log_a == -jnp.inf
-    return jnp.where(zero, 0.0, jnp.exp(log_a) * (log_a - jnp.where(zero, 0.0, log_m)))
+    r""":math:`a (\log a - \log m)`, 0 wherever :math:`a = e^{\log a}` is 0: at
+    :math:`\log a = -\infty` and also where a finite :math:`\log a` underflows, whose
+    :math:`\log a - \log m` may be :math:`+\infty` against a :math:`-\infty` (or NaN against
+    a :math:`-\infty - (-\infty)`)."""
+    return times(jnp.exp(log_a), log_a - log_m)
 
 
 def element_terms(
@@ -170,10 +176,8 @@ def row_loss(rows: RowSums, temperature: jax.Array, beta: jax.Array, kind: Kind)
 
 def _centred(log_a: jax.Array, log_m: jax.Array, kl: jax.Array) -> jax.Array:
     r""":math:`a (\log a - \log m - \mathrm{KL})`: the softmax Jacobian applied to
-    :math:`\log(a / m)`, 0 where :math:`a = 0`."""
-    zero = log_a == -jnp.inf
-    inner = log_a - jnp.where(zero, 0.0, log_m) - kl
-    return jnp.where(zero, 0.0, jnp.exp(log_a) * inner)
+    :math:`\log(a / m)`, 0 where :math:`a = e^{\log a}` is 0 (see :func:`kl_term`)."""
+    return times(jnp.exp(log_a), log_a - log_m - kl)
 
 
 def student_grad(

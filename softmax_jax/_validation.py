@@ -104,11 +104,11 @@ def check_where(
     where: jax.typing.ArrayLike, shape: tuple[int, ...], axes: tuple[int, ...]
 ) -> jax.Array:
     """The ``where`` mask as a boolean array that broadcasts to ``shape`` (NumPy broadcasting
-    only, as in ``jax.nn`` and optax), raising ``ValueError`` otherwise.
+    only, as in ``jax.nn``), raising ``ValueError`` otherwise.
 
-    A mask of ``shape`` without the class ``axes`` is refused rather than read as one flag
-    per row: a ``(V,)`` class mask with ``N == V`` would be ambiguous. The message shows
-    the per-row spelling, the mask with the class axes re-inserted as size 1.
+    When a mask of ``shape`` without the class ``axes`` does not broadcast, the message
+    shows the per-row spelling, the mask with the class axes re-inserted as size 1. (The
+    two cross-entropies read such a mask per example instead: :func:`loss_where`.)
     """
     mask = jnp.asarray(where)
     if not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.integer)):
@@ -124,6 +124,35 @@ def check_where(
             f" {tuple(shape)}{hint}"
         )
     return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def loss_where(
+    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> jax.Array | None:
+    """The ``where`` of the two softmax cross-entropies, read as optax reads it, with
+    ``shape``'s rank: a mask of the logits' rank is per element (NumPy broadcasting); one of
+    the labels' rank (the logits' without the class ``axes``) is one flag per example,
+    ``expand_dims(where, axes)``, also when the logits are square. Any other rank raises
+    ``ValueError``, since it could only be read by guessing."""
+    if where is None:
+        return None
+    mask = jnp.asarray(where)
+    batch = tuple(n for d, n in enumerate(shape) if d not in axes)
+    if mask.ndim == len(shape):
+        return check_where(mask, shape, axes)
+    if mask.ndim == len(batch):
+        if not broadcasts_to(mask.shape, batch):
+            raise ValueError(
+                f"where.shape={tuple(mask.shape)} has the labels' rank, so it holds one flag"
+                f" per example and must broadcast to {batch}; a class mask has the logits'"
+                f" rank ({len(shape)}), e.g. where[None, :]"
+            )
+        return check_where(jnp.expand_dims(mask, axes), shape, axes)
+    raise ValueError(
+        f"where.shape={tuple(mask.shape)} must have the logits' rank {len(shape)} (one flag"
+        f" per element, NumPy broadcasting) or the labels' rank {len(batch)} (one flag per"
+        f" example), for logits of shape {tuple(shape)}"
+    )
 
 
 def prepare_where(

@@ -71,11 +71,10 @@ def _label_terms(z, norm, rows, class_weights, mask, axis, options):
     nll = -jnp.squeeze(norm.log_prob(jnp.take_along_axis(z, rows.labels, axis=axis)), axis)
     if not options.smoothing:
         return nll, None
-    neg_log_a = -norm.log_prob(z)
     w = _axes.along(class_weights, z.ndim, axis)
-    if w is not None:
-        neg_log_a = _ce.times(w.astype(z.dtype), neg_log_a)
-    return nll, jnp.sum(masked_fill(neg_log_a / rows.k, mask, 0.0), axis=axis)
+    half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
+    return nll, _ce.uniform_term(half, rows.k, None if w is None else w.astype(z.dtype),
+                                 mask, axis)
 
 
 def _int_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
@@ -166,12 +165,14 @@ def _class_weight_cotangent(row, nll, norm, z, rows, mask, params, axis, options
     k = z.shape[axis]
     hard = _ce.times(row, nll)
     if options.smoothing:
-        hard = (1.0 - params.eps) * hard
+        hard = _ce.times(1.0 - params.eps, hard)  # a masked label's infinite nll at eps = 1
     flat_labels = jnp.squeeze(rows.labels, axis).reshape(-1)
     dw = jnp.zeros((k,), row.dtype).at[flat_labels].add(hard.reshape(-1))
     if options.smoothing:
-        share = jnp.expand_dims(params.eps * row, axis) / rows.k
-        spread = masked_fill(_ce.times(share, -norm.log_prob(z)), mask, 0.0)
+        # Twice the half: -log a itself may overflow where (eps / K) (-log a) does not.
+        share = jnp.expand_dims(2.0 * params.eps * row, axis) / rows.k
+        half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
+        spread = masked_fill(_ce.times(share, half), mask, 0.0)
         dw = dw + _axes.reduce_to_classes(spread, axis)
     return dw
 
@@ -215,13 +216,17 @@ def softmax_cross_entropy_with_integer_labels(
       labels: integer class indices, ``logits``'s shape without ``axis``.
       axis: the class axis, a tuple of axes (a label is then a flat, C-order index into the
         class axes taken in the order given, as in optax), or None for all axes.
-      where: optional boolean mask that broadcasts to ``logits`` (NumPy broadcasting; one
-        flag per row is ``where[:, None]``). Masked classes are left out of the normaliser;
-        a label on a masked class has probability 0 and an infinite loss; a fully masked
-        row gives loss 0 and gradient 0. Unlike optax's function of this name, a mask
-        with one axis fewer than ``logits`` is not read as one flag per row (a
-        ``[classes]`` mask with as many rows as classes would be ambiguous): a mask that
-        does not broadcast raises.
+      where: optional boolean mask, read as optax reads it: of ``labels``'s rank, one flag
+        per example (``expand_dims(where, axis)``, whatever the shapes, square logits
+        included); of ``logits``'s rank, one flag per element (NumPy broadcasting, so a
+        class mask for every row is ``where[None, :]``); any other rank raises. Masked
+        classes are left out of the normaliser; a fully masked row (an example whose flag
+        is False) gives loss 0 and gradient 0. A label on a masked class has probability
+        0: its loss is ``+inf`` (on purpose: optax gives the finite
+        :math:`\mathrm{lse} - z_y`, as if the class took part for the label only, and its
+        dense loss gives 0, either hiding the mistake) and its logits' gradient is
+        :math:`c\,a` over the unmasked classes, exactly what
+        :func:`softmax_jax.softmax_cross_entropy` gives for the one-hot label.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get
@@ -259,6 +264,7 @@ def softmax_cross_entropy_with_integer_labels(
             f"labels.shape={tuple(labels.shape)} must be logits.shape={tuple(logits.shape)}"
             f" without axis {axis}, i.e. {tuple(expected)}"
         )
+    where = _v.loss_where(where, logits.shape, classes)
     if isinstance(axis, tuple):
         # A label is a flat index into the class axes, in the order given (optax's reading).
         flat = _axes.Flattening.of(logits.shape, axis)

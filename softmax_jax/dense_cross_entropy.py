@@ -30,12 +30,13 @@ def _dense_ce(logits, labels, mask, class_weights, params, axis, options):
 
 
 def _dense_targets(labels, mask, class_weights, params, axis, options, ct):
-    """``(y', w y')``: the smoothed labels :math:`(1 - \\epsilon) y + \\epsilon / K` (0 where
-    masked) and the same times the class weights."""
+    """``(y', w y')``: the smoothed labels :math:`(1 - \\epsilon) y + \\epsilon / K` (the
+    :math:`\\epsilon / K` on unmasked classes only; label mass on a masked class is kept, and
+    makes the loss infinite) and the same times the class weights."""
     y = labels.astype(ct)
     if options.smoothing:
-        y = (1.0 - params.eps) * y + params.eps / _axes.class_count(y.shape, axis, mask)
-    y = masked_fill(y, mask, 0.0)
+        share = params.eps / _axes.class_count(y.shape, axis, mask)
+        y = (1.0 - params.eps) * y + masked_fill(share, mask, 0.0)
     w = _axes.along(class_weights, y.ndim, axis)
     return y, (y if w is None else w.astype(ct) * y)
 
@@ -80,33 +81,62 @@ def _dense_ce_bwd(axis, options, res, g):
     keep = _axes.any_unmasked(mask, z.shape, axis)
     g = g.astype(ct) if keep is None else jnp.where(keep, g.astype(ct), 0.0)
     g_k = jnp.expand_dims(g, axis)
-    neg_log_a = masked_fill(-norm.log_prob(z), mask, 0.0)
+    # -log a / 2: each product below is scaled first and doubled last, so that it is finite
+    # wherever its true value is, even when -log a itself overflows.
+    # Unmasked for the cotangents that label mass on a masked class makes infinite (as in the
+    # integer-label loss); the labels' own gradient is 0 on masked classes.
+    half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
     y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
     lse = jnp.squeeze(norm.lse(), axis)
     coef = sum_yw
     if options.zloss:
         coef = coef + 2.0 * params.lam * _ce.finite_lse(norm.lse())
-    dz = masked_fill(g_k * (_ce.times(jnp.exp(-neg_log_a), coef) - yw), mask, 0.0)
+    dz = masked_fill(g_k * (_ce.times(norm.prob(z), coef) - yw), mask, 0.0)
     w = _axes.along(class_weights, z.ndim, axis)
-    unit = (1.0 - params.eps) * g_k if options.smoothing else g_k
-    dy = _ce.times(unit if w is None else unit * w, neg_log_a)
+    unit = 2.0 * ((1.0 - params.eps) * g_k if options.smoothing else g_k)
+    dy = masked_fill(_ce.times(unit if w is None else unit * w, half), mask, 0.0)
     dw = None
     if class_weights is not None:
-        dw = _axes.reduce_to_classes(_ce.times(g_k * y, neg_log_a), axis)
+        dw = _axes.reduce_to_classes(_ce.times(2.0 * g_k * y, half), axis)
         dw = dw.astype(class_weights.dtype)
     hard = uniform = None
     if options.smoothing:
         wk = jnp.ones((), ct) if w is None else w
-        raw = masked_fill(labels.astype(ct), mask, 0.0)
         k = _axes.class_count(z.shape, axis, mask)
-        hard = jnp.sum(_ce.times(wk * raw, neg_log_a), axis=axis)
-        uniform = jnp.sum(masked_fill(_ce.times(wk / k, neg_log_a), mask, 0.0), axis=axis)
+        hard = 2.0 * jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
+        uniform = _ce.uniform_term(half, k, w, mask, axis)
     d_params = _ce.hyper_cotangents(g, hard, uniform, lse, None, params, options)
     return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
 
 
 _dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
 _dense_ce_jit = jax.jit(_dense_ce, static_argnums=(5, 6))
+
+
+def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
+    """The labels as optax takes them, broadcast to ``logits``'s shape (outside the rule, so
+    that autodiff sums their gradient back to their own shape): floating point, or integer
+    or boolean one-hot labels (cast to ``logits``'s dtype) of ``logits``'s rank."""
+    arr = jnp.asarray(labels)
+    exact = jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == jnp.bool_
+    if not (exact or jnp.issubdtype(arr.dtype, jnp.floating)):
+        raise TypeError(
+            f"labels must be a floating-point array of probabilities or integer one-hot"
+            f" labels, got dtype {arr.dtype} (shape {tuple(arr.shape)})"
+        )
+    # Integer labels of a lower rank are far more often class indices than a one-hot row
+    # meant for every example (which optax would broadcast): refuse them.
+    fits = _v.broadcasts_to(arr.shape, logits.shape) and not (exact and arr.ndim < logits.ndim)
+    if not fits:
+        hint = "; for class indices use softmax_cross_entropy_with_integer_labels" if exact else ""
+        raise ValueError(
+            f"labels.shape={tuple(arr.shape)} must equal or broadcast to"
+            f" logits.shape={tuple(logits.shape)}"
+            f"{' (integer one-hot labels: with the same rank)' if exact else ''}{hint}"
+        )
+    if exact:
+        arr = arr.astype(logits.dtype)
+    return jnp.broadcast_to(arr, logits.shape)
 
 
 def softmax_cross_entropy(
@@ -137,13 +167,25 @@ def softmax_cross_entropy(
 
     Args:
       logits: floating-point logits, e.g. ``[batch, classes]``.
-      labels: floating-point target distributions, same shape as ``logits``.
+      labels: target distributions of ``logits``'s shape or one that broadcasts to it
+        (a ``[classes]`` row for every example), floating point; or integer/boolean
+        one-hot labels of ``logits``'s rank, cast to ``logits``'s dtype (as in optax; of a
+        lower rank they raise, being far more likely class indices). The labels' gradient
+        has the labels' shape.
       axis: the class axis, a tuple of axes that together index the classes, or None for
         all axes.
-      where: optional boolean mask that broadcasts to ``logits`` (NumPy broadcasting; one
-        flag per row is ``where[:, None]``). Masked classes are left out of the normaliser
-        and the sum; a fully masked row gives loss 0 and gradient 0. Unlike optax, a mask
-        with one axis fewer than ``logits`` is not read as one flag per row.
+      where: optional boolean mask, read as optax reads it: with one axis fewer than
+        ``logits`` (the class axes dropped), one flag per example (``expand_dims(where,
+        axis)``, square logits included); of ``logits``'s rank, one flag per element
+        (NumPy broadcasting: a class mask for every row is ``where[None, :]``); any other
+        rank raises. Masked classes are left out of the normaliser and of the smoothing;
+        a fully masked row (an example whose flag is False) gives loss 0 and gradient 0.
+        Label mass on a masked class meets probability 0: the loss is ``+inf``, as
+        :func:`softmax_jax.softmax_cross_entropy_with_integer_labels` gives for a label on
+        a masked class (on purpose: optax leaves the masked entry out of the sum, giving
+        0 for a one-hot label there, which hides the mistake). The logits' gradient is
+        still :math:`(\sum_k w_k y'_k)\,a - w \odot y'` on the unmasked classes, and the
+        labels' gradient is 0 on masked classes.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty that keeps
         the normaliser near 0 (as in PaLM). It is not weighted by ``class_weights``.
@@ -168,15 +210,9 @@ def softmax_cross_entropy(
       M. Nielsen, *Neural Networks and Deep Learning*, ch. 3 (softmax and log-likelihood).
     """
     logits = _v.as_float_array("logits", logits)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.floating):
-        raise TypeError(
-            f"labels must be a floating-point array of probabilities, got dtype {labels.dtype}"
-            f" (shape {tuple(labels.shape)}); for class indices use"
-            " softmax_cross_entropy_with_integer_labels"
-        )
-    _v.check_same_shape("logits", logits, "labels", labels)
+    labels = _dense_labels(logits, labels)
     axis = _axes.class_axes(axis, logits.ndim, "logits")
+    where = _v.loss_where(where, logits.shape, axis if isinstance(axis, tuple) else (axis,))
     if isinstance(axis, tuple):
         flat = _axes.Flattening.of(logits.shape, axis)
         return softmax_cross_entropy(

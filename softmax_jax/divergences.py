@@ -143,8 +143,8 @@ def distillation_loss(
       where: optional boolean mask broadcasting to the logits' shape (a per-row mask is
         ``(N, 1)``); masked classes take no part in either softmax; a fully masked row gives
         loss 0 and gradient 0.
-      temperature: :math:`T > 0`. A concrete value :math:`\le 0` raises ``ValueError``; a
-        traced one (under ``jit``) cannot be checked and gives NaN.
+      temperature: :math:`0 < T < \infty`. A concrete value :math:`\le 0` or infinite raises
+        ``ValueError``; a traced one (under ``jit``) cannot be checked and gives NaN.
       beta: :math:`\beta \in [0, 1]`. Out of range: ``ValueError`` if concrete, NaN if
         traced.
 
@@ -193,8 +193,9 @@ def distillation_loss(
 def _kl_elements(log_predictions, targets, log_targets: bool):
     r""":math:`y (\log y - \log a)` with :math:`0 \log 0 = 0`, whatever :math:`\log a` is."""
     if log_targets:
-        zero = targets == -jnp.inf
+        # exp underflowing at a finite log-target is a zero target too (0 log 0 = 0).
         y, log_y = jnp.exp(targets), targets
+        zero = y == 0
     else:
         zero = targets == 0
         y, log_y = targets, jnp.log(jnp.where(zero, 1.0, targets))
@@ -225,8 +226,8 @@ def _kl_bwd(axes, log_targets, res, g):
     log_a, y_in = log_predictions.astype(ct), targets.astype(ct)
     g = jnp.expand_dims(g.astype(ct), axes)
     if log_targets:
-        zero = y_in == -jnp.inf
         y = jnp.exp(y_in)
+        zero = y == 0
         d_y = jnp.where(zero, 0.0, y * (y_in + 1.0 - jnp.where(zero, 0.0, log_a)))
     else:
         y = y_in
@@ -329,9 +330,10 @@ def kl_divergence_with_log_targets(
     ``custom_vjp``): :math:`\partial/\partial \log a = -y`,
     :math:`\partial/\partial \log y = y (\log y + 1 - \log a)`.
 
-    Differences on purpose: a :math:`-\infty` log-target (probability 0) adds 0 and gets
-    gradient 0 (optax: NaN from :math:`0 \cdot \infty`); bf16/f16 inputs are computed in
-    float32.
+    Differences on purpose: a log-target whose probability is 0 (:math:`-\infty`, or so
+    small that :math:`e^{\log y}` underflows) adds 0 and gets gradient 0 (optax: NaN from
+    :math:`0 \cdot \infty` against a :math:`-\infty` prediction); bf16/f16 inputs are
+    computed in float32.
 
     Args:
       log_predictions: log-probabilities :math:`\log a` of the predicted distribution.

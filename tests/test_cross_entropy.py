@@ -248,27 +248,29 @@ def test_traced_out_of_range_hyperparameters_give_nan():
             loss(1.5, 0.0)
 
 
-def test_class_mask_is_never_read_as_a_row_mask():
-    """A ``[classes]`` mask with as many rows as classes still masks classes (broadcasting)."""
+def test_square_masks_follow_optax():
+    """On square logits a ``[classes]``-shaped mask is one flag per example, as in optax; a
+    class mask has the logits' rank (``where[None, :]``)."""
     logits, _, soft = _data(seed=6, n=4, v=4)
     labels = np.array([0, 1, 2, 3])
     mask = np.array([True, True, True, False])
-    got = sj.softmax_cross_entropy_with_integer_labels(logits, labels, where=mask)
-    # optax's integer-label loss would read a (4,) mask as one flag per row; given the
-    # mask spelled out to the logits' shape, it agrees
-    full = np.broadcast_to(mask, (4, 4))
-    want = optax.softmax_cross_entropy_with_integer_labels(logits, labels, where=full)
-    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-6)
+    for ours, theirs, y in [
+        (sj.softmax_cross_entropy_with_integer_labels,
+         optax.softmax_cross_entropy_with_integer_labels, labels),
+        (sj.softmax_cross_entropy, optax.softmax_cross_entropy, soft),
+    ]:
+        per_example = ours(logits, y, where=mask)
+        np.testing.assert_allclose(per_example, theirs(logits, y, where=mask), rtol=1e-5)
+        assert per_example[3] == 0.0 and (per_example[:3] > 0).all()
+    got = sj.softmax_cross_entropy_with_integer_labels(logits, labels, where=mask[None, :])
     sliced = optax.softmax_cross_entropy_with_integer_labels(logits[:3, :3], labels[:3])
     np.testing.assert_allclose(got[:3], sliced, rtol=1e-6)
     assert np.isposinf(got[3])  # its label is the masked class
-    np.testing.assert_allclose(sj.softmax_cross_entropy(logits, soft, where=mask),
-                               optax.softmax_cross_entropy(logits, soft, where=full), rtol=1e-5)
-    rows = np.array([True, False, True, True, True, True, True])
-    with pytest.raises(ValueError, match=r"where\[:, None\]"):
-        sj.softmax_cross_entropy_with_integer_labels(*_data()[:2], where=rows)
-    per_row = sj.softmax_cross_entropy_with_integer_labels(*_data()[:2], where=rows[:, None])
-    assert per_row[1] == 0.0 and (per_row[rows] > 0).all()
+    full = np.broadcast_to(mask, (4, 4))
+    kept = np.where(full, soft, 0.0)  # label mass on a masked class would make the loss inf
+    np.testing.assert_allclose(sj.softmax_cross_entropy(logits, kept, where=mask[None, :]),
+                               optax.softmax_cross_entropy(logits, kept, where=full), rtol=1e-5)
+    assert np.isposinf(sj.softmax_cross_entropy(logits, soft, where=mask[None, :])).all()
 
 
 def test_numpy_integer_labels_and_ignore_index():
