@@ -25,7 +25,7 @@ def test_core_benchmark_small_run_prints_a_complete_table(extra):
     rows = [line for line in out.splitlines() if line.startswith("| softmax") or
             line.startswith("| log") or line.startswith("| sigmoid")
             or line.startswith("| distillation")]
-    assert len(rows) == 10, out
+    assert len(rows) == 11, out
     for row in rows:
         ratio = float(row.split("|")[5].strip().rstrip("x"))
         assert 0.0 < ratio < 100.0, row
