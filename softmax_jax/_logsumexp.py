@@ -50,7 +50,7 @@ def _logsumexp_bwd(
     """
     x, norm, mask = res
     ct = norm.m.dtype
-    a = norm.prob(masked_fill(x.astype(ct), mask, -jnp.inf))
+    a = norm.fenced().prob(masked_fill(x.astype(ct), mask, -jnp.inf))
     return (jnp.expand_dims(g.astype(ct), axis) * a).astype(x.dtype), None
 
 
@@ -92,9 +92,9 @@ def _scaled_logsumexp_bwd(
     :math:`\bar b = \bar g\,\mathrm{sign}(S)\,e^{x - \mathrm{lse}}` (summed over the axes
     ``b`` was broadcast along) and :math:`\bar x = b \odot \bar b`. The sign output is
     piecewise constant and takes no cotangent. Entries with :math:`e^{x_i} = 0` (masked,
-    :math:`-\infty`) get 0, also in an empty row; a sum cancelled to exactly 0 gives the
-    infinite derivative, as ``jax.nn`` does. A zero weight still gets its true
-    :math:`\bar b_i` (``jax.nn``'s autodiff gives 0 there).
+    :math:`-\infty`) get 0, also in an empty row, but NaN in a row whose sum is NaN; a
+    sum cancelled to exactly 0 gives the infinite derivative, as ``jax.nn`` does. A zero
+    weight still gets its true :math:`\bar b_i` (``jax.nn``'s autodiff gives 0 there).
     """
     x, b, mask, m, s = res
     ct = m.dtype
@@ -102,7 +102,9 @@ def _scaled_logsumexp_bwd(
     empty = z == -jnp.inf
     log_abs = jnp.where(s == 0, 0.0, jnp.log(jnp.abs(s)))
     e = jnp.exp((jnp.where(empty, m, z) - m) - log_abs)  # double where: never -inf - -inf
-    w = jnp.where(empty, 0.0, e * jnp.where(s == 0, jnp.inf, jnp.sign(s)))
+    # A NaN sum (a NaN or +inf entry) makes the whole row NaN, its -inf entries too, as
+    # without b.
+    w = jnp.where(empty & ~jnp.isnan(s), 0.0, e * jnp.where(s == 0, jnp.inf, jnp.sign(s)))
     w = w * jnp.expand_dims(cts[0].astype(ct), axis)
     bc = b.astype(ct)
     dx = masked_fill(jnp.where(bc == 0, 0.0, bc * w), mask, 0.0)
@@ -194,7 +196,9 @@ def logsumexp(
         gives NaN (whose gradient is 0, as in ``jax.nn``).
       where: optional boolean mask broadcasting to ``a``'s shape; masked entries are left
         out of the sum. A fully masked row, a row of :math:`-\infty` and an empty axis
-        give :math:`-\infty`.
+        give :math:`-\infty`. An unmasked :math:`+\infty` entry (with a nonzero weight)
+        gives NaN, value and gradient, as in the rest of the family (``jax.nn.logsumexp``
+        gives :math:`+\infty`, which its gradient, the softmax, cannot follow).
 
     Returns:
       ``a``'s shape without ``axis`` (or with it as size 1 under ``keepdims``), in the dtype

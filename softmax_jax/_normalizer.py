@@ -50,11 +50,22 @@ def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
 class Normalizer(NamedTuple):
     r"""The softmax normaliser of each row, kept as two parts: :math:`\mathrm{lse} = m + \log s`.
 
-    ``m`` is the row maximum (0 for a row with no finite maximum) and ``log_s`` is
-    :math:`\log\sum_k e^{z_k - m}`. Keeping the parts apart matters at large magnitudes: for
-    a row of four entries of :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and
-    :math:`e^{z - \mathrm{lse}}` would give 1 for every entry, whereas
-    :math:`e^{(z - m) - \log s}` gives the right 1/4. Both arrays keep ``axis`` as size 1.
+    ``m`` is the row shift (the row maximum; the most negative finite number for a row with
+    no entry above :math:`-\infty`) and ``log_s`` is :math:`\log\sum_k e^{z_k - m}`. Keeping
+    the parts apart matters at large magnitudes: for a row of four entries of
+    :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and :math:`e^{z - \mathrm{lse}}`
+    would give 1 for every entry, whereas :math:`e^{z - m} / s` gives the right 1/4. Both
+    arrays keep ``axis`` as size 1.
+
+    Every row-level decision (an empty row, a :math:`+\infty` logit) is taken on these
+    O(rows) numbers, never by a select over the row's entries, so that each N x V result
+    (:meth:`prob`, :meth:`log_prob`) is one element-wise pass over ``z`` that XLA fuses with
+    the two reductions (on CPU, into the single YNNPACK fusion it makes of
+    ``jax.nn.softmax``, which reads each row from memory once).
+
+    A :math:`+\infty` logit is an overflow upstream, with no softmax (:math:`\infty/\infty`):
+    everything computed from its row's normaliser (probabilities, log-probabilities, the
+    log-sum-exp itself, every loss and gradient) is NaN, as for a NaN logit.
     """
 
     m: jax.Array
@@ -69,29 +80,63 @@ class Normalizer(NamedTuple):
         result does not depend on the rest of the batch, and :math:`z_k - m` is exact at the
         largest logit, so :math:`\log a_k` there is :math:`-\log s` with no cancellation
         between two large numbers. A row of only :math:`-\infty` (or an empty row) gets
-        ``m = 0`` and ``log_s = -inf`` rather than NaN; NaN entries propagate through the
-        sum. ``m`` carries no derivative: any shift gives the same normaliser.
+        ``log_s = -inf`` and a finite ``m`` rather than NaN. A row holding :math:`+\infty`
+        is shifted by :math:`+\infty`, so that its sum, and everything computed from it, is
+        NaN; NaN entries propagate likewise. ``m`` carries no derivative: any shift gives
+        the same normaliser.
         """
         m = Normalizer.shift(z, axis)
         return Normalizer(m, jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)))
 
     @staticmethod
     def shift(z: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
-        """:math:`m`: the row maximum, or 0 where it is not finite (an empty row, say)."""
-        m = jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True, initial=-jnp.inf))
-        return jnp.where(jnp.isfinite(m), m, 0.0)
+        r""":math:`m`: the row maximum, or the most negative finite number where that is
+        :math:`-\infty` (an empty row), so that :math:`z - m` is :math:`-\infty` there, not
+        NaN."""
+        # The floor is the reduction's initial value rather than a select on its result: a
+        # select between the maximum and its uses splits XLA:CPU's fused softmax, which then
+        # reads z from memory once more for the maximum alone.
+        floor = -jnp.finfo(z.dtype).max
+        return jax.lax.stop_gradient(jnp.max(z, axis=axis, keepdims=True, initial=floor))
+
+    def fenced(self) -> Normalizer:
+        r"""The same normaliser behind an ``optimization_barrier`` (on O(rows) numbers only).
+
+        For a backward pass that recomputes :meth:`prob` or :meth:`log_prob` from ``z``: it
+        then no longer holds the forward pass's own ``z - m``, which XLA would otherwise
+        share between the forward reduction and the backward element-wise pass and, on CPU,
+        write out as an N x V array (the YNNPACK reduce fusion does not take a producer with
+        a second consumer). Fenced, each pass computes ``z - m`` inside its own fusion.
+        """
+        return Normalizer(*jax.lax.optimization_barrier(tuple(self)))
 
     def lse(self) -> jax.Array:
-        r""":math:`\log\sum_k e^{z_k}`: :math:`-\infty` for an empty (fully masked) row."""
+        r""":math:`\log\sum_k e^{z_k}`: :math:`-\infty` for an empty (fully masked) row, NaN
+        for a row holding :math:`+\infty`."""
         return self.m + self.log_s
+
+    def _finite_log_s(self) -> jax.Array:
+        # log s >= 0 in a row with an entry above -inf (the maximum adds e^0 = 1), so the
+        # clamp changes only an empty row's -inf, which would meet z - m = -inf there. A clamp
+        # rather than a select on the reduction's output, which would split XLA:CPU's fusion
+        # of the reductions with the element-wise pass and write z - m out as an extra N x V
+        # array. -1 rather than 0 keeps log s = 0 off the clamp's tie, whose derivative
+        # would be halved.
+        return jnp.maximum(self.log_s, -1.0)
 
     def log_prob(self, z: jax.Array) -> jax.Array:
         r""":math:`\log a = (z - m) - \log s`; an empty row gives :math:`-\infty`, not NaN."""
-        return (z - self.m) - jnp.where(self.log_s == -jnp.inf, 0.0, self.log_s)
+        return (z - self.m) - self._finite_log_s()
 
     def prob(self, z: jax.Array) -> jax.Array:
-        r""":math:`a = e^{(z - m) - \log s}`: the softmax, 0 on masked entries and empty rows."""
-        return jnp.exp(self.log_prob(z))
+        r""":math:`a = e^{z - m} / s`: the softmax, 0 on masked entries and empty rows.
+
+        Computed as :math:`e^{z - m} \cdot e^{-\log s}`, the per-row factor taken once: one
+        exponential per entry, the same one the sum took (XLA keeps it from that pass),
+        and more accurate than :math:`e^{(z - m) - \log s}`, whose subtraction rounds to
+        the precision of :math:`|z - m|`.
+        """
+        return jnp.exp(z - self.m) * jnp.exp(-self._finite_log_s())
 
 
 def batched_as_rows(body, factory, axis: int):

@@ -19,6 +19,12 @@ large numbers.
 ``(N, 1)``). Zero-size inputs give what ``jax.nn`` gives: an empty softmax, and
 :math:`-\infty` for the log-sum-exp of nothing.
 
+A :math:`+\infty` logit (unmasked) has no softmax (:math:`\infty / \infty`): it makes its
+row NaN in every function of the family, values and gradients, as a NaN logit does and as
+``jax.nn.softmax`` does; ``logsumexp`` is NaN there too, where ``jax.nn.logsumexp`` gives
+:math:`+\infty`. Other rows are unaffected, and :math:`-\infty` logits are ordinary
+(probability 0).
+
 Each rule sits right below its function and names the formula it implements. The rules are
 written in differentiable ``jnp``, so reverse-over-reverse (``jax.jacrev(jax.grad(f))``) and
 forward-over-reverse (``jax.hessian(f)``) both work. Forward mode applied to the function
@@ -55,8 +61,8 @@ def _softmax(x: jax.Array, axis: Axes, mask: Mask) -> jax.Array:
 
 def _softmax_fwd(x: jax.Array, axis: Axes, mask: Mask) -> tuple[jax.Array, tuple[jax.Array, Mask]]:
     z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
-    # exp((z - m) - log s) rather than exp(z - m) / s: the exponentials are recomputed inside
-    # the final element-wise pass instead of being stored as an N x V temporary between passes.
+    # One pass after the row statistics: XLA keeps e^(z - m) from the sum's pass for the
+    # output (Normalizer.prob), so nothing N x V but the output is written.
     a = Normalizer.of(z, axis).prob(z).astype(x.dtype)
     return a, (a, mask)
 
@@ -66,14 +72,15 @@ def _softmax_bwd(axis: Axes, res: tuple[jax.Array, Mask], g: jax.Array) -> tuple
 
     From :math:`\partial a_j / \partial z_i = a_j(\delta_{ij} - a_i)`:
     :math:`\bar z_i = \sum_j \bar a_j a_j (\delta_{ij} - a_i)
-    = a_i (\bar a_i - \sum_j \bar a_j a_j)`.
+    = a_i (\bar a_i - \sum_j \bar a_j a_j)`. Masked entries take no cotangent.
     """
     a, mask = res
     ct = _v.compute_dtype(a.dtype)
     a32 = a.astype(ct)
-    ga = masked_fill(g.astype(ct) * a32, mask, 0.0)
-    dx = ga - a32 * jnp.sum(ga, axis=axis, keepdims=True)
-    return dx.astype(a.dtype), None
+    g = masked_fill(g.astype(ct), mask, 0.0)
+    # a (g - s) rather than a g - a s: g * a is then read only inside the reduction, and the
+    # gradient is one element-wise pass over (a, g) instead of a stored a * g read twice.
+    return (a32 * (g - jnp.sum(a32 * g, axis=axis, keepdims=True))).astype(a.dtype), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)

@@ -122,6 +122,7 @@ def _int_ce_bwd(axis, options, res, g):
     logits, labels, mask, class_weights, params, norm = res
     ct = params.eps.dtype
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
+    norm = norm.fenced()
     rows = _rows(z.shape, labels, mask, class_weights, axis, options, ct)
     nll, uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
     lse = jnp.squeeze(norm.lse(), axis)
