@@ -9,7 +9,10 @@ with :math:`W = \sum_c w_c` (:math:`= V` unweighted)
 .. math::
     \mathrm{nll} = \mathrm{lse} - z_y, \qquad
     \mathrm{uniform} = \frac{1}{V}\sum_c w_c(\mathrm{lse} - z_c)
-                     = \frac{W\,\mathrm{lse} - \sum_c w_c z_c}{V}.
+                     = \frac{W}{V}\,\mathrm{lse} - \sum_c \frac{w_c z_c}{V},
+
+each term scaled by :math:`1/V` before it is added, so that logits near the float range
+(:math:`\pm 2 \times 10^{38}`) give the finite smoothing term the unfused losses give.
 """
 
 from __future__ import annotations
@@ -109,7 +112,9 @@ class Rule(NamedTuple):
         if not self.options.smoothing:
             return (z_y,)
         zw = z if not blk.classes else _ce.times(blk.classes[0].astype(z.dtype), z)
-        return z_y, jnp.sum(zw, axis=1)
+        # Each term divided by V before the sum, so that the sum of logits near the float
+        # range cannot overflow where the smoothing term itself is finite.
+        return z_y, jnp.sum(zw * (1.0 / self.num_classes), axis=1)
 
     def second_sums(self, blk, stats, params):
         return ()
@@ -124,8 +129,10 @@ class Rule(NamedTuple):
             total = stats.first[1]
             w_all = params.weight_sum if self.options.weighted else jnp.asarray(
                 self.num_classes, lse.dtype)
+            # (W / V) lse - sum_c w_c z_c / V: scaled before the difference (W lse alone
+            # overflows at lse = 2e38), as the unfused losses' uniform_term does.
             uniform = jnp.where(total == -jnp.inf, jnp.inf,
-                                (_ce.times(w_all, lse) - total) / self.num_classes)
+                                _ce.times(w_all / self.num_classes, lse) - total)
         w_y = consts[1]
         return nll, uniform, lse, None if w_y is None else w_y.astype(lse.dtype)
 
