@@ -80,7 +80,8 @@ def test_masked_plus_inf_takes_no_part():
         np.testing.assert_allclose(fn(X[0], where=mask), nn_fn(X[0], where=mask), rtol=1e-6)
     np.testing.assert_allclose(sj.logsumexp(X[0], where=mask), np.logaddexp(1.0, 0.0),
                                rtol=1e-6)
-    loss = sj.softmax_cross_entropy_with_integer_labels(X[:1], LABELS[:1], where=mask)
+    # A class mask of the cross-entropy has the logits' rank (optax's convention).
+    loss = sj.softmax_cross_entropy_with_integer_labels(X[:1], LABELS[:1], where=mask[None])
     np.testing.assert_allclose(loss, [np.logaddexp(1.0, 0.0) - 1.0], rtol=1e-6)
 
 
