@@ -73,6 +73,10 @@ def _distill_bwd(axis, kind, res, g):
     beyond the inputs; :math:`\log q` and :math:`\log p` are recomputed element-wise.
     """
     student, teacher, mask, temperature, beta, norm_s, norm_t, rows = res
+    # Fenced, so that XLA recomputes z/T - m here instead of keeping the forward pass's
+    # (on CPU it then wrote one N x V array per head: 1500 MiB of temporaries at
+    # 4096 x 32000 against 500 fenced, for a 5-15% faster run; memory wins).
+    norm_s, norm_t = norm_s.fenced(), norm_t.fenced()
     s, t = _scaled(student, teacher, mask, temperature)
     log_q, log_p = norm_s.log_prob(s), norm_t.log_prob(t)
     log_m = _terms.log_mixture(log_p, log_q, beta, kind)
