@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from _subprocess import free_port, repo_env, wait_all
 
 WORKER = Path(__file__).with_name("_contrastive_ring_check.py")
 _spec = importlib.util.spec_from_file_location("_contrastive_ring_check", WORKER)
@@ -27,38 +25,10 @@ sys.modules[_spec.name] = check  # dataclasses look their module up there
 _spec.loader.exec_module(check)
 
 TIMEOUT_S = 300
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env | extra
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(procs: list[subprocess.Popen]) -> list[str]:
-    outputs, failed = [], []
-    deadline = time.monotonic() + TIMEOUT_S
-    for i, proc in enumerate(procs):
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            failed.append(f"process {i} still running after {TIMEOUT_S} s: killed")
-        if proc.returncode != 0:
-            failed.append(f"process {i} exited with {proc.returncode}")
-        outputs.append(f"--- process {i} ---\n{out[-6000:]}")
-    assert not failed, "; ".join(failed) + "\n" + "\n".join(outputs)
-    return outputs
+    return repo_env(drop=("XLA_FLAGS",), JAX_PLATFORMS="cpu", **extra)
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -72,10 +42,10 @@ def runs(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("contrastive_ring")
     sim = _start(["sim", str(out)],
                  _env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    port = _free_port()
+    port = free_port()
     dist = [_start(["dist", str(i), str(port), str(out)], _env())
             for i in range(check.NUM_PROCESSES)]
-    logs = {"sim": _wait([sim]), "dist": _wait(dist)}
+    logs = {"sim": wait_all([sim], TIMEOUT_S), "dist": wait_all(dist, TIMEOUT_S)}
     arrays = {"sim": dict(np.load(out / "sim.npz"))}
     for i in range(check.NUM_PROCESSES):
         arrays[f"process{i}"] = dict(np.load(out / f"process{i}.npz"))

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from _subprocess import repo_env
+from _subprocess import free_port, repo_env, wait_all
 
 WORKER = Path(__file__).with_name("_multiprocess_check.py")
 _spec = importlib.util.spec_from_file_location("_multiprocess_check", WORKER)
@@ -32,17 +30,11 @@ _spec.loader.exec_module(check)
 TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(out_dir: Path) -> list[str]:
     """Starts both workers, waits for both, and returns their combined output; fails with
     both outputs when either fails or runs past the timeout."""
     env = repo_env(drop=("XLA_FLAGS",), JAX_PLATFORMS="cpu")
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(i), str(port), str(out_dir)],
@@ -50,21 +42,7 @@ def _run_workers(out_dir: Path) -> list[str]:
         )
         for i in range(check.NUM_PROCESSES)
     ]
-    outputs, failed = [], []
-    deadline = time.monotonic() + TIMEOUT_S  # for both together
-    for i, proc in enumerate(procs):
-        try:
-            out, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            out, _ = proc.communicate()
-            failed.append(f"process {i} still running after {TIMEOUT_S} s: killed")
-        if proc.returncode != 0:
-            failed.append(f"process {i} exited with {proc.returncode}")
-        outputs.append(f"--- process {i} ---\n{out[-6000:]}")
-    assert not failed, "; ".join(failed) + "\n" + "\n".join(outputs)
-    return outputs
+    return wait_all(procs, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
