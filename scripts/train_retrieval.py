@@ -23,12 +23,13 @@ held-out evaluations) and DIR/curves.png (loss and held-out recall over the step
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from softmax_jax.experiments.cli import require_extras
 
 PROG = "train_retrieval.py"
 EXTRAS = ("matplotlib", "tqdm")
@@ -79,18 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="start over, replacing the run in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
-
-
-def missing_extra() -> str | None:
-    """The error message when an optional dependency of the scripts is not installed (in the
-    other scripts' wording, naming the install command); None when all are there."""
-    for module in EXTRAS:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            return (f"{module} is not installed ({exc}); the scripts need their extras:"
-                    " pip install 'softmax_jax[scripts]'")
-    return None
 
 
 def claim_run_folder(out: Path, overwrite: bool) -> str | None:
@@ -159,10 +148,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    problem = missing_extra()
-    if problem is not None:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return 1
+    require_extras(PROG, EXTRAS)
     if args.devices is not None and args.devices >= 1:
         from softmax_jax.experiments.lm import simulate_host_devices
 

@@ -336,7 +336,9 @@ def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureF
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     script = _load_script()
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
-    assert script.main(["--out", str(tmp_path / "r")]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--out", str(tmp_path / "r")])
+    assert exit_.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_retrieval.py: error: tqdm is not installed")
     assert err[0].endswith("the scripts need their extras: pip install 'softmax_jax[scripts]'")
