@@ -2,8 +2,10 @@
 
 Each row compares one softmax_jax function with its anchor (the optax or jax.nn function with
 the same meaning) on the same inputs, in the same process. Runs are interleaved (anchor,
-candidate, anchor, candidate, ...) so that drift in machine load hits both alike, and the
-reported figure is the median. Ratios below 1 mean softmax_jax is faster or smaller.
+candidate, anchor, candidate, ...) so that drift in machine load hits both alike. The core
+suite repeats this in rounds (``--rounds``, the order flipped each round) and reports the
+median of the per-round ratios with their range, so that a row's spread on a noisy machine is
+in the table next to its figure. Ratios below 1 mean softmax_jax is faster or smaller.
 
 Memory is XLA's own account of the compiled program (``memory_analysis()``): the temporary
 buffers it allocates beyond arguments and outputs. The compile and timing helpers are
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,19 +152,33 @@ def core_cases(n: int, v: int, dtype: jnp.dtype) -> list[Case]:
     ]
 
 
-def run_cases(cases: list[Case], repeats: int) -> list[dict]:
+def timed_rounds(anchor, cand, args: tuple, repeats: int, rounds: int) -> list[tuple[float, float]]:
+    """``(anchor, candidate)`` median seconds for each of ``rounds`` rounds of ``repeats``
+    interleaved runs. The order alternates between rounds (anchor first, then candidate
+    first), so that neither side always runs right after the other's allocations."""
+    out = []
+    for r in range(rounds):
+        pair = [anchor, cand] if r % 2 == 0 else [cand, anchor]
+        t = interleaved_medians(pair, args, repeats)
+        out.append((t[0], t[1]) if r % 2 == 0 else (t[1], t[0]))
+    return out
+
+
+def run_cases(cases: list[Case], repeats: int, rounds: int = 1) -> list[dict]:
     rows = []
     for case in cases:
         anchor, anchor_mem = compile_fn(case.anchor, case.args)
         cand, cand_mem = compile_fn(case.candidate, case.args)
-        t_anchor, t_cand = interleaved_medians([anchor, cand], case.args, repeats)
+        times = timed_rounds(anchor, cand, case.args, repeats, rounds)
+        ratios = [c / a for a, c in times]
         rows.append(
             {
                 "function": case.name,
                 "anchor": case.anchor_name,
-                "anchor_ms": 1e3 * t_anchor,
-                "ms": 1e3 * t_cand,
-                "time_ratio": t_cand / t_anchor,
+                "anchor_ms": 1e3 * statistics.median(a for a, _ in times),
+                "ms": 1e3 * statistics.median(c for _, c in times),
+                "time_ratio": statistics.median(ratios),
+                "ratio_range": (min(ratios), max(ratios)),
                 "target": case.target,
                 "anchor_temp_mib": anchor_mem / 2**20,
                 "temp_mib": cand_mem / 2**20,
@@ -173,15 +190,16 @@ def run_cases(cases: list[Case], repeats: int) -> list[dict]:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        "| function | anchor | anchor ms | softmax_jax ms | time ratio | target"
+        "| function | anchor | anchor ms | softmax_jax ms | time ratio | ratio range | target"
         " | anchor temp MiB | softmax_jax temp MiB |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---|---:|---:|")
     for r in rows:
+        low, high = r["ratio_range"]
         print(
             f"| {r['function']} | {r['anchor']} | {r['anchor_ms']:.1f} | {r['ms']:.1f}"
-            f" | {r['time_ratio']:.2f}x | {r['target']} | {r['anchor_temp_mib']:.0f}"
-            f" | {r['temp_mib']:.0f} |"
+            f" | {r['time_ratio']:.2f}x | {low:.2f}-{high:.2f} | {r['target']}"
+            f" | {r['anchor_temp_mib']:.0f} | {r['temp_mib']:.0f} |"
         )
 
 
@@ -191,7 +209,12 @@ def main(argv: list[str] | None = None) -> None:
                         default="core")
     parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=11, help="interleaved runs per round")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="core suite: rounds of --repeats runs; the table gives the median ratio and the"
+             " range over rounds",
+    )
     parser.add_argument(
         "--only", action="append", default=[], metavar="TEXT",
         help="core suite: run only the rows whose function name contains TEXT (repeatable)",
@@ -220,10 +243,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.suite in ("core", "all"):
         print(f"\nCore: forward + gradient, float32, N={args.n}, V={args.v},"
-              f" median of {args.repeats} interleaved runs\n")
+              f" {args.rounds} round(s) of {args.repeats} interleaved runs (medians)\n")
         cases = [c for c in core_cases(args.n, args.v, jnp.float32)
                  if not args.only or any(t in c.name for t in args.only)]
-        print_table(run_cases(cases, args.repeats))
+        print_table(run_cases(cases, args.repeats, args.rounds))
     if args.suite in ("fused", "all"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_fused import run_fused_benchmarks  # noqa: PLC0415  (optional, heavy)

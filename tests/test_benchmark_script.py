@@ -30,21 +30,23 @@ def test_core_benchmark_small_run_prints_a_complete_table(extra):
     # The table's structure, not the speed (the benchmark itself measures that).
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "32", "--v", "50",
-         "--repeats", "2", *extra],
+         "--repeats", "2", "--rounds", "2", *extra],
         capture_output=True, text=True, check=True, timeout=300,
         env=repo_env(drop=("GLIBC_TUNABLES",)),
     ).stdout
     header = out.splitlines()[0]
     assert ("glibc.malloc.hugetlb=1" in header) == bool(extra), header
-    assert "N=32, V=50, median of 2 interleaved runs" in out, out
+    assert "N=32, V=50, 2 round(s) of 2 interleaved runs (medians)" in out, out
     rows = _table(out, "| function | anchor | anchor ms | softmax_jax ms | time ratio")
     assert [r[0] for r in rows] == _core_case_names(), out
     for row in rows:
-        assert len(row) == 8, row
+        assert len(row) == 9, row
         assert row[1], row  # every row names its anchor
-        for cell in (row[2], row[3], row[6], row[7]):  # milliseconds and MiB
+        for cell in (row[2], row[3], row[7], row[8]):  # milliseconds and MiB
             assert re.fullmatch(r"\d+(\.\d)?", cell), row
         assert re.fullmatch(r"\d+\.\d\dx", row[4]), row
+        low, high = (float(t) for t in row[5].split("-"))  # the range over rounds
+        assert low <= float(row[4][:-1]) <= high, row
 
 
 def _table(out: str, header_start: str) -> list[list[str]]:
