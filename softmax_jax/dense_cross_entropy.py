@@ -78,6 +78,7 @@ def _dense_ce_bwd(axis, options, res, g):
     logits, labels, mask, class_weights, params, norm, sum_yw = res
     ct = params.eps.dtype
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
+    norm = norm.fenced()
     keep = _axes.any_unmasked(mask, z.shape, axis)
     g = g.astype(ct) if keep is None else jnp.where(keep, g.astype(ct), 0.0)
     g_k = jnp.expand_dims(g, axis)
