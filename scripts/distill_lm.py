@@ -92,9 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file")
     try:
         args.configs = _configs(args)
+        cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     except ValueError as exc:
         parser.error(str(exc))
-    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
@@ -134,7 +134,7 @@ def _report(summary: dict[str, Any], unigram: float) -> str:
                    " hard-label student's)")
 
 
-def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
+def run(args: argparse.Namespace, progress: bool, log: Callable[[str], object]) -> str:
     """Loads the corpus, distils, writes the outputs; returns the closing report line."""
     import jax
 
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
     result = run_distillation(
         teacher_cfg, student_cfg, dcfg, corpus, mesh, teacher_checkpoint=args.teacher_checkpoint,
         out_dir=args.out, resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty(), log=log)
+        progress=progress, log=log)
     unigram = lm.unigram_perplexity(corpus)
     summary = result.summary()
     atomic_write_json(args.out / "metrics.json", summary | {
@@ -199,20 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError
 
-    log = print
-    if not args.no_progress and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
+    progress, log = cli.progress_log(args.no_progress)
     try:
-        report = run(args, log)
+        report = run(args, progress, log)
     except (ValueError, lm.CorpusError, CheckpointError) as exc:
         print(f"distill_lm.py: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"distill_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error("distill_lm.py", exc, args.out)
     except KeyboardInterrupt:
         print(f"\ndistill_lm.py: interrupted; {_saved_phases(args)}; continue with:"
               f" {cli.resume_command('distill_lm.py', argv)}", file=sys.stderr)

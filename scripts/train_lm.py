@@ -66,12 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_resume_arguments(run, "--steps")
     args = parser.parse_args(argv)
     cli.check_common_arguments(parser, args)
-    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
 def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(LMConfig, Mesh)`` from the flags; raises ValueError for settings that cannot run."""
+    """``(LMConfig, Mesh)`` from the flags, then the claim of ``--out``; raises ValueError for
+    settings that cannot run (:class:`cli.UsageError` for a run already there)."""
     from softmax_jax.experiments import lm
 
     cfg = lm.LMConfig(
@@ -94,6 +94,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         raise ValueError(
             f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
         )
+    cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     return cfg, mesh
 
 
@@ -161,21 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"train_lm.py: error: {exc}", file=sys.stderr)
         return 2
-    progress = not args.no_progress and sys.stderr.isatty()
-    log: Callable[[str], object] = print
-    if progress:
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
+    progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, mesh, progress, log)
     except (lm.CorpusError, CheckpointError) as exc:
         print(f"train_lm.py: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"train_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error("train_lm.py", exc, args.out)
     except KeyboardInterrupt:
         step = lm.saved_step(args.out / lm.CHECKPOINT_NAME)
         saved = (f"step {step} is saved in {args.out / lm.CHECKPOINT_NAME}" if step is not None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments.cli import require_extras
+from softmax_jax.experiments import cli
 
 PROG = "train_retrieval.py"
 EXTRAS = ("matplotlib", "tqdm")
@@ -82,24 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def claim_run_folder(out: Path, overwrite: bool) -> str | None:
-    """Refuses (returns the message) a run over the one already in ``out``; with
-    ``overwrite``, removes the old run's files, so that none can pass for the new run's."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite:
-        return (f"{out} already holds a run ({', '.join(found)}); pass --overwrite to"
-                " start over")
-    for name in found:
-        (out / name).unlink()
-    return None
-
-
-class UsageError(Exception):
-    """Settings that turn out not to fit the data (found once it is loaded)."""
-
-
 def config(args: argparse.Namespace) -> Any:
-    """The RetrievalConfig of the flags; raises ValueError naming the bad setting."""
+    """The RetrievalConfig of the flags, then the claim of ``--out``; raises ValueError naming
+    the bad setting (:class:`cli.UsageError` for a run already there)."""
     from softmax_jax.experiments.retrieval import RetrievalConfig, check_data_settings, make_mesh
 
     check_data_settings(args.vocab, args.max_files, args.heldout_every, args.max_query_tokens,
@@ -111,6 +96,8 @@ def config(args: argparse.Namespace) -> Any:
     )
     if cfg.devices is not None:
         make_mesh(cfg.devices)  # fewer devices than asked for (a GPU, say) is a usage error
+    # Last, so that a typo keeps the old run. No --resume: the trainer keeps no checkpoint.
+    cli.claim_run_folder(args.out, RUN_FILES, overwrite=args.overwrite)
     return cfg
 
 
@@ -131,7 +118,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
         f" {stats['heldout_pairs']:,} held-out from {stats['heldout_files']} files;"
         f" vocabulary {stats['vocab_size']:,} ({load_seconds:.1f} s)")
     if cfg.batch_size > stats["train_pairs"]:
-        raise UsageError(f"--batch-size {cfg.batch_size} is more than the"
+        raise cli.UsageError(f"--batch-size {cfg.batch_size} is more than the"
                          f" {stats['train_pairs']} training pairs")
     devices = cfg.devices or 1
     log(f"{cfg.loss}: batch {cfg.batch_size} on {devices} {jax.default_backend()} device(s)"
@@ -148,7 +135,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    require_extras(PROG, EXTRAS)
+    cli.require_extras(PROG, EXTRAS)
     if args.devices is not None and args.devices >= 1:
         from softmax_jax.experiments.lm import simulate_host_devices
 
@@ -160,28 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    problem = claim_run_folder(args.out, args.overwrite)  # after the flags: a typo keeps it
-    if problem is not None:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return 2
-    progress = not args.no_progress and sys.stderr.isatty()
-    log: Callable[[str], object] = print
-    if progress:
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
+    progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, progress, log)
-    except UsageError as exc:
+    except cli.UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except CorpusError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"{PROG}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error(PROG, exc, args.out)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written to {args.out}", file=sys.stderr)
         return 130

@@ -295,7 +295,7 @@ def test_script_writes_metrics_and_figure(tmp_path: Path) -> None:
     again = _script(*args, cwd=tmp_path)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.strip() == (
-        f"train_retrieval.py: error: {out} already holds a run (metrics.json, curves.png);"
+        f"train_retrieval.py: error: {out} already holds a run (metrics.json and 1 more);"
         " pass --overwrite to start over")
 
 
@@ -344,19 +344,31 @@ def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureF
     assert err[0].endswith("the scripts need their extras: pip install 'softmax_jax[scripts]'")
 
 
-def test_script_overwrite_keeps_the_old_run_until_the_flags_are_good(
+def test_script_refuses_an_old_run_and_overwrite_removes_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_source(src)
     out = tmp_path / "r"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     (out / "curves.png").write_text("old")
     script = _load_script()
-    assert script.main(["--out", str(out), "--overwrite", "--steps", "0"]) == 2
+    flags = ["--source", str(src), "--heldout-every", "3", "--out", str(out), "--no-progress"]
+    # Without --overwrite: refused, nothing touched. (No --resume: it keeps no checkpoint.)
+    assert script.main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_retrieval.py: error: {out} already holds a run (metrics.json and 1"
+                   " more); pass --overwrite to start over"]
+    assert (out / "metrics.json").read_text() == "{}"
+    # With a bad setting: refused before anything is removed.
+    assert script.main([*flags, "--overwrite", "--steps", "0"]) == 2
     assert "steps must be positive" in capsys.readouterr().err
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()
-    assert "--overwrite" in script.claim_run_folder(out, overwrite=False)
-    assert (out / "metrics.json").exists()
-    assert script.claim_run_folder(out, overwrite=True) is None
+    # With good flags the old files go before the work starts: a run that then fails (here
+    # on the data: 40 training pairs) leaves nothing that could pass for its own output.
+    assert script.main([*flags, "--overwrite", "--batch-size", "41"]) == 2
+    assert "more than the 40 training pairs" in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
 
 

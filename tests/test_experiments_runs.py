@@ -3,6 +3,7 @@ is one ``error:`` line that names the fix. Each script runs as a subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -64,6 +65,40 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, script
 def test_resume_and_overwrite_exclude_each_other(tmp_path, script):
     proc = run_script(script, "--resume", "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+def _load(name: str):
+    """The script ``name`` as a module, for calling its ``main`` in this process."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py") + "_script",
+                                                  SCRIPTS / name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "script,marker,bad",
+    [
+        ("train.py", "checkpoint.npz", ("--eta", "-1")),
+        ("train_lm.py", "checkpoint.npz", ("--lr", "-1", *LM_ARGS)),
+        ("distill_lm.py", "metrics.json", ("--temperature", "0", *LM_ARGS)),
+        ("train_retrieval.py", "metrics.json", ("--lr", "-1")),
+    ],
+)
+def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path, capsys, script, marker, bad):
+    # The settings are checked before --overwrite removes anything: a typo costs no run.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / marker).write_bytes(b"an earlier run")
+    try:
+        code = _load(script).main([*bad, "--out", str(out), "--overwrite"])
+    except SystemExit as exit_:  # argparse's usage errors exit; main() returns the others
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{script}: error:" in err and "Traceback" not in err
+    assert (out / marker).read_bytes() == b"an earlier run"
 
 
 def test_train_overwrite_starts_over(tmp_path):

@@ -2,8 +2,11 @@
 
 * :func:`require_extras`: the start-up check that the ``scripts`` extra is installed.
 * :func:`add_resume_arguments` and :func:`claim_run_folder`: ``--resume`` / ``--overwrite``
-  and the refusal to start a fresh run over an existing one (``train.py``, ``train_lm.py``,
-  ``distill_lm.py``).
+  and the refusal to start a fresh run over an existing one (every training script;
+  ``train_retrieval.py`` has ``--overwrite`` alone, its trainer keeps no checkpoint).
+* :class:`UsageError`: a setting that cannot run, found after argparse (exit status 2).
+* :func:`progress_log` and :func:`output_error`: the progress bar and its log lines, and the
+  one-line report of an output that could not be written.
 * :func:`add_run_arguments` and :func:`check_common_arguments`: the "run" flags of the
   language-model scripts.
 """
@@ -14,7 +17,7 @@ import argparse
 import importlib
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 #: The install command of the scripts' optional dependencies.
@@ -47,24 +50,51 @@ def add_resume_arguments(group: argparse._ArgumentGroup, until: str) -> None:
                         help="start over, replacing the run in --out")
 
 
-def claim_run_folder(parser: argparse.ArgumentParser, out: Path, resume: bool,
-                     overwrite: bool, run_files: Sequence[str]) -> None:
-    """Refuses (``parser.error``) a fresh run over an existing one.
+class UsageError(ValueError):
+    """A setting that cannot run, found after argparse has accepted the flags: the scripts
+    print its one ``error:`` line and exit with status 2, as argparse does."""
+
+
+def claim_run_folder(out: Path, run_files: Sequence[str], *, overwrite: bool,
+                     resume: bool | None = None) -> None:
+    """Raises :class:`UsageError` for a fresh run over an existing one.
 
     ``run_files`` are the paths, relative to ``out``, whose presence means a run is there.
-    With ``resume`` the run is continued by the script; with ``overwrite`` those files are
-    removed now, so nothing of the old run (a later phase's checkpoint, say) can be mistaken
-    for the new one's.
+    With ``resume`` the run is continued by the script (None: the script cannot resume, and
+    the message offers ``--overwrite`` alone); with ``overwrite`` those files are removed
+    now, so nothing of the old run (a later phase's checkpoint, say) can be mistaken for the
+    new one's. Call it after every other check of the flags, so that a typo keeps the old
+    run.
     """
     found = [name for name in run_files if (out / name).exists()]
     if not found or resume:
         return
     if not overwrite:
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""
-        parser.error(f"{out} already holds a run ({found[0]}{more}); pass --resume to"
-                     " continue it or --overwrite to start over")
+        fix = ("pass --overwrite to start over" if resume is None
+               else "pass --resume to continue it or --overwrite to start over")
+        raise UsageError(f"{out} already holds a run ({found[0]}{more}); {fix}")
     for name in found:
         (out / name).unlink()
+
+
+def progress_log(no_progress: bool) -> tuple[bool, Callable[[str], object]]:
+    """``(progress, log)``: a progress bar only on a terminal (and not with
+    ``--no-progress``), and a ``log`` that prints above the bar instead of through it."""
+    progress = not no_progress and sys.stderr.isatty()
+    if not progress:
+        return False, print
+    from tqdm.auto import tqdm
+
+    return True, tqdm.write
+
+
+def output_error(prog: str, exc: OSError, out: Path) -> int:
+    """Reports an output that could not be written (no space, no permission, a file where a
+    folder should be) as one ``error:`` line naming the path; returns the exit status 1."""
+    where = exc.filename if exc.filename is not None else out
+    print(f"{prog}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+    return 1
 
 
 def resume_command(prog: str, argv: Sequence[str] | None) -> str:
