@@ -115,6 +115,23 @@ def test_split_has_no_file_in_both(tmp_path: Path) -> None:
         t if t in known else "<unk>" for t in R.subword_tokens(first.query)]
 
 
+@pytest.mark.parametrize("every, held", [(3, {"mod2.py", "mod5.py"}), (10, {"mod5.py"})])
+def test_both_experiments_hold_out_the_same_files(tmp_path: Path, every: int,
+                                                  held: set[str]) -> None:
+    # Every k-th file in sorted order, or the last one when there are fewer than k.
+    from softmax_jax.experiments import lm
+
+    write_source(tmp_path)
+    split = R.load_pairs(vocab_size=100, heldout_every=every, root=tmp_path)
+    assert split.files("heldout") == held and len(split.files("train")) == 6 - len(held)
+    corpus = lm.load_corpus(vocab_size=50, heldout_every=every, root=tmp_path)
+    assert (corpus.train_files, corpus.heldout_files) == (6 - len(held), len(held))
+    # The held-out text is the held-out files' own.
+    vocab = {tok: i for i, tok in enumerate(corpus.vocab)}
+    text = "".join((tmp_path / name).read_text() for name in sorted(held))
+    assert corpus.heldout.tolist() == [vocab.get(t, 0) for t in lm.tokenize(text)]
+
+
 def test_split_of_the_standard_library() -> None:
     split = R.load_pairs(vocab_size=2000, max_files=40, heldout_every=4)
     assert split.train and split.heldout
