@@ -155,8 +155,9 @@ def test_config_and_train_reject_bad_settings(corpus):
         small_config(batch_size=0)
     with pytest.raises(ValueError, match="label_smoothing"):
         small_config(label_smoothing=2.0)
-    with pytest.raises(ValueError, match="learning_rate"):
-        small_config(learning_rate=0.0)
+    for lr in (0.0, math.inf, math.nan):  # an infinite step would make every weight NaN
+        with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+            small_config(learning_rate=lr)
     with pytest.raises(ValueError, match="corpus vocabulary has 300"):
         lm.train(small_config(vocab_size=500), corpus, lm.make_mesh(1))
     with pytest.raises(ValueError, match="asked for 64 devices"):

@@ -5,8 +5,9 @@
   and the refusal to start a fresh run over an existing one (every training script;
   ``train_retrieval.py`` has ``--overwrite`` alone, its trainer keeps no checkpoint).
 * :class:`UsageError`: a setting that cannot run, found after argparse (exit status 2).
-* :func:`progress_log` and :func:`output_error`: the progress bar and its log lines, and the
-  one-line report of an output that could not be written.
+* :func:`progress_log`, :func:`step_bar` and :func:`output_error`: whether to show a progress
+  bar and how to log beside it, the training loops' bar over their steps, and the one-line
+  report of an output that could not be written.
 * :func:`add_run_arguments` and :func:`check_common_arguments`: the "run" flags of the
   language-model scripts.
 """
@@ -17,8 +18,9 @@ import argparse
 import importlib
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 #: The install command of the scripts' optional dependencies.
 SCRIPTS_INSTALL = "pip install 'softmax_jax[scripts]'"
@@ -87,6 +89,15 @@ def progress_log(no_progress: bool) -> tuple[bool, Callable[[str], object]]:
     from tqdm.auto import tqdm
 
     return True, tqdm.write
+
+
+def step_bar(steps: Iterable[int], desc: str, done: int = 0, total: int = 0) -> Any:
+    """A ``tqdm`` bar over the training ``steps``, starting at ``done`` of ``total`` (a resumed
+    run's bar starts where the run left off)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc=desc, unit="step", dynamic_ncols=True, initial=done,
+                total=max(total, done))
 
 
 def output_error(prog: str, exc: OSError, out: Path) -> int:
