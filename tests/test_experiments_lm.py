@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _scripts import load_script
 from _subprocess import repo_env
 
 import softmax_jax as sj
@@ -299,13 +300,9 @@ def test_script_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_script_interrupt_names_the_saved_step(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     from softmax_jax.experiments.lm import loop
 
-    spec = importlib.util.spec_from_file_location("train_lm_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_lm.py")
     real_save = loop.save_state
 
     def save_then_interrupt(*a, **kw):

@@ -5,7 +5,6 @@ the script's outputs and errors."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import itertools
 import json
 import math
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _scripts import load_script
 
 from softmax_jax.experiments import retrieval as R
 
@@ -281,14 +281,6 @@ def _script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=240)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_retrieval", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_writes_metrics_and_figure(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -340,7 +332,7 @@ def test_script_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     # main() sets XLA_FLAGS for --devices; keep that out of the later tests' environment.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     write_source(tmp_path)
-    script = _load_script()
+    script = load_script("train_retrieval.py")
     code = script.main(["--source", str(tmp_path), "--heldout-every", "3",
                         "--out", str(tmp_path / "r"), "--no-progress", *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -351,7 +343,7 @@ def test_script_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _load_script()
+    script = load_script("train_retrieval.py")
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     with pytest.raises(SystemExit) as exit_:
         script.main(["--out", str(tmp_path / "r")])
@@ -370,7 +362,7 @@ def test_script_refuses_an_old_run_and_overwrite_removes_it(
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     (out / "curves.png").write_text("old")
-    script = _load_script()
+    script = load_script("train_retrieval.py")
     flags = ["--source", str(src), "--heldout-every", "3", "--out", str(out), "--no-progress"]
     # Without --overwrite: refused, nothing touched. (No --resume: it keeps no checkpoint.)
     assert script.main(flags) == 2

@@ -3,7 +3,6 @@ is one ``error:`` line that names the fix. Each script runs as a subprocess."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -67,16 +67,6 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, script):
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
 
 
-def _load(name: str):
-    """The script ``name`` as a module, for calling its ``main`` in this process."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py") + "_script",
-                                                  SCRIPTS / name)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "script,marker,bad",
     [
@@ -92,7 +82,7 @@ def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path, capsys, script
     out.mkdir()
     (out / marker).write_bytes(b"an earlier run")
     try:
-        code = _load(script).main([*bad, "--out", str(out), "--overwrite"])
+        code = load_script(script).main([*bad, "--out", str(out), "--overwrite"])
     except SystemExit as exit_:  # argparse's usage errors exit; main() returns the others
         code = exit_.code
     assert code == 2
