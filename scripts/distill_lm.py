@@ -44,10 +44,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=8000,
                       help="vocabulary size including <unk> (default 8000)")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=20,
-                      help="hold out every N-th file (default 20)")
+    cli.add_split_arguments(data, heldout_every=20)
     train = parser.add_argument_group("training (teacher and students)")
     train.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
     train.add_argument("--batch-size", type=int, default=512,
@@ -78,12 +75,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="distill_lm.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("distill_lm.py", __doc__)
     _add_flags(parser)
     args = parser.parse_args(argv)
     cli.check_common_arguments(parser, args)

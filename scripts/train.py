@@ -30,12 +30,7 @@ COSTS = ("softmax_ce", "sigmoid_ce", "quadratic")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("train.py", __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
                       help="digits: scikit-learn's 8x8 digits, offline (default); mnist: IDX files")

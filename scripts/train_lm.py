@@ -36,19 +36,11 @@ RUN_FILES = ("checkpoint.npz", "metrics.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train_lm.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("train_lm.py", __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=32000,
                       help="vocabulary size including <unk> (default 32000)")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=20,
-                      help="hold out every N-th file (default 20)")
+    cli.add_split_arguments(data, heldout_every=20)
     model = parser.add_argument_group("model and training")
     model.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
     model.add_argument("--embed", type=int, default=64, help="embedding width (default 64)")

@@ -39,21 +39,13 @@ RUN_FILES = ("metrics.json", "curves.png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser(PROG, __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=16000,
                       help="most sub-word tokens kept, <unk> included (default 16000)")
     data.add_argument("--source", type=Path, default=None, metavar="DIR",
                       help="read the .py files under DIR instead of the standard library")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=10,
-                      help="hold out every N-th file (default 10)")
+    cli.add_split_arguments(data, heldout_every=10)
     data.add_argument("--min-count", type=int, default=3,
                       help="rarer training sub-words become <unk> (default 3)")
     data.add_argument("--max-query-tokens", type=int, default=32, help="default 32")

@@ -1,5 +1,6 @@
 """Command-line pieces shared by the scripts, defined once so they cannot drift.
 
+* :func:`script_parser`: the parser of a training script, its docstring as the help.
 * :func:`require_extras`: the start-up check that the ``scripts`` extra is installed.
 * :func:`add_resume_arguments` and :func:`claim_run_folder`: ``--resume`` / ``--overwrite``
   and the refusal to start a fresh run over an existing one (every training script;
@@ -8,6 +9,8 @@
 * :func:`progress_log`, :func:`step_bar` and :func:`output_error`: whether to show a progress
   bar and how to log beside it, the training loops' bar over their steps, and the one-line
   report of an output that could not be written.
+* :func:`add_split_arguments`: ``--max-files`` and ``--heldout-every``, the flags of
+  :func:`softmax_jax.experiments.sources.split_files` (every stdlib experiment).
 * :func:`add_run_arguments` and :func:`check_common_arguments`: the "run" flags of the
   language-model scripts.
 """
@@ -27,6 +30,24 @@ SCRIPTS_INSTALL = "pip install 'softmax_jax[scripts]'"
 
 #: import name -> distribution name, for the message.
 _DISTRIBUTIONS = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"}
+
+
+def script_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser whose description is the first paragraph of the script's docstring ``doc``
+    and whose epilog is the rest (examples, outputs), kept as written."""
+    paragraphs = doc.split("\n\n")
+    return argparse.ArgumentParser(prog=prog, description=paragraphs[0],
+                                   epilog="\n\n".join(paragraphs[1:]),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_split_arguments(group: argparse._ArgumentGroup, heldout_every: int) -> None:
+    """``--max-files`` and ``--heldout-every`` (default ``heldout_every``): which stdlib
+    files are read and which are held out."""
+    group.add_argument("--max-files", type=int, default=None,
+                       help="use this many stdlib files, evenly spaced (default: all)")
+    group.add_argument("--heldout-every", type=int, default=heldout_every,
+                       help=f"hold out every N-th file (default {heldout_every})")
 
 
 def require_extras(prog: str, modules: Sequence[str]) -> None:
