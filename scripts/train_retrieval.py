@@ -60,17 +60,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="token embedding and output width (default 64)")
     model.add_argument("--hidden", type=int, default=128, help="MLP hidden width (default 128)")
     model.add_argument("--seed", type=int, default=0, help="default 0")
-    run = parser.add_argument_group("run")
-    run.add_argument("--devices", type=int, default=None,
-                     help="shard each batch over this many devices and run the loss's ring"
-                          " (on CPU, simulated); default: one device, no ring")
-    run.add_argument("--eval-every", type=int, default=50,
-                     help="held-out evaluation interval in steps (default 50)")
-    run.add_argument("--out", type=Path, default=Path("runs/retrieval"),
-                     help="default runs/retrieval")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start over, replacing the run in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = cli.add_run_arguments(
+        parser, out=Path("runs/retrieval"),
+        devices="shard each batch over this many devices and run the loss's ring (on CPU,"
+                " simulated); default: one device, no ring")
+    cli.add_resume_arguments(run, None)  # no --resume: the trainer keeps no checkpoint
     return parser.parse_args(argv)
 
 

@@ -63,12 +63,14 @@ def require_extras(prog: str, modules: Sequence[str]) -> None:
             raise SystemExit(1) from None
 
 
-def add_resume_arguments(group: argparse._ArgumentGroup, until: str) -> None:
+def add_resume_arguments(group: argparse._ArgumentGroup, until: str | None) -> None:
     """``--resume`` (continue the run in ``--out`` up to ``until``) and ``--overwrite``
-    (start over), mutually exclusive."""
+    (start over), mutually exclusive; ``--overwrite`` alone when ``until`` is None (a script
+    that cannot resume)."""
     either = group.add_mutually_exclusive_group()
-    either.add_argument("--resume", action="store_true",
-                        help=f"continue the run in --out up to {until}")
+    if until is not None:
+        either.add_argument("--resume", action="store_true",
+                            help=f"continue the run in --out up to {until}")
     either.add_argument("--overwrite", action="store_true",
                         help="start over, replacing the run in --out")
 
@@ -138,23 +140,29 @@ def resume_command(prog: str, argv: Sequence[str] | None) -> str:
     return shlex.join(["python", script, *kept, "--resume"])
 
 
+#: ``--devices`` of the language-model scripts.
+DATA_PARALLEL = "data-parallel devices (default: all); on CPU this many host devices are simulated"
+
+
 def add_run_arguments(
-    parser: argparse.ArgumentParser, *, eval_positions: int, final_eval_positions: int,
-    out: Path,
+    parser: argparse.ArgumentParser, *, out: Path, devices: str = DATA_PARALLEL,
+    eval_positions: int | None = None, final_eval_positions: int | None = None,
 ) -> argparse._ArgumentGroup:
-    """Adds the "run" group (devices, evaluation sizes, output folder, progress bar) with
-    the given defaults and returns it, for a script to add its own run flags."""
+    """Adds the "run" group (``--devices`` with the help text ``devices``, the evaluation
+    interval, with ``eval_positions`` the evaluation sizes, the output folder, the progress
+    bar) with the given defaults and returns it, for a script to add its own run flags."""
     run = parser.add_argument_group("run")
-    run.add_argument("--devices", type=int, default=None,
-                     help="data-parallel devices (default: all); on CPU this many host"
-                          " devices are simulated")
+    run.add_argument("--devices", type=int, default=None, help=devices)
     run.add_argument("--eval-every", type=int, default=50,
                      help="held-out evaluation interval in steps (default 50)")
-    run.add_argument("--eval-positions", type=int, default=eval_positions,
-                     help=f"held-out positions per interval evaluation (default {eval_positions})")
-    run.add_argument("--final-eval-positions", type=int, default=final_eval_positions,
-                     help="held-out positions for the final perplexities"
-                          f" (default {final_eval_positions})")
+    if eval_positions is not None:
+        run.add_argument("--eval-positions", type=int, default=eval_positions,
+                         help="held-out positions per interval evaluation"
+                              f" (default {eval_positions})")
+    if final_eval_positions is not None:
+        run.add_argument("--final-eval-positions", type=int, default=final_eval_positions,
+                         help="held-out positions for the final perplexities"
+                              f" (default {final_eval_positions})")
     run.add_argument("--out", type=Path, default=out, help=f"default {out}")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return run
