@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from softmax_jax.experiments.sources import check_split
+
 #: The install command of the scripts' optional dependencies.
 SCRIPTS_INSTALL = "pip install 'softmax_jax[scripts]'"
 
@@ -172,10 +174,10 @@ def check_common_arguments(parser: argparse.ArgumentParser, args: argparse.Names
     """Usage errors (``parser.error``) for the data and run flags both scripts share."""
     if args.devices is not None and args.devices < 1:
         parser.error(f"--devices must be positive, got {args.devices}")
-    if args.max_files is not None and args.max_files < 2:
-        parser.error(f"--max-files must be at least 2, got {args.max_files}")
-    if args.heldout_every < 2:
-        parser.error(f"--heldout-every must be at least 2, got {args.heldout_every}")
+    try:
+        check_split(args.max_files, args.heldout_every, ("--max-files", "--heldout-every"))
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.devices is not None and args.batch_size % args.devices:
         parser.error(
             f"--batch-size {args.batch_size} must be divisible by --devices {args.devices}"

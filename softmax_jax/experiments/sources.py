@@ -46,12 +46,14 @@ def stdlib_files(root: str | Path | None = None) -> list[Path]:
     return files
 
 
-def check_split(max_files: int | None, heldout_every: int) -> None:
-    """Raises ValueError naming the first of :func:`split_files`' settings out of range."""
+def check_split(max_files: int | None, heldout_every: int,
+                names: tuple[str, str] = ("max_files", "heldout_every")) -> None:
+    """Raises ValueError naming the first of :func:`split_files`' settings out of range, by
+    its name in ``names`` (the scripts pass their flags' names)."""
     if max_files is not None and max_files < 2:
-        raise ValueError(f"max_files must be at least 2 (train + held-out), got {max_files}")
+        raise ValueError(f"{names[0]} must be at least 2 (train + held-out), got {max_files}")
     if heldout_every < 2:
-        raise ValueError(f"heldout_every must be at least 2, got {heldout_every}")
+        raise ValueError(f"{names[1]} must be at least 2, got {heldout_every}")
 
 
 def split_files(root: str | Path | None, max_files: int | None,
