@@ -84,7 +84,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--teacher-checkpoint {args.teacher_checkpoint}: no such file")
     try:
         args.configs = _configs(args)
-        cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -126,7 +125,8 @@ def _report(summary: dict[str, Any], unigram: float) -> str:
                    " hard-label student's)")
 
 
-def run(args: argparse.Namespace, progress: bool, log: Callable[[str], object]) -> str:
+def run(args: argparse.Namespace, mesh: Any, progress: bool,
+        log: Callable[[str], object]) -> str:
     """Loads the corpus, distils, writes the outputs; returns the closing report line."""
     import jax
 
@@ -135,11 +135,6 @@ def run(args: argparse.Namespace, progress: bool, log: Callable[[str], object]) 
     from softmax_jax.experiments.lm.distill import run_distillation
 
     teacher_cfg, student_cfg, dcfg = args.configs
-    mesh = lm.make_mesh(args.devices)
-    if student_cfg.batch_size % mesh.size:
-        raise ValueError(
-            f"--batch-size {student_cfg.batch_size} must be divisible by the {mesh.size} devices"
-        )
     corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
     stats = corpus.describe()
     if stats["vocab_size"] < args.vocab:
@@ -191,9 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError
 
+    try:
+        mesh = cli.data_mesh(args.devices, args.batch_size)
+        # Last of the checks, so that a typo keeps the old run.
+        cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as exc:
+        print(f"distill_lm.py: error: {exc}", file=sys.stderr)
+        return 2
     progress, log = cli.progress_log(args.no_progress)
     try:
-        report = run(args, progress, log)
+        report = run(args, mesh, progress, log)
     except (ValueError, lm.CorpusError, CheckpointError) as exc:
         print(f"distill_lm.py: error: {exc}", file=sys.stderr)
         return 1

@@ -81,11 +81,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         eval_positions=args.eval_positions,
         final_eval_positions=args.final_eval_positions,
     )
-    mesh = lm.make_mesh(args.devices)
-    if cfg.batch_size % mesh.size:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
-        )
+    mesh = cli.data_mesh(args.devices, cfg.batch_size)
     cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     return cfg, mesh
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from _scripts import load_script
@@ -89,6 +90,24 @@ def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path, capsys, script
     err = capsys.readouterr().err
     assert f"{script}: error:" in err and "Traceback" not in err
     assert (out / marker).read_bytes() == b"an earlier run"
+
+
+@pytest.mark.parametrize("script", ["train_lm.py", "distill_lm.py"])
+def test_overwrite_with_a_batch_the_devices_cannot_split_keeps_the_old_run(
+        tmp_path, capsys, monkeypatch, script):
+    # Without --devices the scripts take every local device: three here, pretended, which
+    # cannot split a batch of 64. That is a usage error, found before the old run goes.
+    from softmax_jax.experiments import lm
+
+    monkeypatch.setattr(lm, "make_mesh", lambda devices=None: SimpleNamespace(size=3))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_bytes(b"an earlier run")
+    code = load_script(script).main(["--steps", "2", *LM_ARGS, "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"{script}: error: --batch-size 64 must be divisible by the 3 devices"]
+    assert (out / "metrics.json").read_bytes() == b"an earlier run"
 
 
 def test_train_overwrite_starts_over(tmp_path):

@@ -146,6 +146,19 @@ def resume_command(prog: str, argv: Sequence[str] | None) -> str:
 DATA_PARALLEL = "data-parallel devices (default: all); on CPU this many host devices are simulated"
 
 
+def data_mesh(devices: int | None, batch_size: int) -> Any:
+    """The language models' ``("data",)`` mesh over ``devices`` (None: all local devices);
+    raises :class:`UsageError` when it cannot split ``--batch-size`` evenly, and ValueError
+    (from :func:`softmax_jax.experiments.lm.make_mesh`) for more devices than there are."""
+    from softmax_jax.experiments import lm
+
+    mesh = lm.make_mesh(devices)
+    if batch_size % mesh.size:
+        raise UsageError(f"--batch-size {batch_size} must be divisible by the {mesh.size}"
+                         " devices")
+    return mesh
+
+
 def add_run_arguments(
     parser: argparse.ArgumentParser, *, out: Path, devices: str = DATA_PARALLEL,
     eval_positions: int | None = None, final_eval_positions: int | None = None,

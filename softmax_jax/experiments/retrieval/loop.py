@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from softmax_jax.experiments.cli import step_bar
+from softmax_jax.experiments.lm.model import make_mesh
 from softmax_jax.experiments.retrieval.config import RetrievalConfig
 from softmax_jax.experiments.retrieval.data import Encoded, PairSplit
 from softmax_jax.experiments.retrieval.metrics import retrieval_metrics
@@ -44,17 +45,6 @@ __all__ = [
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _AXIS = "data"
 _EVAL_CHUNK = 1024
-
-
-def make_mesh(devices: int) -> Mesh:
-    """A ``("data",)`` mesh over the first ``devices`` local devices."""
-    available = jax.devices()
-    if not 1 <= devices <= len(available):
-        raise ValueError(
-            f"asked for {devices} devices but JAX sees {len(available)}"
-            f" ({jax.default_backend()}); on CPU, set the host device count before JAX starts"
-        )
-    return Mesh(np.array(available[:devices]), (_AXIS,))
 
 
 def take_batch(split: PairSplit, index: np.ndarray, multiple: int = 1) -> Batch:
