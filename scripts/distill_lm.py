@@ -191,14 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         # Last of the checks, so that a typo keeps the old run.
         cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     except ValueError as exc:
-        print(f"distill_lm.py: error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail("distill_lm.py", exc, 2)
     progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, mesh, progress, log)
     except (ValueError, lm.CorpusError, CheckpointError) as exc:
-        print(f"distill_lm.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("distill_lm.py", exc, 1)
     except OSError as exc:
         return cli.output_error("distill_lm.py", exc, args.out)
     except KeyboardInterrupt:

@@ -145,12 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except DivergenceError as exc:
-        print(f"train.py: error: {exc}; lower --eta (now {args.eta:g})", file=sys.stderr)
-        return 1
+        return cli.fail("train.py", f"{exc}; lower --eta (now {args.eta:g})", 1)
     except (DatasetError, CheckpointError) as exc:
         # Expected failures (bad data, unusable checkpoint): one line, no traceback.
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("train.py", exc, 1)
     except OSError as exc:
         return cli.output_error("train.py", exc, args.out)
     except KeyboardInterrupt:

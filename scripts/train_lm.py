@@ -148,14 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, mesh = _settings(args)
     except ValueError as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail("train_lm.py", exc, 2)
     progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, mesh, progress, log)
     except (lm.CorpusError, CheckpointError) as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("train_lm.py", exc, 1)
     except OSError as exc:
         return cli.output_error("train_lm.py", exc, args.out)
     except KeyboardInterrupt:

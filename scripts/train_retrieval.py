@@ -131,17 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config(args)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail(PROG, exc, 2)
     progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, progress, log)
     except cli.UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+        return cli.fail(PROG, exc, 2)
     except CorpusError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail(PROG, exc, 1)
     except OSError as exc:
         return cli.output_error(PROG, exc, args.out)
     except KeyboardInterrupt:

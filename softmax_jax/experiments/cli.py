@@ -1,6 +1,7 @@
 """Command-line pieces shared by the scripts, defined once so they cannot drift.
 
 * :func:`script_parser`: the parser of a training script, its docstring as the help.
+* :func:`fail`: the one ``error:`` line of a failed run and its exit status.
 * :func:`require_extras`: the start-up check that the ``scripts`` extra is installed.
 * :func:`add_resume_arguments` and :func:`claim_run_folder`: ``--resume`` / ``--overwrite``
   and the refusal to start a fresh run over an existing one (every training script;
@@ -52,6 +53,13 @@ def add_split_arguments(group: argparse._ArgumentGroup, heldout_every: int) -> N
                        help=f"hold out every N-th file (default {heldout_every})")
 
 
+def fail(prog: str, problem: object, status: int) -> int:
+    """Prints the one ``prog: error: problem`` line of a failed run (argparse's format) and
+    returns the exit ``status``: 2 for a usage error, 1 for a failure of the work."""
+    print(f"{prog}: error: {problem}", file=sys.stderr)
+    return status
+
+
 def require_extras(prog: str, modules: Sequence[str]) -> None:
     """Exits with status 1 and one ``error:`` line naming the install command when one of
     ``modules`` cannot be imported; called at start-up, before any work is done."""
@@ -60,9 +68,8 @@ def require_extras(prog: str, modules: Sequence[str]) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             name = _DISTRIBUTIONS.get(module, module)
-            print(f"{prog}: error: {name} is not installed ({exc}); the scripts need their"
-                  f" extras: {SCRIPTS_INSTALL}", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise SystemExit(fail(prog, f"{name} is not installed ({exc}); the scripts need"
+                                        f" their extras: {SCRIPTS_INSTALL}", 1)) from None
 
 
 def add_resume_arguments(group: argparse._ArgumentGroup, until: str | None) -> None:
@@ -129,8 +136,7 @@ def output_error(prog: str, exc: OSError, out: Path) -> int:
     """Reports an output that could not be written (no space, no permission, a file where a
     folder should be) as one ``error:`` line naming the path; returns the exit status 1."""
     where = exc.filename if exc.filename is not None else out
-    print(f"{prog}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-    return 1
+    return fail(prog, f"{where}: {exc.strerror or exc}", 1)
 
 
 def resume_command(prog: str, argv: Sequence[str] | None) -> str:
