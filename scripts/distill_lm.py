@@ -179,11 +179,8 @@ def _saved_phases(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    cli.require_extras("distill_lm.py", ["matplotlib", "tqdm"])
+    cli.start_devices("distill_lm.py", ["matplotlib", "tqdm"], args.devices)
     from softmax_jax.experiments import lm
-
-    if args.devices is not None:
-        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError
 
     try:

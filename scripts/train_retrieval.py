@@ -121,11 +121,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    cli.require_extras(PROG, EXTRAS)
-    if args.devices is not None and args.devices >= 1:
-        from softmax_jax.experiments.lm import simulate_host_devices
-
-        simulate_host_devices(args.devices)  # before JAX starts its CPU backend
+    cli.start_devices(PROG, EXTRAS, args.devices)
     from softmax_jax.experiments.lm import CorpusError
 
     try:

@@ -2,7 +2,8 @@
 
 * :func:`script_parser`: the parser of a training script, its docstring as the help.
 * :func:`fail`: the one ``error:`` line of a failed run and its exit status.
-* :func:`require_extras`: the start-up check that the ``scripts`` extra is installed.
+* :func:`require_extras` and :func:`start_devices`: the start-up check that the ``scripts``
+  extra is installed, and the simulated CPU devices asked for before JAX starts.
 * :func:`add_resume_arguments` and :func:`claim_run_folder`: ``--resume`` / ``--overwrite``
   and the refusal to start a fresh run over an existing one (every training script;
   ``train_retrieval.py`` has ``--overwrite`` alone, its trainer keeps no checkpoint).
@@ -110,6 +111,17 @@ def claim_run_folder(out: Path, run_files: Sequence[str], *, overwrite: bool,
         raise UsageError(f"{out} already holds a run ({found[0]}{more}); {fix}")
     for name in found:
         (out / name).unlink()
+
+
+def start_devices(prog: str, extras: Sequence[str], devices: int | None) -> None:
+    """The start of a JAX script, in the order it needs: the extras checked
+    (:func:`require_extras`), then ``devices`` CPU devices asked for (when a positive count)
+    before JAX starts its CPU backend."""
+    require_extras(prog, extras)
+    if devices is not None and devices >= 1:
+        from softmax_jax.experiments.lm import simulate_host_devices
+
+        simulate_host_devices(devices)
 
 
 def progress_log(no_progress: bool) -> tuple[bool, Callable[[str], object]]:
