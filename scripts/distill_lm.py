@@ -44,10 +44,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=8000,
                       help="vocabulary size including <unk> (default 8000)")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=20,
-                      help="hold out every N-th file (default 20)")
+    cli.add_split_arguments(data, heldout_every=20)
     train = parser.add_argument_group("training (teacher and students)")
     train.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
     train.add_argument("--batch-size", type=int, default=512,
@@ -78,12 +75,7 @@ def _add_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="distill_lm.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("distill_lm.py", __doc__)
     _add_flags(parser)
     args = parser.parse_args(argv)
     cli.check_common_arguments(parser, args)
@@ -94,7 +86,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.configs = _configs(args)
     except ValueError as exc:
         parser.error(str(exc))
-    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
@@ -134,7 +125,8 @@ def _report(summary: dict[str, Any], unigram: float) -> str:
                    " hard-label student's)")
 
 
-def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
+def run(args: argparse.Namespace, mesh: Any, progress: bool,
+        log: Callable[[str], object]) -> str:
     """Loads the corpus, distils, writes the outputs; returns the closing report line."""
     import jax
 
@@ -143,11 +135,6 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
     from softmax_jax.experiments.lm.distill import run_distillation
 
     teacher_cfg, student_cfg, dcfg = args.configs
-    mesh = lm.make_mesh(args.devices)
-    if student_cfg.batch_size % mesh.size:
-        raise ValueError(
-            f"--batch-size {student_cfg.batch_size} must be divisible by the {mesh.size} devices"
-        )
     corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
     stats = corpus.describe()
     if stats["vocab_size"] < args.vocab:
@@ -159,7 +146,7 @@ def run(args: argparse.Namespace, log: Callable[[str], object]) -> str:
     result = run_distillation(
         teacher_cfg, student_cfg, dcfg, corpus, mesh, teacher_checkpoint=args.teacher_checkpoint,
         out_dir=args.out, resume=args.resume,
-        progress=not args.no_progress and sys.stderr.isatty(), log=log)
+        progress=progress, log=log)
     unigram = lm.unigram_perplexity(corpus)
     summary = result.summary()
     atomic_write_json(args.out / "metrics.json", summary | {
@@ -192,27 +179,23 @@ def _saved_phases(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    cli.require_extras("distill_lm.py", ["matplotlib", "tqdm"])
+    cli.start_devices("distill_lm.py", ["matplotlib", "tqdm"], args.devices)
     from softmax_jax.experiments import lm
-
-    if args.devices is not None:
-        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError
 
-    log = print
-    if not args.no_progress and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
     try:
-        report = run(args, log)
+        mesh = cli.data_mesh(args.devices, args.batch_size)
+        # Last of the checks, so that a typo keeps the old run.
+        cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as exc:
+        return cli.fail("distill_lm.py", exc, 2)
+    progress, log = cli.progress_log(args.no_progress)
+    try:
+        report = run(args, mesh, progress, log)
     except (ValueError, lm.CorpusError, CheckpointError) as exc:
-        print(f"distill_lm.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("distill_lm.py", exc, 1)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"distill_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error("distill_lm.py", exc, args.out)
     except KeyboardInterrupt:
         print(f"\ndistill_lm.py: interrupted; {_saved_phases(args)}; continue with:"
               f" {cli.resume_command('distill_lm.py', argv)}", file=sys.stderr)

@@ -24,18 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-from softmax_jax.experiments.cli import add_resume_arguments, claim_run_folder, require_extras
+from softmax_jax.experiments import cli
 
 COSTS = ("softmax_ce", "sigmoid_ce", "quadratic")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("train.py", __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", choices=("digits", "mnist"), default="digits",
                       help="digits: scikit-learn's 8x8 digits, offline (default); mnist: IDX files")
@@ -56,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help="output folder (default runs/train, or runs/compare with --compare)")
     run.add_argument("--compare", action="store_true",
                      help="train all three costs with the same seed and plot them together")
-    add_resume_arguments(run, "--epochs")
+    cli.add_resume_arguments(run, "--epochs")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.dataset == "mnist" and args.data_dir is None:
@@ -68,7 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run_files = ["checkpoint.npz", "metrics.json"]
     if args.compare:
         run_files = ["compare.json", *(f"{cost}/{name}" for cost in COSTS for name in run_files)]
-    claim_run_folder(parser, args.out, args.resume, args.overwrite, run_files)
 
     from softmax_jax.experiments.mlp import TrainConfig
 
@@ -83,6 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             l2=args.l2,
             seed=args.seed,
         )
+        cli.claim_run_folder(args.out, run_files, resume=args.resume, overwrite=args.overwrite)
     except ValueError as exc:
         parser.error(str(exc))
     return args
@@ -95,14 +90,7 @@ def run(args: argparse.Namespace) -> None:
     from softmax_jax.experiments.data import load_dataset
     from softmax_jax.experiments.plotting import plot_compare, plot_curves
 
-    progress = not args.no_progress and sys.stderr.isatty()
-    if progress:
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
-    else:
-        log = print
-
+    progress, log = cli.progress_log(args.no_progress)
     dataset = load_dataset(args.dataset, args.data_dir)
     log(
         f"{dataset.name}: {len(dataset.y_train)} training and {len(dataset.y_test)} test images"
@@ -148,8 +136,8 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    require_extras("train.py", ["matplotlib", "tqdm"] + (["sklearn"] if args.dataset == "digits"
-                                                         else []))
+    extras = ["matplotlib", "tqdm"] + (["sklearn"] if args.dataset == "digits" else [])
+    cli.require_extras("train.py", extras)
     from softmax_jax.experiments.checkpoint import CheckpointError
     from softmax_jax.experiments.data import DatasetError
     from softmax_jax.experiments.mlp import DivergenceError
@@ -157,17 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except DivergenceError as exc:
-        print(f"train.py: error: {exc}; lower --eta (now {args.eta:g})", file=sys.stderr)
-        return 1
+        return cli.fail("train.py", f"{exc}; lower --eta (now {args.eta:g})", 1)
     except (DatasetError, CheckpointError) as exc:
         # Expected failures (bad data, unusable checkpoint): one line, no traceback.
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("train.py", exc, 1)
     except OSError as exc:
-        # Writing the outputs failed (no space, no permission, a file where a folder should be).
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"train.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error("train.py", exc, args.out)
     except KeyboardInterrupt:
         print(
             f"\ntrain.py: interrupted; the last finished epoch is saved in {args.out},"

@@ -36,19 +36,11 @@ RUN_FILES = ("checkpoint.npz", "metrics.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train_lm.py",
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser("train_lm.py", __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=32000,
                       help="vocabulary size including <unk> (default 32000)")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=20,
-                      help="hold out every N-th file (default 20)")
+    cli.add_split_arguments(data, heldout_every=20)
     model = parser.add_argument_group("model and training")
     model.add_argument("--context", type=int, default=8, help="previous tokens seen (default 8)")
     model.add_argument("--embed", type=int, default=64, help="embedding width (default 64)")
@@ -66,12 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cli.add_resume_arguments(run, "--steps")
     args = parser.parse_args(argv)
     cli.check_common_arguments(parser, args)
-    cli.claim_run_folder(parser, args.out, args.resume, args.overwrite, RUN_FILES)
     return args
 
 
 def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(LMConfig, Mesh)`` from the flags; raises ValueError for settings that cannot run."""
+    """``(LMConfig, Mesh)`` from the flags, then the claim of ``--out``; raises ValueError for
+    settings that cannot run (:class:`cli.UsageError` for a run already there)."""
     from softmax_jax.experiments import lm
 
     cfg = lm.LMConfig(
@@ -89,11 +81,8 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
         eval_positions=args.eval_positions,
         final_eval_positions=args.final_eval_positions,
     )
-    mesh = lm.make_mesh(args.devices)
-    if cfg.batch_size % mesh.size:
-        raise ValueError(
-            f"--batch-size {cfg.batch_size} must be divisible by the {mesh.size} devices"
-        )
+    mesh = cli.data_mesh(args.devices, cfg.batch_size)
+    cli.claim_run_folder(args.out, RUN_FILES, resume=args.resume, overwrite=args.overwrite)
     return cfg, mesh
 
 
@@ -149,33 +138,21 @@ def run(args: argparse.Namespace, cfg: Any, mesh: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    cli.require_extras("train_lm.py", ["matplotlib", "tqdm"])
+    cli.start_devices("train_lm.py", ["matplotlib", "tqdm"], args.devices)
     from softmax_jax.experiments import lm
-
-    if args.devices is not None:
-        lm.simulate_host_devices(args.devices)  # before JAX starts its CPU backend
     from softmax_jax.experiments.checkpoint import CheckpointError
 
     try:
         cfg, mesh = _settings(args)
     except ValueError as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 2
-    progress = not args.no_progress and sys.stderr.isatty()
-    log: Callable[[str], object] = print
-    if progress:
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
+        return cli.fail("train_lm.py", exc, 2)
+    progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, mesh, progress, log)
     except (lm.CorpusError, CheckpointError) as exc:
-        print(f"train_lm.py: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail("train_lm.py", exc, 1)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"train_lm.py: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error("train_lm.py", exc, args.out)
     except KeyboardInterrupt:
         step = lm.saved_step(args.out / lm.CHECKPOINT_NAME)
         saved = (f"step {step} is saved in {args.out / lm.CHECKPOINT_NAME}" if step is not None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments.cli import require_extras
+from softmax_jax.experiments import cli
 
 PROG = "train_retrieval.py"
 EXTRAS = ("matplotlib", "tqdm")
@@ -39,21 +39,13 @@ RUN_FILES = ("metrics.json", "curves.png")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.script_parser(PROG, __doc__)
     data = parser.add_argument_group("data")
     data.add_argument("--vocab", type=int, default=16000,
                       help="most sub-word tokens kept, <unk> included (default 16000)")
     data.add_argument("--source", type=Path, default=None, metavar="DIR",
                       help="read the .py files under DIR instead of the standard library")
-    data.add_argument("--max-files", type=int, default=None,
-                      help="use this many stdlib files, evenly spaced (default: all)")
-    data.add_argument("--heldout-every", type=int, default=10,
-                      help="hold out every N-th file (default 10)")
+    cli.add_split_arguments(data, heldout_every=10)
     data.add_argument("--min-count", type=int, default=3,
                       help="rarer training sub-words become <unk> (default 3)")
     data.add_argument("--max-query-tokens", type=int, default=32, help="default 32")
@@ -68,38 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="token embedding and output width (default 64)")
     model.add_argument("--hidden", type=int, default=128, help="MLP hidden width (default 128)")
     model.add_argument("--seed", type=int, default=0, help="default 0")
-    run = parser.add_argument_group("run")
-    run.add_argument("--devices", type=int, default=None,
-                     help="shard each batch over this many devices and run the loss's ring"
-                          " (on CPU, simulated); default: one device, no ring")
-    run.add_argument("--eval-every", type=int, default=50,
-                     help="held-out evaluation interval in steps (default 50)")
-    run.add_argument("--out", type=Path, default=Path("runs/retrieval"),
-                     help="default runs/retrieval")
-    run.add_argument("--overwrite", action="store_true",
-                     help="start over, replacing the run in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run = cli.add_run_arguments(
+        parser, out=Path("runs/retrieval"),
+        devices="shard each batch over this many devices and run the loss's ring (on CPU,"
+                " simulated); default: one device, no ring")
+    cli.add_resume_arguments(run, None)  # no --resume: the trainer keeps no checkpoint
     return parser.parse_args(argv)
 
 
-def claim_run_folder(out: Path, overwrite: bool) -> str | None:
-    """Refuses (returns the message) a run over the one already in ``out``; with
-    ``overwrite``, removes the old run's files, so that none can pass for the new run's."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not overwrite:
-        return (f"{out} already holds a run ({', '.join(found)}); pass --overwrite to"
-                " start over")
-    for name in found:
-        (out / name).unlink()
-    return None
-
-
-class UsageError(Exception):
-    """Settings that turn out not to fit the data (found once it is loaded)."""
-
-
 def config(args: argparse.Namespace) -> Any:
-    """The RetrievalConfig of the flags; raises ValueError naming the bad setting."""
+    """The RetrievalConfig of the flags, then the claim of ``--out``; raises ValueError naming
+    the bad setting (:class:`cli.UsageError` for a run already there)."""
     from softmax_jax.experiments.retrieval import RetrievalConfig, check_data_settings, make_mesh
 
     check_data_settings(args.vocab, args.max_files, args.heldout_every, args.max_query_tokens,
@@ -111,6 +82,8 @@ def config(args: argparse.Namespace) -> Any:
     )
     if cfg.devices is not None:
         make_mesh(cfg.devices)  # fewer devices than asked for (a GPU, say) is a usage error
+    # Last, so that a typo keeps the old run. No --resume: the trainer keeps no checkpoint.
+    cli.claim_run_folder(args.out, RUN_FILES, overwrite=args.overwrite)
     return cfg
 
 
@@ -131,7 +104,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
         f" {stats['heldout_pairs']:,} held-out from {stats['heldout_files']} files;"
         f" vocabulary {stats['vocab_size']:,} ({load_seconds:.1f} s)")
     if cfg.batch_size > stats["train_pairs"]:
-        raise UsageError(f"--batch-size {cfg.batch_size} is more than the"
+        raise cli.UsageError(f"--batch-size {cfg.batch_size} is more than the"
                          f" {stats['train_pairs']} training pairs")
     devices = cfg.devices or 1
     log(f"{cfg.loss}: batch {cfg.batch_size} on {devices} {jax.default_backend()} device(s)"
@@ -148,40 +121,22 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
-    require_extras(PROG, EXTRAS)
-    if args.devices is not None and args.devices >= 1:
-        from softmax_jax.experiments.lm import simulate_host_devices
-
-        simulate_host_devices(args.devices)  # before JAX starts its CPU backend
+    cli.start_devices(PROG, EXTRAS, args.devices)
     from softmax_jax.experiments.lm import CorpusError
 
     try:
         cfg = config(args)
     except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    problem = claim_run_folder(args.out, args.overwrite)  # after the flags: a typo keeps it
-    if problem is not None:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
-        return 2
-    progress = not args.no_progress and sys.stderr.isatty()
-    log: Callable[[str], object] = print
-    if progress:
-        from tqdm.auto import tqdm
-
-        log = tqdm.write
+        return cli.fail(PROG, exc, 2)
+    progress, log = cli.progress_log(args.no_progress)
     try:
         report = run(args, cfg, progress, log)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except cli.UsageError as exc:
+        return cli.fail(PROG, exc, 2)
     except CorpusError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return cli.fail(PROG, exc, 1)
     except OSError as exc:
-        where = exc.filename if exc.filename is not None else args.out
-        print(f"{PROG}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli.output_error(PROG, exc, args.out)
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted; nothing written to {args.out}", file=sys.stderr)
         return 130

@@ -11,7 +11,6 @@ import math
 from collections.abc import Hashable
 
 import jax
-import jax.numpy as jnp
 
 from softmax_jax import _cross_entropy as _ce
 from softmax_jax import _validation as _v
@@ -142,12 +141,7 @@ def contrastive_loss(
                          " positives on the global diagonal (pass labels=None)")
     xa, ya, mask = _pair(x, y, where, axis_name, diagonal)
     reduction = args.reduction(reduction)
-    lab: jax.Array | None = None
-    if labels is not None:
-        lab = jnp.asarray(_ce.integer_labels(labels))
-        if lab.shape != (xa.shape[0],):
-            raise ValueError(f"labels must be a 1-D [N] array with N = x.shape[0] ="
-                             f" {xa.shape[0]}, got labels.shape={tuple(lab.shape)}")
+    lab = None if labels is None else args.labels_for(_ce.integer_labels(labels), xa.shape[:1])
     s = _scalar("logit_scale", logit_scale, args.compute_dtype(xa, ya))
     return _clip_jit(xa, ya, s, lab, mask, bool(bidirectional), reduction, axis_name)
 

@@ -246,8 +246,14 @@ def test_bad_inputs():
         sj.sigmoid_contrastive_loss(x, jnp.ones((4, 5), jnp.int32))
     with pytest.raises(TypeError, match="labels"):
         sj.contrastive_loss(x, y, labels=jnp.ones(4), bidirectional=False)
-    with pytest.raises(ValueError, match="labels must be a 1-D"):
-        sj.contrastive_loss(x, y, labels=jnp.arange(3), bidirectional=False)
+    for labels in (jnp.arange(3), jnp.arange(4)[:, None]):
+        # The labels' shape check is the fused losses' own: the same words for the same slip.
+        with pytest.raises(ValueError, match=r"labels\.shape must have x's leading shape \(4,\)"
+                           ) as clip:
+            sj.contrastive_loss(x, y, labels=labels, bidirectional=False)
+        with pytest.raises(ValueError) as fused:
+            sj.linear_softmax_cross_entropy(x, y.T, labels)
+        assert str(clip.value) == str(fused.value)
     with pytest.raises(ValueError, match="where"):
         sj.contrastive_loss(x, y, where=jnp.ones(3, bool))
     with pytest.raises(ValueError, match="where"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _scripts import load_script
 from _subprocess import repo_env
 
 from softmax_jax.experiments import lm
@@ -181,18 +181,11 @@ def test_a_tie_is_reported_as_a_tie(distilled):
                         {"hard": hard, "distilled": hard}, result.distill, 0.0)
     summary = tie.summary()
     assert summary["better"] == "tie"
-    line = _script_module()._report(summary, 100.0)
+    line = load_script("distill_lm.py")._report(summary, 100.0)
     assert line.endswith("the two students tie exactly") and "lower by" not in line
 
 
 # --- the script -------------------------------------------------------------------------------
-
-
-def _script_module():
-    spec = importlib.util.spec_from_file_location("distill_lm_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SCRIPT_ARGS = ("--vocab", str(V), "--max-files", "8", "--heldout-every", "4", "--context", "4",
@@ -203,7 +196,7 @@ SCRIPT_ARGS = ("--vocab", str(V), "--max-files", "8", "--heldout-every", "4", "-
 
 
 def test_script_writes_metrics_and_plot(tmp_path, capsys):
-    script = _script_module()
+    script = load_script("distill_lm.py")
     out = tmp_path / "run"
     assert script.main([*SCRIPT_ARGS, "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
@@ -231,7 +224,7 @@ def test_script_writes_metrics_and_plot(tmp_path, capsys):
 
 
 def test_script_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
-    script = _script_module()
+    script = load_script("distill_lm.py")
     out = tmp_path / "run"
     args = [*SCRIPT_ARGS, "--out", str(out)]
     real_train = distill_module.train
@@ -262,7 +255,7 @@ def test_script_interrupted_then_resumed(tmp_path, capsys, monkeypatch):
 
 
 def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_path, capsys):
-    script = _script_module()
+    script = load_script("distill_lm.py")
     teacher = distilled[1] / "teacher" / lm.CHECKPOINT_NAME  # trained with heldout_every=4
     args = [*SCRIPT_ARGS, "--heldout-every", "3", "--out", str(tmp_path / "x"),
             "--teacher-checkpoint", str(teacher)]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _scripts import load_script
 from _subprocess import repo_env
 
 import softmax_jax as sj
@@ -155,8 +156,9 @@ def test_config_and_train_reject_bad_settings(corpus):
         small_config(batch_size=0)
     with pytest.raises(ValueError, match="label_smoothing"):
         small_config(label_smoothing=2.0)
-    with pytest.raises(ValueError, match="learning_rate"):
-        small_config(learning_rate=0.0)
+    for lr in (0.0, math.inf, math.nan):  # an infinite step would make every weight NaN
+        with pytest.raises(ValueError, match="learning_rate must be a positive number"):
+            small_config(learning_rate=lr)
     with pytest.raises(ValueError, match="corpus vocabulary has 300"):
         lm.train(small_config(vocab_size=500), corpus, lm.make_mesh(1))
     with pytest.raises(ValueError, match="asked for 64 devices"):
@@ -298,13 +300,9 @@ def test_script_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_script_interrupt_names_the_saved_step(tmp_path, capsys, monkeypatch):
-    import importlib.util
-
     from softmax_jax.experiments.lm import loop
 
-    spec = importlib.util.spec_from_file_location("train_lm_script", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_lm.py")
     real_save = loop.save_state
 
     def save_then_interrupt(*a, **kw):

@@ -5,7 +5,6 @@ the script's outputs and errors."""
 from __future__ import annotations
 
 import ast
-import importlib.util
 import itertools
 import json
 import math
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 import optax
 import pytest
+from _scripts import load_script
 
 from softmax_jax.experiments import retrieval as R
 
@@ -113,6 +113,23 @@ def test_split_has_no_file_in_both(tmp_path: Path) -> None:
     known = set(split.vocab)
     assert [split.vocab[i] for i in ids] == [
         t if t in known else "<unk>" for t in R.subword_tokens(first.query)]
+
+
+@pytest.mark.parametrize("every, held", [(3, {"mod2.py", "mod5.py"}), (10, {"mod5.py"})])
+def test_both_experiments_hold_out_the_same_files(tmp_path: Path, every: int,
+                                                  held: set[str]) -> None:
+    # Every k-th file in sorted order, or the last one when there are fewer than k.
+    from softmax_jax.experiments import lm
+
+    write_source(tmp_path)
+    split = R.load_pairs(vocab_size=100, heldout_every=every, root=tmp_path)
+    assert split.files("heldout") == held and len(split.files("train")) == 6 - len(held)
+    corpus = lm.load_corpus(vocab_size=50, heldout_every=every, root=tmp_path)
+    assert (corpus.train_files, corpus.heldout_files) == (6 - len(held), len(held))
+    # The held-out text is the held-out files' own.
+    vocab = {tok: i for i, tok in enumerate(corpus.vocab)}
+    text = "".join((tmp_path / name).read_text() for name in sorted(held))
+    assert corpus.heldout.tolist() == [vocab.get(t, 0) for t in lm.tokenize(text)]
 
 
 def test_split_of_the_standard_library() -> None:
@@ -264,14 +281,6 @@ def _script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=240)
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_retrieval", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_writes_metrics_and_figure(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
@@ -295,7 +304,7 @@ def test_script_writes_metrics_and_figure(tmp_path: Path) -> None:
     again = _script(*args, cwd=tmp_path)
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert again.stderr.strip() == (
-        f"train_retrieval.py: error: {out} already holds a run (metrics.json, curves.png);"
+        f"train_retrieval.py: error: {out} already holds a run (metrics.json and 1 more);"
         " pass --overwrite to start over")
 
 
@@ -323,7 +332,7 @@ def test_script_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     # main() sets XLA_FLAGS for --devices; keep that out of the later tests' environment.
     monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
     write_source(tmp_path)
-    script = _load_script()
+    script = load_script("train_retrieval.py")
     code = script.main(["--source", str(tmp_path), "--heldout-every", "3",
                         "--out", str(tmp_path / "r"), "--no-progress", *flags])
     err = capsys.readouterr().err.strip().splitlines()
@@ -334,7 +343,7 @@ def test_script_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str],
 
 def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    script = _load_script()
+    script = load_script("train_retrieval.py")
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
     with pytest.raises(SystemExit) as exit_:
         script.main(["--out", str(tmp_path / "r")])
@@ -344,19 +353,31 @@ def test_script_names_the_missing_extras(tmp_path: Path, capsys: pytest.CaptureF
     assert err[0].endswith("the scripts need their extras: pip install 'softmax_jax[scripts]'")
 
 
-def test_script_overwrite_keeps_the_old_run_until_the_flags_are_good(
+def test_script_refuses_an_old_run_and_overwrite_removes_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_source(src)
     out = tmp_path / "r"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
     (out / "curves.png").write_text("old")
-    script = _load_script()
-    assert script.main(["--out", str(out), "--overwrite", "--steps", "0"]) == 2
+    script = load_script("train_retrieval.py")
+    flags = ["--source", str(src), "--heldout-every", "3", "--out", str(out), "--no-progress"]
+    # Without --overwrite: refused, nothing touched. (No --resume: it keeps no checkpoint.)
+    assert script.main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train_retrieval.py: error: {out} already holds a run (metrics.json and 1"
+                   " more); pass --overwrite to start over"]
+    assert (out / "metrics.json").read_text() == "{}"
+    # With a bad setting: refused before anything is removed.
+    assert script.main([*flags, "--overwrite", "--steps", "0"]) == 2
     assert "steps must be positive" in capsys.readouterr().err
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()
-    assert "--overwrite" in script.claim_run_folder(out, overwrite=False)
-    assert (out / "metrics.json").exists()
-    assert script.claim_run_folder(out, overwrite=True) is None
+    # With good flags the old files go before the work starts: a run that then fails (here
+    # on the data: 40 training pairs) leaves nothing that could pass for its own output.
+    assert script.main([*flags, "--overwrite", "--batch-size", "41"]) == 2
+    assert "more than the 40 training pairs" in capsys.readouterr().err
     assert not (out / "metrics.json").exists() and not (out / "curves.png").exists()
 
 

@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
@@ -64,6 +66,48 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, script
 def test_resume_and_overwrite_exclude_each_other(tmp_path, script):
     proc = run_script(script, "--resume", "--overwrite", cwd=tmp_path)
     assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script,marker,bad",
+    [
+        ("train.py", "checkpoint.npz", ("--eta", "-1")),
+        ("train_lm.py", "checkpoint.npz", ("--lr", "-1", *LM_ARGS)),
+        ("distill_lm.py", "metrics.json", ("--temperature", "0", *LM_ARGS)),
+        ("train_retrieval.py", "metrics.json", ("--lr", "-1")),
+    ],
+)
+def test_overwrite_with_a_bad_setting_keeps_the_old_run(tmp_path, capsys, script, marker, bad):
+    # The settings are checked before --overwrite removes anything: a typo costs no run.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / marker).write_bytes(b"an earlier run")
+    try:
+        code = load_script(script).main([*bad, "--out", str(out), "--overwrite"])
+    except SystemExit as exit_:  # argparse's usage errors exit; main() returns the others
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{script}: error:" in err and "Traceback" not in err
+    assert (out / marker).read_bytes() == b"an earlier run"
+
+
+@pytest.mark.parametrize("script", ["train_lm.py", "distill_lm.py"])
+def test_overwrite_with_a_batch_the_devices_cannot_split_keeps_the_old_run(
+        tmp_path, capsys, monkeypatch, script):
+    # Without --devices the scripts take every local device: three here, pretended, which
+    # cannot split a batch of 64. That is a usage error, found before the old run goes.
+    from softmax_jax.experiments import lm
+
+    monkeypatch.setattr(lm, "make_mesh", lambda devices=None: SimpleNamespace(size=3))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.json").write_bytes(b"an earlier run")
+    code = load_script(script).main(["--steps", "2", *LM_ARGS, "--out", str(out), "--overwrite"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"{script}: error: --batch-size 64 must be divisible by the 3 devices"]
+    assert (out / "metrics.json").read_bytes() == b"an earlier run"
 
 
 def test_train_overwrite_starts_over(tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import re
-import sysconfig
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from softmax_jax.experiments.sources import CorpusError, read_source, split_files, stdlib_files
 
 __all__ = [
     "UNK",
@@ -36,10 +37,6 @@ UNK = "<unk>"
 TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|\n|[^\sA-Za-z_0-9]")
 
 
-class CorpusError(Exception):
-    """The standard library's source could not be found or read."""
-
-
 def tokenize(text: str) -> list[str]:
     """Word-level tokens of ``text``.
 
@@ -48,20 +45,6 @@ def tokenize(text: str) -> list[str]:
       ['def', 'f', '(', 'x', ')', ':', '\\n', 'return', 'x', '+', '10']
     """
     return TOKEN_RE.findall(text)
-
-
-def stdlib_files(root: str | Path | None = None) -> list[Path]:
-    """The standard library's ``.py`` files in sorted order (third-party packages excluded)."""
-    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
-    if not base.is_dir():
-        raise CorpusError(f"standard library folder {base} not found")
-    skip = {"site-packages", "dist-packages", "__pycache__"}
-    files = sorted(
-        p for p in base.rglob("*.py") if not skip.intersection(p.relative_to(base).parts)
-    )
-    if not files:
-        raise CorpusError(f"no .py files under {base}")
-    return files
 
 
 def build_vocab(counts: collections.Counter[str], size: int) -> list[str]:
@@ -122,27 +105,16 @@ def load_corpus(
       max_files: use only this many files, evenly spaced through the sorted list (for quick
         runs and tests); None for all.
       heldout_every: every ``heldout_every``-th file (in sorted order) is held out; with
-        fewer files than that, the last file is.
+        fewer files than that, the last file is (the rule of
+        :func:`softmax_jax.experiments.sources.split_files`).
       root: the folder to read instead of the standard library.
     """
-    if heldout_every < 2:
-        raise ValueError(f"heldout_every must be at least 2, got {heldout_every}")
-    files = stdlib_files(root)
-    if max_files is not None:
-        if max_files < 2:
-            raise ValueError(f"max_files must be at least 2 (train + held-out), got {max_files}")
-        step = max(1, len(files) // max_files)
-        files = files[::step][:max_files]
-    held = [i % heldout_every == heldout_every - 1 for i in range(len(files))]
-    if not any(held):
-        held[-1] = True
+    files = split_files(root, max_files, heldout_every)
     split: dict[bool, list[str]] = {True: [], False: []}
-    for path, is_held in zip(files, held, strict=True):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue  # a few test fixtures are deliberately not UTF-8
-        split[is_held].extend(tokenize(text))
+    for path, is_held in files:
+        text = read_source(path)
+        if text is not None:
+            split[is_held].extend(tokenize(text))
     if not split[False] or not split[True]:
         raise CorpusError(f"no readable text in the {len(files)} files chosen")
     counts = collections.Counter(split[False])
@@ -154,8 +126,8 @@ def load_corpus(
         train=train,
         heldout=heldout,
         vocab=vocab,
-        train_files=held.count(False),
-        heldout_files=held.count(True),
+        train_files=sum(not held for _, held in files),
+        heldout_files=sum(held for _, held in files),
         train_counts=np.bincount(train, minlength=len(vocab)),
     )
 

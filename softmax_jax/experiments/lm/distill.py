@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from jax.sharding import Mesh
 
 import softmax_jax as sj
 from softmax_jax.experiments.checkpoint import CheckpointError, atomic_write_json
+from softmax_jax.experiments.checks import positive_number
 from softmax_jax.experiments.lm.checkpoint import load_params
 from softmax_jax.experiments.lm.corpus import Corpus
 from softmax_jax.experiments.lm.loop import Objective, TrainResult, evaluate, train
@@ -74,8 +74,7 @@ class DistillConfig:
     beta: float = 0.0  # 0: forward KL; 1: reverse KL; between: generalised JSD
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+        positive_number("temperature", self.temperature)
         if not 0.0 <= self.hard_weight <= 1.0:
             raise ValueError(f"hard_weight must lie in [0, 1], got {self.hard_weight}")
         if not 0.0 <= self.beta <= 1.0:

@@ -27,6 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from softmax_jax.experiments.cli import step_bar
 from softmax_jax.experiments.lm.checkpoint import (
     CHECKPOINT_NAME,
     TrainState,
@@ -203,13 +204,6 @@ def _start(
     return fresh_state(cfg, optimizer)
 
 
-def _progress_bar(steps: Iterable[int], desc: str, done: int, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc=desc, unit="step", dynamic_ncols=True, initial=done,
-                total=max(total, done))
-
-
 def train(
     cfg: LMConfig,
     corpus: Corpus,
@@ -253,7 +247,7 @@ def train(
                             "heldout_perplexity": m["perplexity"]})
 
     steps: Iterable[int] = range(state.step + 1, cfg.steps + 1)
-    bar = _progress_bar(steps, desc, state.step, cfg.steps) if progress else None
+    bar = step_bar(steps, desc, state.step, cfg.steps) if progress else None
     steps = bar if bar is not None else steps
     start = time.perf_counter()
     if state.step == 0:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from softmax_jax.experiments.checks import positive_ints, positive_number
 from softmax_jax.fused import BlockLayout, linear_softmax_cross_entropy
 
 __all__ = [
@@ -61,14 +62,11 @@ class LMConfig:
         if self.vocab_size < 2:
             # <unk> alone: every target is the same token, nothing to learn or measure.
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
-        for name in ("context", "embed_dim", "hidden", "batch_size",
-                     "eval_every", "eval_positions", "final_eval_positions"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        positive_ints(self, ("context", "embed_dim", "hidden", "batch_size", "eval_every",
+                             "eval_positions", "final_eval_positions"))
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        positive_number("learning_rate", self.learning_rate)
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1], got {self.label_smoothing}")
         if self.z_loss < 0:

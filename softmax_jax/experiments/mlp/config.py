@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from softmax_jax.experiments.checks import positive_number
+
 __all__ = ["COSTS", "OPTIMIZERS", "TrainConfig"]
 
 #: The output costs, in the order ``--compare`` trains and plots them.
@@ -45,8 +47,7 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if not (self.eta > 0 and math.isfinite(self.eta)):
-            raise ValueError(f"eta must be a positive number, got {self.eta}")
+        positive_number("eta", self.eta)
         if not (self.l2 >= 0 and math.isfinite(self.l2)):
             raise ValueError(f"l2 must be >= 0, got {self.l2}")
 

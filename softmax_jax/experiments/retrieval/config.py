@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from softmax_jax.experiments.checks import positive_ints, positive_number
 
 __all__ = ["LOSSES", "RetrievalConfig"]
 
@@ -33,14 +34,10 @@ class RetrievalConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}; got {self.loss!r}")
-        for name in ("batch_size", "steps", "embed_dim", "hidden", "eval_every"):
-            value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
+        positive_ints(self, ("batch_size", "steps", "embed_dim", "hidden", "eval_every"))
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (a pair and a negative),"
                              f" got {self.batch_size}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}")
+        positive_number("learning_rate", self.learning_rate)
         if self.devices is not None and self.devices < 1:
             raise ValueError(f"devices must be positive, got {self.devices}")

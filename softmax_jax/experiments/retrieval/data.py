@@ -22,14 +22,20 @@ import ast
 import collections
 import copy
 import re
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from softmax_jax.experiments.lm import CorpusError, build_vocab, stdlib_files
+from softmax_jax.experiments.lm import build_vocab
+from softmax_jax.experiments.sources import (
+    CorpusError,
+    check_split,
+    read_source,
+    source_root,
+    split_files,
+)
 
 __all__ = [
     "Encoded",
@@ -154,18 +160,13 @@ class PairSplit:
         }
 
 
-def _read_pairs(files: list[Path], base: Path, heldout_every: int) -> dict[bool, list[Pair]]:
+def _read_pairs(files: list[tuple[Path, bool]], base: Path) -> dict[bool, list[Pair]]:
     """Pairs per side (True: held out), without repeated query or code texts."""
-    held = [i % heldout_every == heldout_every - 1 for i in range(len(files))]
-    if not any(held):
-        held[-1] = True
     found: dict[bool, list[Pair]] = {False: [], True: []}
-    for path, is_held in zip(files, held, strict=True):
-        try:
-            source = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            continue
-        found[is_held].extend(extract_pairs(source, path.relative_to(base).as_posix()))
+    for path, is_held in files:
+        source = read_source(path)
+        if source is not None:
+            found[is_held].extend(extract_pairs(source, path.relative_to(base).as_posix()))
     seen: set[str] = set()
     kept: dict[bool, list[Pair]] = {False: [], True: []}
     for side in (False, True):  # train first: a held-out copy of a training text goes
@@ -184,9 +185,8 @@ def _read_pairs(files: list[Path], base: Path, heldout_every: int) -> dict[bool,
 def check_data_settings(vocab_size: int, max_files: int | None, heldout_every: int,
                         max_query_tokens: int, max_code_tokens: int, min_count: int = 1) -> None:
     """Raises ValueError naming the first of :func:`load_pairs`' arguments out of range."""
-    if max_files is not None and max_files < 2:
-        raise ValueError(f"max_files must be at least 2 (train + held-out), got {max_files}")
-    for name, value, least in (("vocab_size", vocab_size, 2), ("heldout_every", heldout_every, 2),
+    check_split(max_files, heldout_every)
+    for name, value, least in (("vocab_size", vocab_size, 2),
                                ("max_query_tokens", max_query_tokens, 1),
                                ("max_code_tokens", max_code_tokens, 1),
                                ("min_count", min_count, 1)):
@@ -210,7 +210,7 @@ def load_pairs(
       max_files: use only this many files, evenly spaced through the sorted list (for quick
         runs and tests); None for all.
       heldout_every: every ``heldout_every``-th file (sorted) is held out; with fewer files,
-        the last one is.
+        the last one is (the rule of :func:`softmax_jax.experiments.sources.split_files`).
       max_query_tokens, max_code_tokens: sub-word tokens kept from the start of each side.
       root: the folder to read instead of the standard library.
       min_count: a sub-word seen fewer times in the training pairs is ``<unk>``. A word met
@@ -223,11 +223,8 @@ def load_pairs(
     """
     check_data_settings(vocab_size, max_files, heldout_every, max_query_tokens, max_code_tokens,
                         min_count)
-    base = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
-    files = stdlib_files(base)
-    if max_files is not None:
-        files = files[:: max(1, len(files) // max_files)][:max_files]
-    pairs = _read_pairs(files, base, heldout_every)
+    files = split_files(root, max_files, heldout_every)
+    pairs = _read_pairs(files, source_root(root))
     if not pairs[False] or not pairs[True]:
         raise CorpusError(
             f"the {len(files)} files chosen give {len(pairs[False])} training and"

@@ -29,6 +29,8 @@ import optax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from softmax_jax.experiments.cli import step_bar
+from softmax_jax.experiments.lm.model import make_mesh
 from softmax_jax.experiments.retrieval.config import RetrievalConfig
 from softmax_jax.experiments.retrieval.data import Encoded, PairSplit
 from softmax_jax.experiments.retrieval.metrics import retrieval_metrics
@@ -43,17 +45,6 @@ __all__ = [
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 _AXIS = "data"
 _EVAL_CHUNK = 1024
-
-
-def make_mesh(devices: int) -> Mesh:
-    """A ``("data",)`` mesh over the first ``devices`` local devices."""
-    available = jax.devices()
-    if not 1 <= devices <= len(available):
-        raise ValueError(
-            f"asked for {devices} devices but JAX sees {len(available)}"
-            f" ({jax.default_backend()}); on CPU, set the host device count before JAX starts"
-        )
-    return Mesh(np.array(available[:devices]), (_AXIS,))
 
 
 def take_batch(split: PairSplit, index: np.ndarray, multiple: int = 1) -> Batch:
@@ -143,14 +134,6 @@ class RunResult:
     config: RetrievalConfig
 
 
-def _progress(steps: range, progress: bool) -> Any:
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc="train", unit="step", dynamic_ncols=True)
-
-
 def train(cfg: RetrievalConfig, split: PairSplit, *, progress: bool = False,
           log: Callable[[str], object] = print) -> RunResult:
     """Trains both towers with Adam; evaluates held-out retrieval every ``eval_every`` steps
@@ -172,7 +155,7 @@ def train(cfg: RetrievalConfig, split: PairSplit, *, progress: bool = False,
     evals: list[dict[str, float]] = []
     start = time.perf_counter()
     run_eval(0)
-    bar = _progress(range(1, cfg.steps + 1), progress)
+    bar = step_bar(range(1, cfg.steps + 1), "train", 0, cfg.steps) if progress else None
     for step in bar if bar is not None else range(1, cfg.steps + 1):
         params, opt_state, loss = step_fn(params, opt_state, next(stream))
         history.append({"step": step, "loss": float(loss)})
