@@ -99,13 +99,13 @@ def _dense_ce_bwd(axis, options, res, g):
     if class_weights is not None:
         dw = _axes.reduce_to_classes(_ce.times(2.0 * g_k * y, half), axis)
         dw = dw.astype(class_weights.dtype)
-    hard = uniform = None
+    half_hard = half_uniform = None
     if options.smoothing:
         wk = jnp.ones((), ct) if w is None else w
         k = _axes.class_count(z.shape, axis, mask)
-        hard = 2.0 * jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
-        uniform = _ce.uniform_term(half, k, w, mask, axis)
-    d_params = _ce.hyper_cotangents(g, hard, uniform, lse, None, params, options)
+        half_hard = jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
+        half_uniform = _ce.half_uniform(half, k, w, mask, axis)
+    d_params = _ce.hyper_cotangents(g, half_hard, half_uniform, lse, None, params, options)
     return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
 
 
