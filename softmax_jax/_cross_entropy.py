@@ -142,10 +142,11 @@ def check_class_weights(class_weights: object, num_classes: int) -> jax.Array | 
 def hyperparameters(
     label_smoothing: object, z_loss: object, ignore_index: object, weighted: bool
 ) -> tuple[Params, Options]:
-    """Checks the cross-entropy hyper-parameters; see :func:`_validation.hyperparameter`
-    (a concrete value out of range raises, a traced one cannot)."""
+    r"""Checks the cross-entropy hyper-parameters; see :func:`_validation.hyperparameter`
+    (a concrete value out of range raises, a traced one cannot and becomes NaN).
+    :math:`\epsilon \in [0, 1]`; :math:`\lambda \in [0, \infty)`, finite."""
     eps, smoothing = _v.hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
-    lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None)
+    lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None, finite=True)
     options = Options(smoothing, zloss, check_ignore_index(ignore_index), weighted)
     return Params(eps, lam), options
 

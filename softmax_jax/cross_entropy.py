@@ -234,7 +234,7 @@ def softmax_cross_entropy_with_integer_labels(
         :math:`c\,a` over the unmasked classes, exactly what
         :func:`softmax_jax.softmax_cross_entropy` gives for the one-hot label.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
-      z_loss: :math:`\lambda \ge 0`.
+      z_loss: :math:`\lambda \ge 0`, finite.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get
         loss 0 and gradient 0.
       class_weights: optional 1-D float array :math:`w`, one weight per class (per

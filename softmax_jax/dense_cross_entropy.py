@@ -187,8 +187,9 @@ def softmax_cross_entropy(
         still :math:`(\sum_k w_k y'_k)\,a - w \odot y'` on the unmasked classes, and the
         labels' gradient is 0 on masked classes.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
-      z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty that keeps
-        the normaliser near 0 (as in PaLM). It is not weighted by ``class_weights``.
+      z_loss: finite :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty
+        that keeps the normaliser near 0 (as in PaLM). It is not weighted by
+        ``class_weights``.
       class_weights: optional 1-D float array, one weight per class (per flattened class
         for a tuple ``axis``).
 

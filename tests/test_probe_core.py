@@ -419,3 +419,43 @@ def test_fused_distillation_hard_term_shares_the_halved_nll():
         label_smoothing=0.5, reduction="none")
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
+
+# --------------------------------------------------------------------------------------------
+# An infinite z_loss is out of range: a concrete one raises, a traced one gives NaN
+# --------------------------------------------------------------------------------------------
+
+
+def _z_loss_cases():
+    z, labels = _logits(3, 4), jnp.array([0, 2, 1])
+    onehot = jax.nn.one_hot(labels, 4)
+    return {
+        "integer": lambda z, lam: sj.softmax_cross_entropy_with_integer_labels(
+            z, labels, z_loss=lam),
+        "dense": lambda z, lam: sj.softmax_cross_entropy(z, onehot, z_loss=lam),
+        "fused": lambda z, lam: sj.fused.linear_softmax_cross_entropy(
+            jnp.eye(3), z, labels, reduction="none", z_loss=lam),
+    }, z
+
+
+@pytest.mark.parametrize("bad", [float("inf"), np.float32(np.inf), jnp.array(np.inf)],
+                         ids=["float", "numpy", "jax"])
+def test_concrete_infinite_z_loss_raises_naming_it(bad):
+    # Failed before: accepted, the loss was inf for every example.
+    cases, z = _z_loss_cases()
+    for f in cases.values():
+        with pytest.raises(ValueError, match="z_loss"):
+            f(z, bad)
+
+
+def test_traced_infinite_z_loss_gives_nan_value_and_derivatives():
+    cases, z = _z_loss_cases()
+    for name, f in cases.items():
+        val = jax.jit(f)(z, jnp.float32(np.inf))
+        d_z, d_lam = jax.jit(jax.grad(lambda z, lam, f=f: f(z, lam).sum(), (0, 1)))(
+            z, jnp.float32(np.inf))
+        assert np.isnan(val).all() and np.isnan(d_lam), name
+        assert np.isnan(d_z).all(), name
+        # a finite traced value is left alone: d/d lambda = sum lse^2 (float64 plain)
+        d_lam = jax.jit(jax.grad(lambda lam, f=f: f(z, lam).sum()))(jnp.float32(0.1))
+        lse = np.log(np.exp(np.asarray(z, np.float64)).sum(1))
+        np.testing.assert_allclose(d_lam, np.sum(lse**2), rtol=1e-5, err_msg=name)

@@ -275,7 +275,7 @@ def linear_softmax_cross_entropy(
         loss 0 and gradient 0 and are left out of the mean.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
         vocabulary.
-      z_loss: :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
+      z_loss: finite :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
       soft_cap: optional :math:`\mathrm{cap} > 0` for Gemma-style logit soft-capping;
         ``float("inf")`` means no cap.
       class_weights: optional ``[V]`` float weights, PyTorch's ``weight`` (this device's
