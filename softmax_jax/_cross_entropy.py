@@ -4,10 +4,17 @@ Both the core loss (:func:`softmax_jax.softmax_cross_entropy_with_integer_labels
 sees whole rows of logits) and the blockwise large-vocabulary losses (``softmax_jax.fused``,
 which see one block of a row at a time) reduce a row to a few numbers first:
 
-- ``nll``: :math:`-\log a_y`, the negative log-probability of the label;
-- ``uniform``: :math:`\frac1K \sum_c w_c\,(-\log a_c)`, the smoothing term (unweighted:
-  :math:`w_c = 1`);
+- ``half_nll``: :math:`-\tfrac12\log a_y`, half the negative log-probability of the label;
+- ``half_uniform``: :math:`\frac1{2K} \sum_c w_c\,(-\log a_c)`, half the smoothing term
+  (unweighted: :math:`w_c = 1`);
 - ``lse``: :math:`\log\sum_c e^{z_c}`, for the z-loss.
+
+The two label terms are carried as halves (:func:`half_neg_log_prob`): :math:`-\log a_y`
+alone reaches :math:`4 \times 10^{38}` for logits of :math:`\pm 2 \times 10^{38}`, beyond
+float32, where :math:`(1 - \epsilon)\,\mathrm{nll} + \epsilon\,\mathrm{uniform}` does
+not. Every combination below scales the halves first and doubles last, so the loss and the
+derivatives are finite wherever their true values are (and infinite where those lie beyond
+the float range, :math:`\epsilon = 0` there included).
 
 This module turns those numbers into the loss and into the coefficients of the logit
 gradient, so the semantics of label smoothing (PyTorch's convention), the z-loss, class
@@ -135,10 +142,11 @@ def check_class_weights(class_weights: object, num_classes: int) -> jax.Array | 
 def hyperparameters(
     label_smoothing: object, z_loss: object, ignore_index: object, weighted: bool
 ) -> tuple[Params, Options]:
-    """Checks the cross-entropy hyper-parameters; see :func:`_validation.hyperparameter`
-    (a concrete value out of range raises, a traced one cannot)."""
+    r"""Checks the cross-entropy hyper-parameters; see :func:`_validation.hyperparameter`
+    (a concrete value out of range raises, a traced one cannot and becomes NaN).
+    :math:`\epsilon \in [0, 1]`; :math:`\lambda \in [0, \infty)`, finite."""
     eps, smoothing = _v.hyperparameter("label_smoothing", label_smoothing, 0.0, 1.0)
-    lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None)
+    lam, zloss = _v.hyperparameter("z_loss", z_loss, 0.0, None, finite=True)
     options = Options(smoothing, zloss, check_ignore_index(ignore_index), weighted)
     return Params(eps, lam), options
 
@@ -166,19 +174,20 @@ def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array
     return (0.5 * m - 0.5 * z) + 0.5 * jnp.where(log_s == -jnp.inf, 0.0, log_s)
 
 
-def uniform_term(
+def half_uniform(
     half: jax.Array, k: int | jax.Array, w: jax.Array | None, mask: jax.Array | None,
     axis: int,
 ) -> jax.Array:
-    r"""The smoothing term :math:`\frac1K \sum_c w_c\,(-\log a_c)` per example (``axis``
-    dropped), from :func:`half_neg_log_prob` ``half``; ``w`` broadcasts along ``axis`` (None:
-    unweighted), ``k`` is per row (keepdims) or an int, masked classes add nothing. Finite
-    wherever its true value is: each term is divided by :math:`K` before the sum."""
+    r"""Half the smoothing term, :math:`\frac1{2K} \sum_c w_c\,(-\log a_c)`, per example
+    (``axis`` dropped), from :func:`half_neg_log_prob` ``half``; ``w`` broadcasts along
+    ``axis`` (None: unweighted), ``k`` is per row (keepdims) or an int, masked classes add
+    nothing. Finite wherever its true value is: each term is divided by :math:`K` before
+    the sum."""
     terms = half if w is None else times(w, half)
     terms = terms / k
     if mask is not None:
         terms = jnp.where(mask, terms, 0.0)
-    return 2.0 * jnp.sum(terms, axis=axis)
+    return jnp.sum(terms, axis=axis)
 
 
 def row_scale(
@@ -210,16 +219,28 @@ def safe_labels(labels: jax.Array, valid: jax.Array) -> jax.Array:
     return jnp.where(valid, labels, 0)
 
 
+def _half_hard(
+    half_nll: jax.Array, w_y: jax.Array | None, params: Params, options: Options
+) -> jax.Array:
+    r""":math:`\tfrac12 (1 - \epsilon)\,w_y\,\mathrm{nll}`, the coefficient formed first (a
+    masked label's infinite nll counts 0 where the coefficient is 0)."""
+    if w_y is None and not options.smoothing:
+        return half_nll
+    return times(label_coefficient(w_y, params, options), half_nll)
+
+
 def loss(
-    nll: jax.Array, uniform: jax.Array | None, lse: jax.Array, scale: jax.Array,
+    half_nll: jax.Array, half_uniform: jax.Array | None, lse: jax.Array, scale: jax.Array,
     w_y: jax.Array | None, params: Params, options: Options,
 ) -> jax.Array:
     r"""Per-example loss :math:`s\,((1 - \epsilon)\,w_y\,\mathrm{nll} + \epsilon\,
-    \mathrm{uniform} + \lambda\,\mathrm{lse}^2)`, with ``s`` the :func:`row_scale`."""
-    out = nll if w_y is None else times(w_y, nll)
+    \mathrm{uniform} + \lambda\,\mathrm{lse}^2)`, with ``s`` the :func:`row_scale`, from
+    the halved label terms (doubled after scaling)."""
+    out = _half_hard(half_nll, w_y, params, options)
     if options.smoothing:
-        assert uniform is not None
-        out = times(1.0 - params.eps, out) + times(params.eps, uniform)
+        assert half_uniform is not None
+        out = out + times(params.eps, half_uniform)
+    out = 2.0 * out
     if options.zloss:
         out = out + times(params.lam, jnp.square(lse))
     return times(scale, out)
@@ -271,19 +292,20 @@ def class_offset(
 
 
 def hyper_cotangents(
-    g_row: jax.Array, nll: jax.Array | None, uniform: jax.Array | None, lse: jax.Array,
-    w_y: jax.Array | None, params: Params, options: Options,
+    g_row: jax.Array, half_nll: jax.Array | None, half_uniform: jax.Array | None,
+    lse: jax.Array, w_y: jax.Array | None, params: Params, options: Options,
 ) -> Params:
     r"""Exact cotangents of :math:`\epsilon` and :math:`\lambda`, given each example's
     cotangent times its scale ``g_row``:
-    :math:`\sum_i g_i(\mathrm{uniform}_i - w_{y_i}\mathrm{nll}_i)` and
-    :math:`\sum_i g_i\,\mathrm{lse}_i^2` (0 for a term that is switched off statically)."""
+    :math:`\sum_i g_i(\mathrm{uniform}_i - w_{y_i}\mathrm{nll}_i)` (from the halves,
+    doubled after the sum) and :math:`\sum_i g_i\,\mathrm{lse}_i^2` (0 for a term that is
+    switched off statically)."""
     zero = jnp.zeros((), params.eps.dtype)
     d_eps = d_lam = zero
     if options.smoothing:
-        assert uniform is not None and nll is not None
-        hard = nll if w_y is None else times(w_y, nll)
-        d_eps = jnp.sum(times(g_row, uniform - hard))
+        assert half_uniform is not None and half_nll is not None
+        hard = half_nll if w_y is None else times(w_y, half_nll)
+        d_eps = 2.0 * jnp.sum(times(g_row, half_uniform - hard))
     if options.zloss:
         d_lam = jnp.sum(times(g_row, jnp.square(lse)))
     # A traced hyper-parameter out of range arrives as NaN and makes the loss NaN; its

@@ -167,14 +167,17 @@ def prepare_where(
 
 
 def hyperparameter(
-    name: str, value: object, low: float, high: float | None
+    name: str, value: object, low: float, high: float | None, *, finite: bool = False
 ) -> tuple[jax.Array, bool]:
     """Checks a scalar hyper-parameter and says whether it can be skipped at compile time.
 
     Returns the value as an array (so a traced or changing value does not recompile) and a
     static flag that is ``False`` only for a concrete zero, letting the compiled code drop
     the term entirely. Concrete values are range-checked (``ValueError``); traced ones
-    cannot be, and are replaced by NaN where they fall outside the range.
+    cannot be, and are replaced by NaN where they fall outside the range. The range is
+    ``[low, high]`` (``high=None``: no upper bound, ``+inf`` included, as ``soft_cap`` needs);
+    ``finite=True`` also refuses ``+-inf``, for a weight such as ``z_loss`` whose infinite
+    value has no meaning (its loss would be a plausible-looking ``inf``, not NaN).
     """
     arr = jnp.asarray(value)
     if arr.ndim != 0:
@@ -187,11 +190,15 @@ def hyperparameter(
         # Added rather than selected, so that the derivative with respect to the value is
         # still 1 (a where would send it a silent 0).
         ok = arr >= low if high is None else (arr >= low) & (arr <= high)
+        if finite:
+            ok = ok & jnp.isfinite(arr)
         return arr + jnp.where(ok, 0.0, jnp.nan), True
     concrete = float(np.asarray(value))
     upper = "inf" if high is None else f"{high:g}"
     if not (concrete >= low and (high is None or concrete <= high)):
         raise ValueError(f"{name} must lie in [{low:g}, {upper}], got {concrete}")
+    if finite and not np.isfinite(concrete):
+        raise ValueError(f"{name} must be finite, in [{low:g}, {upper}), got {concrete}")
     return arr, concrete != 0.0
 
 

@@ -66,15 +66,17 @@ def _int_ce(logits, labels, mask, class_weights, params, axis, options):
 
 
 def _label_terms(z, norm, rows, class_weights, mask, axis, options):
-    r"""``(nll, uniform)`` per example: :math:`-\log a_y` and, under smoothing,
-    :math:`\frac1K \sum_c w_c (-\log a_c)` (None without smoothing)."""
-    nll = -jnp.squeeze(norm.log_prob(jnp.take_along_axis(z, rows.labels, axis=axis)), axis)
+    r"""``(half_nll, half_uniform)`` per example: :math:`-\tfrac12\log a_y` and, under
+    smoothing, :math:`\frac1{2K} \sum_c w_c (-\log a_c)` (None without smoothing); halves,
+    as :mod:`softmax_jax._cross_entropy` combines them."""
+    z_y = jnp.take_along_axis(z, rows.labels, axis=axis)
+    half_nll = jnp.squeeze(_ce.half_neg_log_prob(z_y, norm.m, norm.log_s), axis)
     if not options.smoothing:
-        return nll, None
+        return half_nll, None
     w = _axes.along(class_weights, z.ndim, axis)
     half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
-    return nll, _ce.uniform_term(half, rows.k, None if w is None else w.astype(z.dtype),
-                                 mask, axis)
+    return half_nll, _ce.half_uniform(half, rows.k, None if w is None else w.astype(z.dtype),
+                                      mask, axis)
 
 
 def _int_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
@@ -82,9 +84,9 @@ def _int_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
     norm = Normalizer.of(z, axis)
     rows = _rows(z.shape, labels, mask, class_weights, axis, options, ct)
-    nll, uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
+    half_nll, half_uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
     lse = jnp.squeeze(norm.lse(), axis)
-    loss = _ce.loss(nll, uniform, lse, rows.scale, rows.w_y, params, options)
+    loss = _ce.loss(half_nll, half_uniform, lse, rows.scale, rows.w_y, params, options)
     # The per-example terms the hyper-parameters' cotangents need are recomputed in the
     # backward pass (and dropped by XLA when no one asks for those cotangents).
     return loss.astype(logits.dtype), (logits, labels, mask, class_weights, params, norm)
@@ -124,7 +126,7 @@ def _int_ce_bwd(axis, options, res, g):
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
     norm = norm.fenced()
     rows = _rows(z.shape, labels, mask, class_weights, axis, options, ct)
-    nll, uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
+    half_nll, half_uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
     lse = jnp.squeeze(norm.lse(), axis)
     a = norm.prob(z)
     coef = _ce.prob_coefficient(
@@ -152,30 +154,33 @@ def _int_ce_bwd(axis, options, res, g):
         hit = jnp.where(classes == rows.labels, on_label_k, 0.0)
         dz = _ce.times(row_k, grad - hit)
     dz = masked_fill(dz, mask, 0.0)
-    d_params = _ce.hyper_cotangents(row, nll, uniform, lse, rows.w_y, params, options)
+    d_params = _ce.hyper_cotangents(row, half_nll, half_uniform, lse, rows.w_y, params,
+                                    options)
     dw = None
     if class_weights is not None:
-        dw = _class_weight_cotangent(row, nll, norm, z, rows, mask, params, axis, options)
+        dw = _class_weight_cotangent(row, half_nll, norm, z, rows, mask, params, axis,
+                                     options)
         dw = dw.astype(class_weights.dtype)
     return dz.astype(logits.dtype), None, None, dw, d_params
 
 
-def _class_weight_cotangent(row, nll, norm, z, rows, mask, params, axis, options):
+def _class_weight_cotangent(row, half_nll, norm, z, rows, mask, params, axis, options):
     r""":math:`\bar w_c = \sum_i \bar g_i\,\big((1 - \epsilon)\,\mathrm{nll}_i\,[y_i = c] +
-    (\epsilon / K)(-\log a_{ic})\big)`: the loss is linear in the weights."""
+    (\epsilon / K)(-\log a_{ic})\big)`: the loss is linear in the weights. Summed from
+    halves and doubled last: :math:`-\log a` itself may overflow where its scaled terms do
+    not."""
     k = z.shape[axis]
-    hard = _ce.times(row, nll)
-    if options.smoothing:
-        hard = _ce.times(1.0 - params.eps, hard)  # a masked label's infinite nll at eps = 1
+    # the coefficient first; times() keeps a masked label's infinite nll at eps = 1 out
+    coef = (1.0 - params.eps) * row if options.smoothing else row
+    hard = _ce.times(coef, half_nll)
     flat_labels = jnp.squeeze(rows.labels, axis).reshape(-1)
     dw = jnp.zeros((k,), row.dtype).at[flat_labels].add(hard.reshape(-1))
     if options.smoothing:
-        # Twice the half: -log a itself may overflow where (eps / K) (-log a) does not.
-        share = jnp.expand_dims(2.0 * params.eps * row, axis) / rows.k
+        share = jnp.expand_dims(params.eps * row, axis) / rows.k
         half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
         spread = masked_fill(_ce.times(share, half), mask, 0.0)
         dw = dw + _axes.reduce_to_classes(spread, axis)
-    return dw
+    return 2.0 * dw
 
 
 _int_ce.defvjp(_int_ce_fwd, _int_ce_bwd)
@@ -229,7 +234,7 @@ def softmax_cross_entropy_with_integer_labels(
         :math:`c\,a` over the unmasked classes, exactly what
         :func:`softmax_jax.softmax_cross_entropy` gives for the one-hot label.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
-      z_loss: :math:`\lambda \ge 0`.
+      z_loss: :math:`\lambda \ge 0`, finite.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get
         loss 0 and gradient 0.
       class_weights: optional 1-D float array :math:`w`, one weight per class (per

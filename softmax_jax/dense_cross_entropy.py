@@ -100,13 +100,13 @@ def _dense_ce_bwd(axis, options, res, g):
     if class_weights is not None:
         dw = _axes.reduce_to_classes(_ce.times(2.0 * g_k * y, half), axis)
         dw = dw.astype(class_weights.dtype)
-    hard = uniform = None
+    half_hard = half_uniform = None
     if options.smoothing:
         wk = jnp.ones((), ct) if w is None else w
         k = _axes.class_count(z.shape, axis, mask)
-        hard = 2.0 * jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
-        uniform = _ce.uniform_term(half, k, w, mask, axis)
-    d_params = _ce.hyper_cotangents(g, hard, uniform, lse, None, params, options)
+        half_hard = jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
+        half_uniform = _ce.half_uniform(half, k, w, mask, axis)
+    d_params = _ce.hyper_cotangents(g, half_hard, half_uniform, lse, None, params, options)
     return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
 
 
@@ -188,8 +188,9 @@ def softmax_cross_entropy(
         still :math:`(\sum_k w_k y'_k)\,a - w \odot y'` on the unmasked classes, and the
         labels' gradient is 0 on masked classes.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
-      z_loss: :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty that keeps
-        the normaliser near 0 (as in PaLM). It is not weighted by ``class_weights``.
+      z_loss: finite :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty
+        that keeps the normaliser near 0 (as in PaLM). It is not weighted by
+        ``class_weights``.
       class_weights: optional 1-D float array, one weight per class (per flattened class
         for a tuple ``axis``).
 

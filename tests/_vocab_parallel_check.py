@@ -349,6 +349,27 @@ def check_negative_infinite_last_shard(mesh: Mesh) -> None:
     assert err < 1e-5, err
 
 
+def check_plus_infinite_logit_in_one_shard(mesh: Mesh) -> None:
+    """Token 5's logit of class 20 (shard 2) overflows to +inf in the product: its loss is
+    NaN, as in the unfused loss, on every shard's merge; the other tokens as unsharded."""
+    x, w, b, labels = _inputs()
+    x = x.at[:, 0].set(0.0).at[5, 0].set(10.0)
+    w = w.at[0, 20].set(1e38)
+
+    def loss(x, w, b, axis_name=None):
+        return linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE,
+                                            reduction="none", axis_name=axis_name)
+
+    want = loss(x, w, b)
+    sharded = jax.shard_map(lambda x, w, b: loss(x, w, b, "vocab"), mesh=mesh,
+                            in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P())
+    got = np.asarray(jax.jit(sharded)(x, w, b))
+    assert np.isnan(got[5]) and np.isnan(want[5]), (got[5], want[5])
+    rest = np.arange(N) != 5
+    assert np.isfinite(got[rest]).all(), got
+    _report("+inf logit in one shard is nan", got[rest], np.asarray(want)[rest])
+
+
 def check_sharded_w_without_axis_name_is_refused(mesh: Mesh) -> None:
     """w sharded along V but no axis_name: normalising over the local slice would be wrong
     (1.386 against 2.079 in issue 11), so the call raises and names axis_name."""
@@ -396,6 +417,7 @@ def main() -> int:
         check_class_weights(vocab_mesh, reduction, {})
     check_class_weights(vocab_mesh, "mean", {"token_block": 8, "vocab_block": 4})
     check_negative_infinite_last_shard(vocab_mesh)
+    check_plus_infinite_logit_in_one_shard(vocab_mesh)
     check_sharded_w_without_axis_name_is_refused(vocab_mesh)
     print(json.dumps({"name": "done", "max_err": 0.0}), flush=True)
     return 0

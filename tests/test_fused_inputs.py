@@ -146,6 +146,7 @@ CASES = {
     **{f"ce {k}={BAD[k]:g}": (_ce_hyper, k, BAD[k], {})
        for k in ("soft_cap", "label_smoothing", "z_loss")},
     "ce soft_cap=0": (_ce_hyper, "soft_cap", 0.0, {}),
+    "ce z_loss=inf": (_ce_hyper, "z_loss", np.inf, {}),
     **{f"kd {k}={BAD[k]:g}": (_kd_hyper, k, BAD[k], {})
        for k in ("temperature", "beta", "hard_weight", "label_smoothing")},
     "kd label_smoothing=2, hard_weight=0.5": (_kd_hyper, "label_smoothing", 2.0,

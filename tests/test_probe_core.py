@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import softmax_jax as sj
+from softmax_jax import reference
 
 # --------------------------------------------------------------------------------------------
 # 1. distillation: a -inf on one side against a probability that underflows on the other
@@ -334,3 +335,127 @@ def test_ignore_index_beyond_the_label_dtype_names_ignore_index():
     z = jnp.zeros((2, 3))
     with pytest.raises(ValueError, match="ignore_index"):
         sj.softmax_cross_entropy_with_integer_labels(z, jnp.array([0, 1]), ignore_index=2**40)
+
+
+# --------------------------------------------------------------------------------------------
+# Smoothing where -log a_y (or the uniform term) overflows but the loss does not
+# --------------------------------------------------------------------------------------------
+
+# Row 0: nll = 4e38 overflows, (1 - eps) nll + eps uniform = 2e38 + 1e38 does not. Row 1:
+# uniform = 4.5e38 overflows, eps uniform = 2.25e38 does not (nll = 0).
+HUGE = np.array([[2e38, -2e38, 0.0, 0.0], [3e38, -3e38, -3e38, -3e38]], np.float32)
+HUGE_LABELS = np.array([1, 0])
+HUGE_W = np.array([1.0, 0.5, 1.0, 0.5], np.float32)
+
+
+def _torch_huge(eps, weight):
+    z = torch.tensor(HUGE.astype(np.float64), requires_grad=True)
+    wt = torch.tensor(weight.astype(np.float64))
+    loss = torch.nn.functional.cross_entropy(z, torch.tensor(HUGE_LABELS), weight=wt,
+                                             label_smoothing=eps, reduction="none")
+    loss.sum().backward()
+    return loss.detach().numpy(), z.grad.numpy()
+
+
+def _plain_huge(z, eps, w):
+    """float64 plain formula with class weights: (1 - eps) w_y nll + (eps / K) sum w_c nll_c."""
+    neg = -reference.log_softmax(z)
+    hard = jnp.take_along_axis(neg, jnp.asarray(HUGE_LABELS)[:, None], axis=1)[:, 0]
+    return (1 - eps) * w[HUGE_LABELS] * hard + eps * jnp.mean(w * neg, axis=1)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_smoothing_where_the_hard_term_overflows_but_the_loss_does_not(weighted):
+    # Failed before: the integer-label and fused losses gave inf for row 0 (nll = 4e38
+    # overflowed before being halved) and every loss inf for row 1 (the uniform term).
+    w = HUGE_W if weighted else np.ones(4, np.float32)
+    want, want_dz = _torch_huge(0.5, w)
+    assert np.all(want < np.finfo(np.float32).max)
+    cw = {"class_weights": w} if weighted else {}
+    onehot = np.eye(4, dtype=np.float32)[HUGE_LABELS]
+    cases = {
+        "integer": lambda z, e: sj.softmax_cross_entropy_with_integer_labels(
+            z, HUGE_LABELS, label_smoothing=e, **cw),
+        "dense": lambda z, e: sj.softmax_cross_entropy(z, onehot, label_smoothing=e, **cw),
+        "fused": lambda z, e: sj.fused.linear_softmax_cross_entropy(
+            jnp.eye(2), z, HUGE_LABELS, reduction="none", label_smoothing=e, **cw),
+    }
+    with jax.enable_x64(True):
+        z64, w64 = jnp.asarray(HUGE, jnp.float64), jnp.asarray(w, jnp.float64)
+        d_eps_want = np.asarray(jax.jacrev(_plain_huge, 1)(z64, 0.5, w64))
+        want_dw = np.asarray(jax.grad(lambda w: _plain_huge(z64, 0.5, w).sum())(w64))
+    # d/d eps = uniform - w_y nll: row 1's unweighted 4.5e38 lies beyond float32 (inf)
+    d_eps_want = np.where(np.abs(d_eps_want) < np.finfo(np.float32).max, d_eps_want, np.inf)
+    for name, f in cases.items():
+        np.testing.assert_allclose(f(HUGE, 0.5), want, rtol=1e-6, err_msg=name)
+        dz = jax.grad(lambda z, f=f: f(z, 0.5).sum())(HUGE)
+        np.testing.assert_allclose(dz, want_dz, rtol=1e-6, atol=1e-7, err_msg=name)
+        d_eps = jax.jacrev(lambda e, f=f: f(HUGE, e))(jnp.float32(0.5))
+        np.testing.assert_allclose(d_eps, d_eps_want, rtol=1e-6, err_msg=name)
+    if weighted:
+        for name in ("integer", "dense"):
+            f = {"integer": sj.softmax_cross_entropy_with_integer_labels,
+                 "dense": sj.softmax_cross_entropy}[name]
+            y = HUGE_LABELS if name == "integer" else onehot
+            dw = jax.grad(lambda w, f=f, y=y: f(HUGE, y, label_smoothing=0.5,
+                                                 class_weights=w).sum())(w)
+            np.testing.assert_allclose(dw, want_dw, rtol=1e-6, err_msg=name)
+
+
+def test_without_smoothing_an_overflowing_nll_stays_infinite():
+    # The true -log a_y = 4e38 lies beyond float32: inf, not a clipped plausible number.
+    for got in (sj.softmax_cross_entropy_with_integer_labels(HUGE[:1], HUGE_LABELS[:1]),
+                sj.fused.linear_softmax_cross_entropy(jnp.eye(1), HUGE[:1], HUGE_LABELS[:1],
+                                                      reduction="none")):
+        assert np.isposinf(got).all()
+
+
+def test_fused_distillation_hard_term_shares_the_halved_nll():
+    # hard_weight = 1: the loss is the smoothed cross-entropy alone (2e38 + 1e38 = 3e38).
+    want, _ = _torch_huge(0.5, np.ones(4, np.float32))
+    x = jnp.eye(2)
+    got = sj.fused.linear_softmax_distillation(
+        x, jnp.asarray(HUGE), x, jnp.zeros((2, 4)), labels=HUGE_LABELS, hard_weight=1.0,
+        label_smoothing=0.5, reduction="none")
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# An infinite z_loss is out of range: a concrete one raises, a traced one gives NaN
+# --------------------------------------------------------------------------------------------
+
+
+def _z_loss_cases():
+    z, labels = _logits(3, 4), jnp.array([0, 2, 1])
+    onehot = jax.nn.one_hot(labels, 4)
+    return {
+        "integer": lambda z, lam: sj.softmax_cross_entropy_with_integer_labels(
+            z, labels, z_loss=lam),
+        "dense": lambda z, lam: sj.softmax_cross_entropy(z, onehot, z_loss=lam),
+        "fused": lambda z, lam: sj.fused.linear_softmax_cross_entropy(
+            jnp.eye(3), z, labels, reduction="none", z_loss=lam),
+    }, z
+
+
+@pytest.mark.parametrize("bad", [float("inf"), np.float32(np.inf), jnp.array(np.inf)],
+                         ids=["float", "numpy", "jax"])
+def test_concrete_infinite_z_loss_raises_naming_it(bad):
+    # Failed before: accepted, the loss was inf for every example.
+    cases, z = _z_loss_cases()
+    for f in cases.values():
+        with pytest.raises(ValueError, match="z_loss"):
+            f(z, bad)
+
+
+def test_traced_infinite_z_loss_gives_nan_value_and_derivatives():
+    cases, z = _z_loss_cases()
+    for name, f in cases.items():
+        val = jax.jit(f)(z, jnp.float32(np.inf))
+        d_z, d_lam = jax.jit(jax.grad(lambda z, lam, f=f: f(z, lam).sum(), (0, 1)))(
+            z, jnp.float32(np.inf))
+        assert np.isnan(val).all() and np.isnan(d_lam), name
+        assert np.isnan(d_z).all(), name
+        # a finite traced value is left alone: d/d lambda = sum lse^2 (float64 plain)
+        d_lam = jax.jit(jax.grad(lambda lam, f=f: f(z, lam).sum()))(jnp.float32(0.1))
+        lse = np.log(np.exp(np.asarray(z, np.float64)).sum(1))
+        np.testing.assert_allclose(d_lam, np.sum(lse**2), rtol=1e-5, err_msg=name)

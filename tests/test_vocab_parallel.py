@@ -102,6 +102,12 @@ def test_negative_infinite_shard_and_unnamed_sharding(check_results):
     assert "sharded w without axis_name is refused" in names
 
 
+def test_plus_infinite_logit_in_one_shard_is_nan(check_results):
+    # Token 5's +inf logit is NaN sharded and unsharded; the other tokens match.
+    rows = [r for r in check_results if r["name"] == "+inf logit in one shard is nan"]
+    assert len(rows) == 1 and rows[0]["max_err"] < 1e-6
+
+
 def test_axis_name_outside_shard_map_is_refused():
     x, w, labels = jnp.ones((4, 3)), jnp.ones((3, 5)), jnp.zeros((4,), jnp.int32)
     with pytest.raises(ValueError, match="axis_name='vocab'.*does not vary"):

@@ -114,6 +114,16 @@ def merge_shards(axis: Any, ms, ss, firsts, argmax):
     return m_all, ss, firsts, argmax
 
 
+def finished_shift(m: jax.Array) -> jax.Array:
+    r"""A row's final running maximum as its normaliser's shift, by the core rule
+    (:class:`softmax_jax._normalizer.Normalizer`): 0 for a row with no entry above
+    :math:`-\infty` (its sum is 0), NaN for a row holding :math:`+\infty`. That row has no
+    softmax (:math:`\infty/\infty`), so its loss and gradients must be NaN, as the unfused
+    losses and ``jax.nn.softmax`` give, not the :math:`+\infty` that the sum of
+    :math:`e^{+\infty}` would make of its log-sum-exp. One select on O(rows) numbers."""
+    return jnp.where(m == -jnp.inf, 0.0, jnp.where(m == jnp.inf, jnp.nan, m))
+
+
 def _finite(m: jax.Array) -> jax.Array:
     """A running maximum as the shift it stands for: 0 while the part is empty."""
     return jnp.where(jnp.isfinite(m), m, 0.0)

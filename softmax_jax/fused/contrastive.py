@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import args, pairs, vma
-from .blocks import Tokens
+from .blocks import Tokens, finished_shift
 from .columns import Stats, Tile, kept
 
 # Tile of the similarity matrix: rows of x per token block, columns of y per column block.
@@ -38,8 +38,10 @@ COL_BLOCK = 2048
 
 
 def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
-    """The finished log-sum-exp, 0 for a row with nothing kept (its weight is 0)."""
-    return jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), 0.0)
+    """The finished log-sum-exp: 0 for a row with nothing kept (``s = 0``; its weight is 0),
+    NaN for a row holding +inf (:func:`.blocks.finished_shift`), whose running sum may be
+    +inf or NaN: neither may read as an empty row."""
+    return jnp.where(s == 0, 0.0, finished_shift(m) + jnp.log(jnp.where(s == 0, 1.0, s)))
 
 
 class ClipRule(NamedTuple):

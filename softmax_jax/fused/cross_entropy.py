@@ -12,7 +12,8 @@ with :math:`W = \sum_c w_c` (:math:`= V` unweighted)
                      = \frac{W}{V}\,\mathrm{lse} - \sum_c \frac{w_c z_c}{V},
 
 each term scaled by :math:`1/V` before it is added, so that logits near the float range
-(:math:`\pm 2 \times 10^{38}`) give the finite smoothing term the unfused losses give.
+(:math:`\pm 2 \times 10^{38}`) give the finite smoothing term the unfused losses give. Both
+terms are handed over halved, as the shared module combines them.
 """
 
 from __future__ import annotations
@@ -120,25 +121,27 @@ class Rule(NamedTuple):
         return ()
 
     def _terms(self, consts, stats, params):
-        """``(nll, uniform, lse, w_y)`` per token."""
+        """``(half_nll, half_uniform, lse, w_y)`` per token: the label terms halved, as
+        :mod:`softmax_jax._cross_entropy` combines them."""
         norm = stats.norms[0]
         lse = norm.lse()[:, 0]
-        nll = -norm.log_prob(stats.first[0][:, None])[:, 0]
-        uniform = None
+        half_nll = _ce.half_neg_log_prob(stats.first[0][:, None], norm.m, norm.log_s)[:, 0]
+        half_uniform = None
         if self.options.smoothing:
             total = stats.first[1]
             w_all = params.weight_sum if self.options.weighted else jnp.asarray(
                 self.num_classes, lse.dtype)
-            # (W / V) lse - sum_c w_c z_c / V: scaled before the difference (W lse alone
-            # overflows at lse = 2e38), as the unfused losses' uniform_term does.
-            uniform = jnp.where(total == -jnp.inf, jnp.inf,
-                                _ce.times(w_all / self.num_classes, lse) - total)
+            # ((W / V) lse - sum_c w_c z_c / V) / 2: scaled before the difference (W lse
+            # alone overflows at lse = 2e38), as the unfused losses' half_uniform is.
+            half_uniform = jnp.where(
+                total == -jnp.inf, jnp.inf,
+                _ce.times(w_all / self.num_classes, 0.5 * lse) - 0.5 * total)
         w_y = consts[1]
-        return nll, uniform, lse, None if w_y is None else w_y.astype(lse.dtype)
+        return half_nll, half_uniform, lse, None if w_y is None else w_y.astype(lse.dtype)
 
     def row_loss(self, consts, scale, stats, params):
-        nll, uniform, lse, w_y = self._terms(consts, stats, params)
-        return _ce.loss(nll, uniform, lse, scale, w_y, params.ce, self.options)
+        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+        return _ce.loss(half_nll, half_uniform, lse, scale, w_y, params.ce, self.options)
 
     def dlogits(self, blk, stats, r, params):
         z, norm = blk.logits[0], stats.norms[0]
@@ -157,8 +160,9 @@ class Rule(NamedTuple):
         return _ce.times(r[:, None], grad), ()
 
     def cotangents(self, consts, scale, stats, row_sums, r, params):
-        nll, uniform, lse, w_y = self._terms(consts, stats, params)
-        d_ce = _ce.hyper_cotangents(r, nll, uniform, lse, w_y, params.ce, self.options)
+        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+        d_ce = _ce.hyper_cotangents(r, half_nll, half_uniform, lse, w_y, params.ce,
+                                    self.options)
         return Params(d_ce, jnp.zeros_like(params.weight_sum))
 
     def aux(self, stats):
@@ -271,7 +275,7 @@ def linear_softmax_cross_entropy(
         loss 0 and gradient 0 and are left out of the mean.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
         vocabulary.
-      z_loss: :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
+      z_loss: finite :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
       soft_cap: optional :math:`\mathrm{cap} > 0` for Gemma-style logit soft-capping;
         ``float("inf")`` means no cap.
       class_weights: optional ``[V]`` float weights, PyTorch's ``weight`` (this device's

@@ -154,8 +154,9 @@ class Rule(NamedTuple):
         loss = _dt.times(jnp.square(params.temperature), div)
         if self.hard:
             assert terms is not None
-            nll, uniform, lse, _ = terms
-            ce = _ce.loss(nll, uniform, lse, jnp.ones_like(nll), None, params.ce, self.ce.options)
+            half_nll, half_uniform, lse, _ = terms
+            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
+                          self.ce.options)
             loss = _ce.times(params.hard_weight, ce) + _ce.times(1.0 - params.hard_weight, loss)
         return _ce.times(scale, loss)
 
@@ -188,11 +189,12 @@ class Rule(NamedTuple):
         d_ce = _ce.Params(jnp.zeros((), r.dtype), jnp.zeros((), r.dtype))
         if self.hard:
             assert terms is not None
-            nll, uniform, lse, _ = terms
-            ce = _ce.loss(nll, uniform, lse, jnp.ones_like(nll), None, params.ce, self.ce.options)
+            half_nll, half_uniform, lse, _ = terms
+            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
+                          self.ce.options)
             d_hw = jnp.sum(_ce.times(r, ce - _dt.times(jnp.square(temp), div)))
-            d_ce = _ce.hyper_cotangents(_ce.times(r, hw), nll, uniform, lse, None, params.ce,
-                                        self.ce.options)
+            d_ce = _ce.hyper_cotangents(_ce.times(r, hw), half_nll, half_uniform, lse, None,
+                                        params.ce, self.ce.options)
         return Params(jnp.sum(_ce.times(r_soft, d_temp)), jnp.sum(_ce.times(r_soft, d_beta)),
                       d_hw, d_ce)
 

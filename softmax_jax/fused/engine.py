@@ -50,6 +50,7 @@ from .blocks import (
     balanced,
     block_exp,
     cols,
+    finished_shift,
     fold_vocab,
     grad_matmul,
     log_ratio_step,
@@ -153,7 +154,7 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     firsts = firsts + tuple(
         jnp.where(ss[i] == 0, 0.0, e / jnp.where(ss[i] == 0, 1.0, ss[i])) - logs[i] + logs[j]
         for e, (i, j) in zip(expects, pairs, strict=True))
-    norms = tuple(Normalizer(jnp.where(jnp.isfinite(m), m, 0.0)[:, None], log_s[:, None])
+    norms = tuple(Normalizer(finished_shift(m)[:, None], log_s[:, None])
                   for m, log_s in zip(ms, logs, strict=True))
     stats = RowStats(norms, firsts, (), amax)
     if not n_second:
