@@ -54,7 +54,7 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
 
 
 def _scalar(name: str, value, ct) -> jax.Array:
-    arr, _ = _v.hyperparameter(name, value, -math.inf, None)
+    arr, _ = _v.hyperparameter(name, value, -math.inf, None, finite=True)
     return arr.astype(ct)
 
 
@@ -98,8 +98,9 @@ def contrastive_loss(
     Args:
       x: ``[N, D]`` embeddings (e.g. images), normalised by the caller.
       y: ``[M, D]`` embeddings (e.g. texts).
-      logit_scale: the scalar :math:`s` (a traced value is differentiated; CLIP learns
-        :math:`s = e^t`).
+      logit_scale: the scalar :math:`s`, finite (a traced value is differentiated; CLIP
+        learns :math:`s = e^t`). An infinite one raises ``ValueError``, or gives NaN when
+        traced.
       labels: optional ``[N]`` integer column of each row's positive, for
         ``bidirectional=False``; None means the diagonal (``N == M``). A label outside
         ``[0, M)`` (or naming a column ``where`` leaves out) gives NaN for its row.
@@ -171,8 +172,9 @@ def sigmoid_contrastive_loss(
     Args:
       x: ``[N, D]`` embeddings. y: ``[N, D]`` embeddings (``N == M``: the positives are the
         diagonal).
-      logit_scale, logit_bias: scalars :math:`s` and :math:`b` (SigLIP learns
-        :math:`s = e^t` and :math:`b`); traced values are differentiated.
+      logit_scale, logit_bias: finite scalars :math:`s` and :math:`b` (SigLIP learns
+        :math:`s = e^t` and :math:`b`); traced values are differentiated. An infinite one
+        raises ``ValueError``, or gives NaN when traced.
       where: optional boolean ``[N]``: valid pairs; as in :func:`contrastive_loss`.
       reduction: ``"mean"`` (the total over :math:`N` kept pairs, the paper's
         normalisation), ``"sum"``, or ``"none"`` (``nll``, ``[N]``).

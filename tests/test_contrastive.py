@@ -272,3 +272,20 @@ def test_bad_inputs():
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",))
         jax.shard_map(lambda a, b: sj.contrastive_loss(a, b, axis_name="d"), mesh=mesh,
                       in_specs=(jax.P("d"), jax.P()), out_specs=jax.P())(x, y)
+
+
+@pytest.mark.parametrize("name", ["logit_scale", "logit_bias"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_infinite_scale_or_bias_raises_and_traced_gives_nan(name, value):
+    # An infinite scale once gave CLIP -inf (s = inf) or +inf (s = -inf): a plausible-looking
+    # loss for an argument with no meaning. A concrete one raises; a traced one is NaN.
+    x, y = _data(6, seed=10)
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    losses = [sj.sigmoid_contrastive_loss]
+    if name == "logit_scale":
+        losses.append(sj.contrastive_loss)
+    for loss in losses:
+        with pytest.raises(ValueError, match=name):
+            loss(x, y, **{name: value})
+        traced = jax.jit(lambda v, loss=loss: loss(x, y, **{name: v}))(jnp.float32(value))
+        assert np.isnan(float(traced)), (loss.__name__, float(traced))
