@@ -50,8 +50,8 @@ def _logsumexp_bwd(
     """
     x, norm, mask = res
     ct = norm.m.dtype
-    a = norm.fenced().prob(masked_fill(x.astype(ct), mask, -jnp.inf))
-    return (jnp.expand_dims(g.astype(ct), axis) * a).astype(x.dtype), None
+    z = masked_fill(x.astype(ct), mask, -jnp.inf)
+    return norm.fenced().scaled_prob(z, jnp.expand_dims(g.astype(ct), axis)).astype(x.dtype), None
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)

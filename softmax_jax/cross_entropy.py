@@ -128,31 +128,15 @@ def _int_ce_bwd(axis, options, res, g):
     rows = _rows(z.shape, labels, mask, class_weights, axis, options, ct)
     half_nll, half_uniform = _label_terms(z, norm, rows, class_weights, mask, axis, options)
     lse = jnp.squeeze(norm.lse(), axis)
-    a = norm.prob(z)
     coef = _ce.prob_coefficient(
         lse, rows.w_y, rows.weight_sum, rows.k_row(axis), params, options)
-    if coef is not None:
-        # Only the z-loss term can overflow to inf where a = 0; without it a plain product
-        # keeps the pass free of a select.
-        coef_k = jnp.expand_dims(coef, axis)
-        a = _ce.times(a, coef_k) if options.zloss else a * coef_k
     w = _axes.along(class_weights, z.ndim, axis)
     off = _ce.class_offset(None if w is None else w.astype(ct), rows.k, params, options)
-    on_label = _ce.label_coefficient(rows.w_y, params, options)
     # The barrier has XLA compute the per-row factors once, instead of fusing their
     # arithmetic into (and repeating it for) every element of the gradient.
     row = jax.lax.optimization_barrier(_ce.times(rows.scale, g.astype(ct)))
-    row_k = jnp.expand_dims(row, axis)
-    grad = a if off is None else a - off
-    if ct == logits.dtype:
-        # where, not a product, for rows scaled by 0: their logits may hold inf or NaN.
-        dz = _ce.times(row_k, grad)
-        dz = add_at_labels(dz, jnp.squeeze(rows.labels, axis), -on_label * row, axis)
-    else:
-        classes = jax.lax.broadcasted_iota(rows.labels.dtype, z.shape, axis)
-        on_label_k = on_label if on_label.ndim == 0 else jnp.expand_dims(on_label, axis)
-        hit = jnp.where(classes == rows.labels, on_label_k, 0.0)
-        dz = _ce.times(row_k, grad - hit)
+    dz = _logit_cotangent(z, norm, rows, coef, off, _ce.label_coefficient(rows.w_y, params,
+                          options), row, logits.dtype, axis, options)
     dz = masked_fill(dz, mask, 0.0)
     d_params = _ce.hyper_cotangents(row, half_nll, half_uniform, lse, rows.w_y, params,
                                     options)
@@ -162,6 +146,31 @@ def _int_ce_bwd(axis, options, res, g):
                                      options)
         dw = dw.astype(class_weights.dtype)
     return dz.astype(logits.dtype), None, None, dw, d_params
+
+
+def _logit_cotangent(z, norm, rows, coef, off, on_label, row, dtype, axis, options):
+    r""":math:`\bar g\,(c\,a - \epsilon w / K - (1 - \epsilon) w_y\,\mathrm{onehot}(y))`,
+    exactly 0 in rows scaled by 0 (whatever their logits hold: a ``where``, not a product).
+
+    Without the z-loss, :math:`\bar g\,c\,a` is :math:`e^{z - m}` times one per-row factor
+    (:meth:`Normalizer.scaled_prob`); the z-loss's :math:`c` may overflow to inf where
+    :math:`a = 0`, so it is applied with ``times``."""
+    row_k = jnp.expand_dims(row, axis)
+    coef_k = None if coef is None else jnp.expand_dims(coef, axis)
+    labels = jnp.squeeze(rows.labels, axis)
+    if z.dtype == dtype and not options.zloss:
+        grad = norm.scaled_prob(z, row_k if coef_k is None else row_k * coef_k)
+        grad = grad if off is None else grad - row_k * off
+        return add_at_labels(jnp.where(row_k == 0, 0.0, grad), labels, -on_label * row, axis)
+    a = norm.prob(z)
+    if coef_k is not None:
+        a = _ce.times(a, coef_k) if options.zloss else a * coef_k
+    grad = a if off is None else a - off
+    if z.dtype == dtype:
+        return add_at_labels(_ce.times(row_k, grad), labels, -on_label * row, axis)
+    classes = jax.lax.broadcasted_iota(labels.dtype, z.shape, axis)
+    on_label_k = on_label if on_label.ndim == 0 else jnp.expand_dims(on_label, axis)
+    return _ce.times(row_k, grad - jnp.where(classes == rows.labels, on_label_k, 0.0))
 
 
 def _class_weight_cotangent(row, half_nll, norm, z, rows, mask, params, axis, options):
