@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import subprocess
 import sys
@@ -10,18 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_module
 from _subprocess import repo_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _core_case_names() -> list[str]:
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(sys.modules[spec.name])
-    module = sys.modules[spec.name]
+    module = load_module(ROOT / "scripts" / "benchmark.py", "benchmark")
     return [c.name for c in module.core_cases(4, 5, np.float32)]
 
 

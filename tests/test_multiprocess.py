@@ -9,7 +9,6 @@ sharded along the vocabulary. This process computes the same values and gradient
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -18,14 +17,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _scripts import load_module
 from _subprocess import free_port, repo_env, wait_all
 
 WORKER = Path(__file__).with_name("_multiprocess_check.py")
-_spec = importlib.util.spec_from_file_location("_multiprocess_check", WORKER)
-assert _spec is not None and _spec.loader is not None
-check = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = check  # dataclasses look their module up there
-_spec.loader.exec_module(check)
+check = load_module(WORKER, "_multiprocess_check")
 
 TIMEOUT_S = 300
 
