@@ -4,7 +4,8 @@ Counted in XLA's own compiled program (``compile().as_text()``): the instruction
 computation whose result has the logits' shape, parameters left out. Each is an N x V array
 written to memory. A softmax needs one (its output); so does a log-softmax, and the gradient
 of ``logsumexp``; the integer-label cross-entropy's gradient needs one pass plus the
-scatter-add of one entry per row at the labels, which XLA applies in place.
+scatter-add of one entry per row at the labels, which XLA applies in place; the dense
+cross-entropy's gradient needs one.
 
 The shape is chosen so that XLA:CPU takes the path it takes at benchmark sizes (its YNNPACK
 fusion of reductions with their element-wise consumers is used from about 4096 rows; a
