@@ -17,6 +17,7 @@ venv: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests/multidevice
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check softmax_jax tests scripts

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
-from softmax_jax.experiments.timing import compile_fn, interleaved_medians, max_rel_err, mib
+from experiments.timing import compile_fn, interleaved_medians, max_rel_err, mib
 
 MEMORY_TARGET = 1 / 20  # fused temporaries / materialised temporaries at N = 16384
 TIME_TARGETS = {"clip_materialised": 1.2, "clip_two_ce": 0.7, "siglip_materialised": 1.0}

@@ -10,7 +10,7 @@ tokens with a ``[D, V]`` output layer, float32, three ways, on the same inputs:
   ``T**2 * optax.losses.kl_divergence(jax.nn.log_softmax(x @ w / T),
   jax.nn.softmax(teacher_x @ teacher_w / T)).mean()``;
 * chunked: the two-level chunked design (1024 tokens x 2048 classes, log-sum-exp only in
-  the forward, logits recomputed in the backward), ``softmax_jax.experiments.chunked``;
+  the forward, logits recomputed in the backward), ``experiments.chunked``;
 * fused: ``softmax_jax.linear_softmax_cross_entropy`` and
   ``softmax_jax.linear_softmax_distillation`` (rows skipped, with a message, where the
   installed softmax_jax lacks it).
@@ -20,7 +20,7 @@ Memory is XLA's own account of each compiled program, ``memory_analysis()``'s
 wall time of interleaved runs (unfused, chunked, fused, unfused, ...), so that drift in machine
 load hits all alike. Ratios below 1 mean the fused loss is smaller or faster. A last table
 compiles (without running) the fused losses for bfloat16 inputs at N=16384, D=1024, V=262144
-and reports their temporary memory. The helpers are ``softmax_jax.experiments.timing``.
+and reports their temporary memory. The helpers are ``experiments.timing``.
 
     python scripts/bench_fused.py                # the target cases, 15 repeats
     python scripts/bench_fused.py --repeats 5
@@ -39,13 +39,13 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
-from softmax_jax.experiments.chunked import (
+from experiments.chunked import (
     TOKEN_BLOCK,
     VOCAB_BLOCK,
     chunked_cross_entropy,
     chunked_distillation,
 )
-from softmax_jax.experiments.timing import (
+from experiments.timing import (
     compile_fn,
     interleaved_medians,
     max_rel_err,
@@ -223,7 +223,7 @@ def chunked_rows(results: list[Measured]) -> list[dict]:
 
 def print_chunked_table(rows: list[dict], repeats: int) -> None:
     print(
-        "\nAgainst the two-level chunked anchor (softmax_jax.experiments.chunked), value_and_grad"
+        "\nAgainst the two-level chunked anchor (experiments.chunked), value_and_grad"
         f" w.r.t. x and w, float32, median of {repeats} interleaved runs; errors are the"
         " largest difference from the unfused composition, relative\n"
     )

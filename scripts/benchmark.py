@@ -9,7 +9,7 @@ in the table next to its figure. Ratios below 1 mean softmax_jax is faster or sm
 
 Memory is XLA's own account of the compiled program (``memory_analysis()``): the temporary
 buffers it allocates beyond arguments and outputs. The compile and timing helpers are
-``softmax_jax.experiments.timing``; the fused suite is ``scripts/bench_fused.py``.
+``experiments.timing``; the fused suite is ``scripts/bench_fused.py``.
 
     python scripts/benchmark.py                  # core table, N=4096, V=32000, f32
     python scripts/benchmark.py --suite all      # plus the fused large-vocabulary losses
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
-from softmax_jax.experiments.timing import compile_fn, interleaved_medians
+from experiments.timing import compile_fn, interleaved_medians
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments import cli
+from experiments import cli
 
 #: What an earlier run leaves in --out (the phases' folders are lm.distill.PHASES').
 RUN_FILES = ("metrics.json", "distill.json", "teacher/checkpoint.npz", "hard/checkpoint.npz",
@@ -91,8 +91,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _configs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(teacher LMConfig, student LMConfig, DistillConfig); their checks become usage errors."""
-    from softmax_jax.experiments.lm import LMConfig
-    from softmax_jax.experiments.lm.distill import DistillConfig
+    from experiments.lm import LMConfig
+    from experiments.lm.distill import DistillConfig
 
     shared = {
         "vocab_size": args.vocab, "context": args.context, "batch_size": args.batch_size,
@@ -130,9 +130,9 @@ def run(args: argparse.Namespace, mesh: Any, progress: bool,
     """Loads the corpus, distils, writes the outputs; returns the closing report line."""
     import jax
 
-    from softmax_jax.experiments import lm
-    from softmax_jax.experiments.checkpoint import atomic_write_json
-    from softmax_jax.experiments.lm.distill import run_distillation
+    from experiments import lm
+    from experiments.checkpoint import atomic_write_json
+    from experiments.lm.distill import run_distillation
 
     teacher_cfg, student_cfg, dcfg = args.configs
     corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
@@ -163,8 +163,8 @@ def run(args: argparse.Namespace, mesh: Any, progress: bool,
 
 def _saved_phases(args: argparse.Namespace) -> str:
     """What an interrupted run leaves behind, phase by phase, for the interrupt message."""
-    from softmax_jax.experiments import lm
-    from softmax_jax.experiments.lm.distill import PHASES
+    from experiments import lm
+    from experiments.lm.distill import PHASES
 
     saved = []
     for folder, what in PHASES:
@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     cli.start_devices("distill_lm.py", ["matplotlib", "tqdm"], args.devices)
-    from softmax_jax.experiments import lm
-    from softmax_jax.experiments.checkpoint import CheckpointError
+    from experiments import lm
+    from experiments.checkpoint import CheckpointError
 
     try:
         mesh = cli.data_mesh(args.devices, args.batch_size)

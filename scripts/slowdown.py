@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from softmax_jax.experiments.cli import require_extras
+from experiments.cli import require_extras
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("learning rates must be positive")
 
     require_extras("slowdown.py", ["matplotlib"])
-    from softmax_jax.experiments.slowdown import format_table, run_slowdown, write_outputs
+    from experiments.slowdown import format_table, run_slowdown, write_outputs
 
     settings = [
         (cost, w0, b0, args.eta_quadratic if cost == "quadratic" else args.eta_ce)

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from softmax_jax.experiments import cli
+from experiments import cli
 
 COSTS = ("softmax_ce", "sigmoid_ce", "quadratic")
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.compare:
         run_files = ["compare.json", *(f"{cost}/{name}" for cost in COSTS for name in run_files)]
 
-    from softmax_jax.experiments.mlp import TrainConfig
+    from experiments.mlp import TrainConfig
 
     try:
         args.config = TrainConfig(
@@ -85,10 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     """Loads the data, trains, writes the outputs. Raises DatasetError / CheckpointError."""
-    from softmax_jax.experiments import mlp
-    from softmax_jax.experiments.checkpoint import atomic_write_json
-    from softmax_jax.experiments.data import load_dataset
-    from softmax_jax.experiments.plotting import plot_compare, plot_curves
+    from experiments import mlp
+    from experiments.checkpoint import atomic_write_json
+    from experiments.data import load_dataset
+    from experiments.plotting import plot_compare, plot_curves
 
     progress, log = cli.progress_log(args.no_progress)
     dataset = load_dataset(args.dataset, args.data_dir)
@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     extras = ["matplotlib", "tqdm"] + (["sklearn"] if args.dataset == "digits" else [])
     cli.require_extras("train.py", extras)
-    from softmax_jax.experiments.checkpoint import CheckpointError
-    from softmax_jax.experiments.data import DatasetError
-    from softmax_jax.experiments.mlp import DivergenceError
+    from experiments.checkpoint import CheckpointError
+    from experiments.data import DatasetError
+    from experiments.mlp import DivergenceError
 
     try:
         run(args)

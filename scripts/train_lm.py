@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments import cli
+from experiments import cli
 
 RUN_FILES = ("checkpoint.npz", "metrics.json")
 
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     """``(LMConfig, Mesh)`` from the flags, then the claim of ``--out``; raises ValueError for
     settings that cannot run (:class:`cli.UsageError` for a run already there)."""
-    from softmax_jax.experiments import lm
+    from experiments import lm
 
     cfg = lm.LMConfig(
         vocab_size=args.vocab,
@@ -88,7 +88,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _corpus(args: argparse.Namespace, log: Callable[[str], object]) -> Any:
     """The encoded corpus; raises CorpusError when it is missing or too small for --vocab."""
-    from softmax_jax.experiments import lm
+    from experiments import lm
 
     corpus = lm.load_corpus(args.vocab, args.max_files, args.heldout_every)
     stats = corpus.describe()
@@ -111,8 +111,8 @@ def run(args: argparse.Namespace, cfg: Any, mesh: Any, progress: bool,
     """Loads the corpus, trains (or resumes), writes the outputs; returns the closing line."""
     import jax
 
-    from softmax_jax.experiments import lm
-    from softmax_jax.experiments.checkpoint import atomic_write_json
+    from experiments import lm
+    from experiments.checkpoint import atomic_write_json
 
     corpus = _corpus(args, log)
     log(
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     cli.start_devices("train_lm.py", ["matplotlib", "tqdm"], args.devices)
-    from softmax_jax.experiments import lm
-    from softmax_jax.experiments.checkpoint import CheckpointError
+    from experiments import lm
+    from experiments.checkpoint import CheckpointError
 
     try:
         cfg, mesh = _settings(args)

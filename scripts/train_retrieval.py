@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from softmax_jax.experiments import cli
+from experiments import cli
 
 PROG = "train_retrieval.py"
 EXTRAS = ("matplotlib", "tqdm")
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def config(args: argparse.Namespace) -> Any:
     """The RetrievalConfig of the flags, then the claim of ``--out``; raises ValueError naming
     the bad setting (:class:`cli.UsageError` for a run already there)."""
-    from softmax_jax.experiments.retrieval import RetrievalConfig, check_data_settings, make_mesh
+    from experiments.retrieval import RetrievalConfig, check_data_settings, make_mesh
 
     check_data_settings(args.vocab, args.max_files, args.heldout_every, args.max_query_tokens,
                         args.max_code_tokens, args.min_count)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, cfg: Any, progress: bool,
     """Loads the pairs, trains, writes the outputs; returns the closing line."""
     import jax
 
-    from softmax_jax.experiments import retrieval
+    from experiments import retrieval
 
     start = time.perf_counter()
     split = retrieval.load_pairs(args.vocab, args.max_files, args.heldout_every,
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     args = parse_args(argv)
     cli.start_devices(PROG, EXTRAS, args.devices)
-    from softmax_jax.experiments.lm import CorpusError
+    from experiments.lm import CorpusError
 
     try:
         cfg = config(args)

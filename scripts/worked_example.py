@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.label < len(args.logits):
         parser.error(f"--label must be in [0, {len(args.logits)}), got {args.label}")
 
-    from softmax_jax.experiments.worked_example import compute, report
+    from experiments.worked_example import compute, report
 
     print(report(compute(tuple(args.logits), args.label)))
     return 0

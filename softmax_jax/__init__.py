@@ -7,23 +7,20 @@ training loops. ``linear_softmax_cross_entropy`` fuses the output layer with the
 the N x V logits of a large vocabulary are never materialised.
 """
 
-from softmax_jax.activations import log_softmax, logsumexp, sigmoid, softmax
+from softmax_jax._logsumexp import logsumexp
+from softmax_jax.activations import log_softmax, sigmoid, softmax
 from softmax_jax.contrastive import contrastive_loss, sigmoid_contrastive_loss
+from softmax_jax.dense_cross_entropy import softmax_cross_entropy
 from softmax_jax.divergences import (
     distillation_loss,
     kl_divergence,
     kl_divergence_with_log_targets,
 )
 from softmax_jax.fused import linear_softmax_cross_entropy, linear_softmax_distillation
-from softmax_jax.losses import (
-    log_likelihood,
-    quadratic_cost,
-    sigmoid_binary_cross_entropy,
-    softmax_cross_entropy,
-    softmax_cross_entropy_with_integer_labels,
-)
+from softmax_jax.integer_cross_entropy import softmax_cross_entropy_with_integer_labels
+from softmax_jax.losses import log_likelihood, quadratic_cost, sigmoid_binary_cross_entropy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "contrastive_loss",

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from softmax_jax.activations import batched_as_rows
+from softmax_jax._normalizer import batched_as_rows
 
 
 def weighted_gap(y: jax.Array, z: jax.Array, m: jax.Array, axis: int, masked: bool) -> jax.Array:
@@ -59,7 +59,7 @@ def _gap(axis: int):
     r"""The unmasked weighted gap along ``axis``, with its own batching and derivative rules.
 
     Under ``vmap`` the mapped axis becomes one more row axis
-    (:func:`softmax_jax.activations.batched_as_rows`), so the ``lax.cond`` stays a choice
+    (:func:`softmax_jax._normalizer.batched_as_rows`), so the ``lax.cond`` stays a choice
     instead of a ``select`` that runs both branches. The tangent is
     :math:`\sum_k \dot y_k (m - z_k) - y_k \dot z_k + \dot m \sum_k y_k`, so that
     ``custom_vmap`` (which has no autodiff of its own) stays differentiable to any order.

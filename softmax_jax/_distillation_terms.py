@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax import _validation as _v
-from softmax_jax._cross_entropy import times  # the one 0-times-infinity rule
+from softmax_jax._cross_entropy_terms import times  # the one 0-times-infinity rule
 
 Kind = Literal["forward", "reverse", "jsd", "traced"]
 

@@ -40,13 +40,16 @@ import jax
 import jax.numpy as jnp
 
 from softmax_jax import _validation as _v
-from softmax_jax._logsumexp import logsumexp as logsumexp
-from softmax_jax._normalizer import Axes, Mask, broadcast_mask, reduction_axes
-from softmax_jax._normalizer import Normalizer as Normalizer
-from softmax_jax._normalizer import batched_as_rows as batched_as_rows
-from softmax_jax._normalizer import masked_fill as masked_fill
+from softmax_jax._normalizer import (
+    Axes,
+    Mask,
+    Normalizer,
+    broadcast_mask,
+    masked_fill,
+    reduction_axes,
+)
 
-__all__ = ["log_softmax", "logsumexp", "sigmoid", "softmax"]
+__all__ = ["log_softmax", "sigmoid", "softmax"]
 
 
 # --------------------------------------------------------------------------------------------

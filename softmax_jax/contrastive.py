@@ -12,7 +12,7 @@ from collections.abc import Hashable
 
 import jax
 
-from softmax_jax import _cross_entropy as _ce
+from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
 from softmax_jax.fused import args, vma
 from softmax_jax.fused import contrastive as _fc

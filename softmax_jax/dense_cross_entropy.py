@@ -5,7 +5,7 @@ returns the loss in the logits' dtype; gradients come back in each input's dtype
 saves the inputs and O(N) per-example numbers (the normaliser's two parts and the summed
 weighted targets), never an N x V tensor: the backward pass recomputes
 :math:`a = e^{(z - m) - \log s}` inside its single fused pass. The integer-label loss is in
-:mod:`softmax_jax.cross_entropy`.
+:mod:`softmax_jax.integer_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from softmax_jax import _axes
-from softmax_jax import _cross_entropy as _ce
+from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
 from softmax_jax._dense_gap import weighted_gap
-from softmax_jax.activations import Normalizer, masked_fill
+from softmax_jax._normalizer import Normalizer, masked_fill
 
 __all__ = ["softmax_cross_entropy"]
 

@@ -1,10 +1,9 @@
 r"""Classification losses with analytic ``custom_vjp`` gradients.
 
-The two softmax cross-entropies live in :mod:`softmax_jax.cross_entropy` and
-:mod:`softmax_jax.dense_cross_entropy` and are
-re-exported here; this module holds the notes' other costs. All losses return per-example
-values (the caller reduces), compute in at least float32, and return the loss in the first
-argument's dtype; gradients come back in each input's dtype.
+This module holds the notes' costs other than the two softmax cross-entropies, which live in
+:mod:`softmax_jax.integer_cross_entropy` and :mod:`softmax_jax.dense_cross_entropy`. All
+losses return per-example values (the caller reduces), compute in at least float32, and return
+the loss in the first argument's dtype; gradients come back in each input's dtype.
 
 Derivative rules (each one is written next to its function):
 
@@ -25,15 +24,11 @@ import jax
 import jax.numpy as jnp
 
 from softmax_jax import _validation as _v
-from softmax_jax.cross_entropy import softmax_cross_entropy_with_integer_labels
-from softmax_jax.dense_cross_entropy import softmax_cross_entropy
 
 __all__ = [
     "log_likelihood",
     "quadratic_cost",
     "sigmoid_binary_cross_entropy",
-    "softmax_cross_entropy",
-    "softmax_cross_entropy_with_integer_labels",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +75,7 @@ def log_likelihood(probs: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) ->
         C = -\sum_k y_k \log a_k .
 
     Use it after :func:`softmax_jax.softmax` when the probabilities are needed anyway; on
-    logits, :func:`softmax_cross_entropy` is the same cost computed more stably.
+    logits, :func:`~softmax_jax.softmax_cross_entropy` is the same cost computed more stably.
 
     Gradient (a ``custom_vjp``): :math:`\partial C/\partial a_k = -y_k / a_k`, which through
     the softmax Jacobian becomes :math:`a - y`.

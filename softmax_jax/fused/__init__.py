@@ -11,9 +11,9 @@ each, support vocabulary parallelism inside :func:`jax.shard_map` (``axis_name``
 their block sizes from :class:`BlockLayout`.
 """
 
-from .cross_entropy import FusedStats, linear_softmax_cross_entropy
-from .distillation import linear_softmax_distillation
 from .layout import BlockLayout
+from .linear_cross_entropy import FusedStats, linear_softmax_cross_entropy
+from .linear_distillation import linear_softmax_distillation
 
 __all__ = [
     "BlockLayout",

@@ -55,7 +55,7 @@ class BlockLayout(NamedTuple):
         n: int, d: int, v: int, weight_itemsize: int = 4, heads: int = 1
     ) -> BlockLayout:
         """The automatic rule, chosen by interleaved timings on a 2-core CPU against the
-        two-level chunked anchor (``softmax_jax/experiments/chunked.py``).
+        two-level chunked anchor (``scripts/experiments/chunked.py``).
 
         Whole rows are held when a block of at least ``MIN_HELD_TOKENS`` (256) rows fits in
         ``HELD_ELEMENTS`` (``2**23``) logits, i.e. ``V <= 32768`` per device, and, for

@@ -1,0 +1,322 @@
+r"""The fused distillation: its per-block rule and :func:`linear_softmax_distillation`.
+
+The per-element and per-row divergence terms come from :mod:`softmax_jax._distillation_terms`
+(shared with :func:`softmax_jax.distillation_loss`), the hard-label part from the fused
+cross-entropy's rule. With :math:`s = z_s/T` and :math:`t = z_t/T` the engine keeps the
+online normalisers of both (and of :math:`z_s` itself when the hard-label term is on). For
+the generalised JSD a second pass over the blocks, with both normalisers known, adds up each
+row's :math:`K_P = \mathrm{KL}(P\|M)` and :math:`K_Q = \mathrm{KL}(Q\|M)`; for the two KL
+cases the first pass keeps the KL itself online, as the expectation of the centred
+log-ratio :math:`(t - m_t) - (s - m_s)` against the running maxima, so it needs no second
+pass and keeps float32 accuracy however far apart the two heads' logits are
+(:math:`E_P[t - s] - (\mathrm{lse}\,t - \mathrm{lse}\,s)` would cancel). The gradient
+pass then gives the student's logit gradient
+
+.. math::
+    \frac{\partial\ell}{\partial z_s} = h\,\delta_{\mathrm{CE}}
+        + (1 - h)\,T\,\frac{\partial D}{\partial s},
+
+and the row sums the temperature's cotangent needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from softmax_jax import _cross_entropy_terms as _ce
+from softmax_jax import _distillation_terms as _dt
+from softmax_jax import _validation as _v
+
+from . import args, engine, vjp, vma
+from . import linear_cross_entropy as _fce
+from .layout import BlockLayout
+
+__all__ = ["linear_softmax_distillation"]
+
+
+class Params(NamedTuple):
+    temperature: jax.Array
+    beta: jax.Array
+    hard_weight: jax.Array
+    ce: _ce.Params
+
+
+class Rule(NamedTuple):
+    """The distillation's per-block rule. consts: ``(labels, teacher_x, teacher_w,
+    teacher_b)``; ``labels`` may be None when neither the hard term nor ``ignore_index``
+    is used."""
+
+    kind: _dt.Kind
+    hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
+    ce: _fce.Rule  # the hard-label rule (its streams are stream 2 here)
+    # The temperature is traced, so its cotangent may be used. A constant temperature
+    # skips the per-element temperature term of the gradient pass (its cotangent is 0).
+    temperature_grad: bool = True
+
+    def _one_pass(self) -> bool:
+        r"""Forward and reverse KL need no second pass: the engine keeps them online
+        (:func:`~softmax_jax.fused.blocks.log_ratio_step`)."""
+        return self.kind in ("forward", "reverse")
+
+    def sizes(self) -> tuple[int, int, int]:
+        n_first = (self.ce.sizes()[1] if self.hard else 0) + (1 if self._one_pass() else 0)
+        return 3 if self.hard else 2, n_first, 0 if self._one_pass() else 2
+
+    def expectation_streams(self) -> tuple[tuple[int, int], ...]:
+        if not self._one_pass():
+            return ()
+        return ((1, 0),) if self.kind == "forward" else ((0, 1),)
+
+    def grad_sizes(self) -> int:
+        return 1
+
+    def heads(self, x, w, b, consts):
+        return engine.Head(x, w, b), engine.Head(*consts[1:])
+
+    def rows(self, consts):
+        return () if consts[0] is None else (consts[0],)
+
+    def classes(self, consts):
+        return ()
+
+    def scale(self, consts, num_classes, ct):
+        labels = consts[0]
+        if labels is None:
+            return jnp.ones(consts[1].shape[:1], ct)
+        return self.ce.scale((labels, None, None), num_classes, ct)
+
+    def denominator(self, consts, scale):
+        return jnp.sum(scale != 0).astype(scale.dtype)
+
+    def weights(self, consts, scale, factor):
+        return _ce.times(scale, factor)
+
+    def valid(self, params):
+        r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
+        :math:`T` and :math:`\beta` (:func:`_dt.valid_hyperparameters`), and the NaN that the
+        shared validation puts in for the others."""
+        ok = _dt.valid_hyperparameters(params.temperature, params.beta)
+        return ok & ~jnp.isnan(params.hard_weight) & self.ce.valid(params)
+
+    def streams(self, blk, params):
+        z, t = blk.logits
+        out = (z / params.temperature, t / params.temperature)
+        return out + (z,) if self.hard else out
+
+    def _ce_view(self, blk, stats):
+        """The block and statistics as the cross-entropy rule sees them."""
+        sub_blk = blk._replace(logits=blk.logits[:1], classes=())
+        sub_stats = None if stats is None else stats._replace(norms=stats.norms[2:])
+        return sub_blk, sub_stats
+
+    def first_sums(self, blk, params):
+        if not self.hard:
+            return ()
+        return self.ce.first_sums(self._ce_view(blk, None)[0], None)
+
+    def _logs(self, blk, stats, params):
+        """``(log_q, log_p, log_m)`` of a block."""
+        z, t = blk.logits
+        log_q = stats.norms[0].log_prob(z / params.temperature)
+        log_p = stats.norms[1].log_prob(t / params.temperature)
+        return log_q, log_p, _dt.log_mixture(log_p, log_q, params.beta, self.kind)
+
+    def second_sums(self, blk, stats, params):
+        log_q, log_p, log_m = self._logs(blk, stats, params)
+        rows = _dt.RowSums.of(_dt.element_terms(log_p, log_q, log_m, self.kind), axis=1)
+        return rows.kl_p[:, 0], rows.kl_q[:, 0]
+
+    def _row_sums(self, stats) -> _dt.RowSums:
+        """Per row :math:`(K_P, K_Q)`, from the second pass or the online expectation."""
+        if not self._one_pass():
+            return _dt.RowSums(*stats.second)
+        kl = stats.first[-1]
+        if self.kind == "forward":
+            return _dt.RowSums(kl, jnp.zeros_like(kl))
+        return _dt.RowSums(jnp.zeros_like(kl), kl)
+
+    def _parts(self, consts, stats, params):
+        """Per row: ``(divergence D, CE terms or None)``."""
+        div = _dt.divergence(self._row_sums(stats), params.beta, self.kind)
+        terms = None
+        if self.hard:
+            ce_stats = stats._replace(norms=stats.norms[2:])
+            terms = self.ce._terms((consts[0], None, None), ce_stats, None)
+        return div, terms
+
+    def row_loss(self, consts, scale, stats, params):
+        div, terms = self._parts(consts, stats, params)
+        loss = _dt.times(jnp.square(params.temperature), div)
+        if self.hard:
+            assert terms is not None
+            half_nll, half_uniform, lse, _ = terms
+            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
+                          self.ce.options)
+            loss = _ce.times(params.hard_weight, ce) + _ce.times(1.0 - params.hard_weight, loss)
+        return _ce.times(scale, loss)
+
+    def dlogits(self, blk, stats, r, params):
+        temp, beta = params.temperature, params.beta
+        log_q, log_p, log_m = self._logs(blk, stats, params)
+        rows = _dt.RowSums(*(a[:, None] for a in self._row_sums(stats)))
+        ds = _dt.student_grad(log_p, log_q, log_m, rows, beta, self.kind)
+        t_sum = jnp.zeros(ds.shape[:1], ds.dtype)
+        if self.temperature_grad:
+            dt = _dt.teacher_grad(log_p, log_q, log_m, rows, beta, self.kind)
+            t_sum = jnp.sum(_dt.temperature_term(ds, log_q, dt, log_p), axis=1)
+        dz = temp * ds
+        if self.hard:
+            sub_blk, sub_stats = self._ce_view(blk, stats)
+            sub_params = _fce.Params(params.ce, jnp.zeros((), r.dtype))
+            dce, _ = self.ce.dlogits(sub_blk, sub_stats, jnp.ones_like(r), sub_params)
+            dz = _ce.times(params.hard_weight, dce) + _ce.times(1.0 - params.hard_weight, dz)
+        return _ce.times(r[:, None], dz), (t_sum,)
+
+    def cotangents(self, consts, scale, stats, row_sums, r, params):
+        temp, beta, hw = params.temperature, params.beta, params.hard_weight
+        div, terms = self._parts(consts, stats, params)
+        soft = 1.0 - hw if self.hard else jnp.ones((), r.dtype)
+        r_soft = _ce.times(r, soft)
+        d_temp = (_dt.temperature_cotangent(temp, div, row_sums[0]) if self.temperature_grad
+                  else jnp.zeros_like(div))
+        d_beta = _dt.beta_cotangent(temp, self._row_sums(stats), beta, self.kind)
+        d_hw = jnp.zeros((), r.dtype)
+        d_ce = _ce.Params(jnp.zeros((), r.dtype), jnp.zeros((), r.dtype))
+        if self.hard:
+            assert terms is not None
+            half_nll, half_uniform, lse, _ = terms
+            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
+                          self.ce.options)
+            d_hw = jnp.sum(_ce.times(r, ce - _dt.times(jnp.square(temp), div)))
+            d_ce = _ce.hyper_cotangents(_ce.times(r, hw), half_nll, half_uniform, lse, None,
+                                        params.ce, self.ce.options)
+        return Params(jnp.sum(_ce.times(r_soft, d_temp)), jnp.sum(_ce.times(r_soft, d_beta)),
+                      d_hw, d_ce)
+
+    def aux(self, stats):
+        return ()
+
+
+def linear_softmax_distillation(
+    x: jax.typing.ArrayLike,
+    w: jax.typing.ArrayLike,
+    teacher_x: jax.typing.ArrayLike,
+    teacher_w: jax.typing.ArrayLike,
+    *,
+    labels: jax.typing.ArrayLike | None = None,
+    b: jax.typing.ArrayLike | None = None,
+    teacher_b: jax.typing.ArrayLike | None = None,
+    temperature: float | jax.typing.ArrayLike = 1.0,
+    beta: float | jax.typing.ArrayLike = 0.0,
+    hard_weight: float | jax.typing.ArrayLike = 0.0,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    label_smoothing: float | jax.typing.ArrayLike = 0.0,
+    axis_name: Hashable | None = None,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+) -> jax.Array:
+    r"""Knowledge distillation from a teacher's linear head, without materialising logits.
+
+    With student logits :math:`z_s = x W + b` and teacher logits :math:`z_t = x_t W_t +
+    b_t` (the teacher's width :math:`D_t` may differ from the student's), per token
+
+    .. math::
+        \ell = h\,\mathrm{CE}(z_s, y) + (1 - h)\,T^2 D\big(P(z_t/T), Q(z_s/T)\big),
+
+    where :math:`D` is :math:`\mathrm{KL}(P\|Q)` at :math:`\beta = 0`,
+    :math:`\mathrm{KL}(Q\|P)` at :math:`\beta = 1` and the generalised JSD
+    :math:`\beta\,\mathrm{KL}(P\|M) + (1 - \beta)\,\mathrm{KL}(Q\|M)`,
+    :math:`M = \beta P + (1 - \beta) Q`, in between: exactly
+    ``h * softmax_cross_entropy_with_integer_labels(z_s, y, label_smoothing=eps) + (1 - h) *
+    distillation_loss(z_s, z_t, temperature=T, beta=beta)``. The student's logit gradient is
+    :math:`h\,\delta_{\mathrm{CE}} + (1 - h)\,T\,\partial D/\partial s` (forward KL:
+    :math:`T(q - p)`, the notes' :math:`a - y` against the teacher's soft targets), and
+    :math:`\bar x = \delta W^\top`, :math:`\bar W = x^\top\delta`, :math:`\bar b = \sum_i
+    \delta_i`. The derivatives with respect to ``temperature``, ``beta`` (NaN at 0 and 1,
+    where the loss jumps), ``hard_weight`` and ``label_smoothing`` are exact.
+
+    The teacher's arguments are constants: their cotangents are zero (wrap them in
+    ``jax.lax.stop_gradient`` to say so in your own code; to train the teacher, use the
+    unfused :func:`softmax_jax.distillation_loss`).
+
+    Args:
+      x: ``[N, D]`` student hidden states, or ``[..., D]`` with any leading token axes
+        (``[B, T, D]``). w: ``[D, V]`` student weights (this device's vocabulary slice
+        under ``axis_name``).
+      teacher_x: ``[..., D_t]`` teacher hidden states of ``x``'s leading shape. teacher_w:
+        ``[D_t, V]`` teacher weights (sharded like ``w``).
+      labels: integer labels of ``x``'s leading shape; required when ``hard_weight`` is
+        nonzero (or traced) or ``ignore_index`` is given.
+      b, teacher_b: optional ``[V]`` biases (vocabulary slices under ``axis_name``).
+      temperature: :math:`T > 0`. beta: :math:`\beta \in [0, 1]`. hard_weight:
+        :math:`h \in [0, 1]`, weight of the hard-label cross-entropy.
+      reduction: ``"mean"`` (over kept tokens; 0 when none is), ``"sum"`` or ``"none"``
+        (``x``'s leading shape).
+      ignore_index: a label value whose tokens get loss 0 and gradient 0 and are left out
+        of the mean.
+      label_smoothing: :math:`\epsilon \in [0, 1]` of the hard-label term.
+      axis_name, token_block, vocab_block: as for
+        :func:`~softmax_jax.fused.linear_softmax_cross_entropy`.
+
+    Returns:
+      ``"mean"``/``"sum"``: a scalar in the compute dtype (float32 for bfloat16, float16
+      and float32 inputs, float64 for float64 ones under x64); ``"none"``: ``x``'s leading
+      shape, in the inputs' dtype. A teacher class with probability where the student has
+      none makes the loss infinite (its true value); a traced out-of-range hyper-parameter
+      gives NaN for the loss and every derivative.
+
+    Raises:
+      TypeError, ValueError: bad dtypes or shapes, hyper-parameters out of range, missing
+        ``labels``, bad block sizes, or a vocabulary-sharded ``w`` without ``axis_name``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import softmax_jax as sj
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> w = jnp.array([[2.0, 3.0, 4.0], [1.0, 1.0, 1.0]])
+      >>> tx = jnp.array([[1.0], [2.0]])
+      >>> tw = jnp.array([[1.0, 0.0, -1.0]])
+      >>> print(sj.linear_softmax_distillation(x, w, tx, tw, temperature=2.0, reduction="none"))
+      [1.2806 1.0649]
+      >>> print(sj.distillation_loss(x @ w, tx @ tw, temperature=2.0))
+      [1.2806 1.0649]
+    """
+    x, w, b, lead = args.head(x, w, b)
+    tx, tw, tb, teacher_lead = args.head(teacher_x, teacher_w, teacher_b, "teacher_")
+    args.tokens_like("teacher_x.shape[:-1]", teacher_lead, lead)
+    n, v = x.shape[0], w.shape[1]
+    if tw.shape[1] != v:
+        raise ValueError(
+            f"teacher_w must have V = {v} columns (this device's vocabulary), got"
+            f" teacher_w.shape={tuple(tw.shape)}")
+    reduction = args.reduction(reduction)
+    temp, beta_arr, kind = _dt.hyperparameters(temperature, beta)
+    hw, hard = _v.hyperparameter("hard_weight", hard_weight, 0.0, 1.0)
+    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
+    ignore = ce_options.ignore_index
+    label_arr = None
+    if labels is not None:
+        label_arr = args.labels_for(_ce.integer_labels(labels), lead)
+    elif hard or ignore is not None:
+        raise ValueError("labels are required when hard_weight is nonzero (or traced) or"
+                         f" ignore_index is given (hard_weight={hard_weight!r},"
+                         f" ignore_index={ignore_index!r})")
+    vma.check_vocab_axes(axis_name, x, {"w": w, "b": b, "teacher_w": tw, "teacher_b": tb})
+    layout = BlockLayout.resolve(n, max(x.shape[1], tx.shape[1]), v,
+                                 min(w.dtype.itemsize, tw.dtype.itemsize), token_block,
+                                 vocab_block, heads=2)
+    ct = args.compute_dtype(x, w, tx, tw)
+    ce_options = ce_options._replace(smoothing=hard and ce_options.smoothing)
+    ce_rule = _fce.Rule(ce_options, args.num_classes(v, axis_name), False)
+    rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
+    static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
+    params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
+    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)))
+    loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))
+    return loss.reshape(lead) if reduction == "none" else loss

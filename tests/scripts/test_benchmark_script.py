@@ -1,0 +1,107 @@
+"""The benchmark script runs end to end on small inputs and reports every row."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _scripts import load_module
+from _subprocess import repo_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _core_case_names() -> list[str]:
+    module = load_module(ROOT / "scripts" / "benchmark.py", "benchmark")
+    return [c.name for c in module.core_cases(4, 5, np.float32)]
+
+
+@pytest.mark.parametrize("extra", [[], ["--hugepages"]], ids=["default", "hugepages"])
+def test_core_benchmark_small_run_prints_a_complete_table(extra):
+    # The table's structure, not the speed (the benchmark itself measures that).
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "32", "--v", "50",
+         "--repeats", "2", "--rounds", "2", *extra],
+        capture_output=True, text=True, check=True, timeout=300,
+        env=repo_env(drop=("GLIBC_TUNABLES",)),
+    ).stdout
+    header = out.splitlines()[0]
+    assert ("glibc.malloc.hugetlb=1" in header) == bool(extra), header
+    assert "N=32, V=50, 2 round(s) of 2 interleaved runs (medians)" in out, out
+    rows = _table(out, "| function | anchor | anchor ms | softmax_jax ms | time ratio")
+    assert [r[0] for r in rows] == _core_case_names(), out
+    for row in rows:
+        assert len(row) == 9, row
+        assert row[1], row  # every row names its anchor
+        for cell in (row[2], row[3], row[7], row[8]):  # milliseconds and MiB
+            assert re.fullmatch(r"\d+(\.\d)?", cell), row
+        assert re.fullmatch(r"\d+\.\d\dx", row[4]), row
+        low, high = (float(t) for t in row[5].split("-"))  # the range over rounds
+        assert low <= float(row[4][:-1]) <= high, row
+
+
+def _table(out: str, header_start: str) -> list[list[str]]:
+    """The data rows (cells) of the markdown table whose header starts with header_start."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def test_fused_suite_quick_run_prints_every_table():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused", "--quick",
+         "--repeats", "1"],
+        capture_output=True, text=True, check=True, timeout=600, env=repo_env(),
+    ).stdout
+    ce = _table(out, "| N | D | V | anchor temp MiB")
+    assert [r[:3] for r in ce] == [["96", "16", "300"], ["64", "8", "1000"]], out
+    chunked = _table(out, "| loss | N | D | V | chunked ms")
+    assert [r[0] for r in chunked] == ["cross-entropy", "distillation (T=2, beta=0)"] * 2
+    for row in chunked:
+        # The chunked anchor returns the unfused composition's numbers (relative error).
+        assert float(row[9]) < 1e-4, row
+    for row in chunked[0::2]:  # the fused cross-entropy is there and agrees too
+        assert float(row[10]) < 1e-4, row
+        assert re.fullmatch(r"\d+\.\d+x.*", row[6]), row
+    bf16 = _table(out, "| loss | N | D | V | fused temp MiB")
+    assert [r[:4] for r in bf16][0] == ["cross-entropy", "256", "64", "4096"]
+    assert float(bf16[0][4]) > 0.0
+    assert all(float(r[10]) < 1e-4 for r in chunked[1::2]), chunked
+    assert float(bf16[1][4]) > 0.0
+
+
+def test_timing_helpers_measure_and_compare():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.timing import (
+        compile_fn,
+        interleaved_medians,
+        max_rel_err,
+        temp_bytes,
+    )
+
+    def f(x):
+        return jnp.sum(jnp.exp(x)[:, None] * x[None, :])  # a 64 x 64 temporary
+
+    x = jnp.arange(64.0)
+    compiled, temp = compile_fn(f, (x,))
+    assert float(compiled(x)) == float(f(x))
+    assert temp == temp_bytes(f, (jax.ShapeDtypeStruct((64,), jnp.float32),))
+    calls = []
+    times = interleaved_medians([lambda x: calls.append("a") or x,
+                                 lambda x: calls.append("b") or x], (x,), repeats=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then round-robin
+    assert len(times) == 2 and all(t >= 0.0 for t in times)
+    assert max_rel_err({"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([1.0, 4.0])}) == 0.5
+    assert max_rel_err(jnp.array([2e-6]), jnp.array([1e-6])) == 1.0  # relative, not absolute
+    assert max_rel_err(jnp.array([0.5]), jnp.zeros(1)) == 0.5  # absolute for an all-zero leaf

@@ -1,0 +1,188 @@
+"""Smoke tests of the command-line scripts, each run as a subprocess in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _subprocess import repo_env
+from test_experiments_data import write_fake_mnist
+
+from experiments.data import MNIST_FILES
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(name: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS / name), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], path: Path) -> None:
+    """Non-zero exit, one line on stderr that names ``path``, no traceback."""
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(path) in lines[0]
+
+
+def test_worked_example(tmp_path: Path) -> None:
+    result = run_script("worked_example.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "0.0900 0.2447 0.6652" in result.stdout
+    assert "0.0900 -0.7553 0.6652" in result.stdout
+    assert "1.4076" in result.stdout and "matches a - y" in result.stdout
+
+
+def test_slowdown(tmp_path: Path) -> None:
+    result = run_script("slowdown.py", "--out", tmp_path / "s", "--epochs", "40", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "s" / "slowdown.json").read_text())
+    runs = data["runs"]
+    assert [(r["cost"], r["w0"], r["b0"], r["eta"]) for r in runs] == [
+        ("quadratic", 0.6, 0.9, 0.15),
+        ("quadratic", 2.0, 2.0, 0.15),
+        ("cross_entropy", 0.6, 0.9, 0.005),
+        ("cross_entropy", 2.0, 2.0, 0.005),
+    ]
+    assert all(len(r["outputs"]) == len(r["costs"]) == 41 for r in runs)
+    assert runs[1]["outputs"][0] == pytest.approx(0.982, abs=1e-3)
+    assert (tmp_path / "s" / "slowdown.png").read_bytes()[:8] == PNG_MAGIC
+    assert "a<0.5 at" in result.stdout and "cross_entropy" in result.stdout
+    assert [(r["cost"], r["w0"], r["eta"]) for r in data["same_rate"]] == [
+        ("quadratic", 2.0, 0.15), ("cross_entropy", 2.0, 0.15)]
+    assert "The same rate, eta 0.15, from (2, 2):" in result.stdout
+
+
+def test_train_then_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = run_script("train.py", "--epochs", "2", "--out", out, "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cost"] == "softmax_ce" and metrics["dataset"] == "digits"
+    assert len(metrics["test_accuracy"]) == len(metrics["train_loss"]) == 2
+    assert metrics["test_accuracy"][-1] >= 0.88  # 2 epochs of the default run on digits
+    assert metrics["train_loss"][1] < metrics["train_loss"][0]
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "checkpoint.npz").is_file()
+
+    second = run_script(
+        "train.py", "--epochs", "3", "--out", out, "--resume", "--no-progress", cwd=tmp_path
+    )
+    assert second.returncode == 0, second.stderr
+    assert "resumed from" in second.stdout and "after epoch 2" in second.stdout
+    assert "epoch   1/" not in second.stdout  # nothing is trained twice
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert len(resumed["test_accuracy"]) == 3
+    assert resumed["test_accuracy"][:2] == metrics["test_accuracy"]
+    assert resumed["train_loss"][:2] == metrics["train_loss"]
+
+    # Resuming past the end trains nothing, leaves the checkpoint alone, says so, and puts
+    # back a metrics.json that agrees with the checkpoint (here a stale one is planted).
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    checkpoint = (out / "checkpoint.npz").read_bytes()
+    past = run_script(
+        "train.py", "--epochs", "2", "--out", out, "--resume", "--no-progress", cwd=tmp_path
+    )
+    assert past.returncode == 0, past.stderr
+    assert "checkpoint.npz is unchanged at epoch 3" in past.stdout
+    assert "curves.png and checkpoint.npz" not in past.stdout  # it wrote no checkpoint
+    assert (out / "checkpoint.npz").read_bytes() == checkpoint
+    assert json.loads((out / "metrics.json").read_text()) == resumed
+
+
+def test_train_rejects_zero_epochs(tmp_path: Path) -> None:
+    result = run_script("train.py", "--epochs", "0", "--out", tmp_path / "o", cwd=tmp_path)
+    assert result.returncode == 2 and "--epochs must be at least 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_train_stops_at_divergence(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = run_script("train.py", "--eta", "1e6", "--epochs", "3", "--out", out,
+                        "--no-progress", cwd=tmp_path)
+    assert_clean_failure(result, out)
+    assert "softmax_ce diverged in epoch 1: training loss" in result.stderr
+    assert "nothing was saved" in result.stderr and "lower --eta (now 1e+06)" in result.stderr
+    assert "epoch   1/3" not in result.stdout  # the diverged epoch is not reported as trained
+    assert not (out / "checkpoint.npz").exists() and not (out / "metrics.json").exists()
+
+
+def test_train_compare(tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    result = run_script(
+        "train.py", "--compare", "--epochs", "1", "--out", out, "--no-progress", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    first_epoch = {}
+    for cost in ("softmax_ce", "sigmoid_ce", "quadratic"):
+        metrics = json.loads((out / cost / "metrics.json").read_text())
+        assert metrics["cost"] == cost
+        first_epoch[cost] = metrics["test_accuracy"][0]
+    # Same seed and eta; after one epoch the quadratic cost is far behind (the slowdown).
+    best_ce = min(first_epoch["softmax_ce"], first_epoch["sigmoid_ce"])
+    assert first_epoch["quadratic"] < best_ce - 0.3
+    assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads((out / "compare.json").read_text())
+    assert set(summary["runs"]) == {"softmax_ce", "sigmoid_ce", "quadratic"}
+    assert "acc@1" in result.stdout
+
+
+def test_train_missing_data_dir(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    result = run_script("train.py", "--dataset", "mnist", "--data-dir", missing, cwd=tmp_path)
+    assert_clean_failure(result, missing)
+    assert "data directory not found" in result.stderr
+
+
+def test_train_corrupt_idx(tmp_path: Path) -> None:
+    data = tmp_path / "mnist"
+    write_fake_mnist(data, gz=False)
+    bad = data / MNIST_FILES["train_images"]
+    bad.write_bytes(bad.read_bytes()[:-100])  # truncated download
+    result = run_script(
+        "train.py", "--dataset", "mnist", "--data-dir", data, "--out", tmp_path / "o", cwd=tmp_path
+    )
+    assert_clean_failure(result, bad)
+    assert "truncated" in result.stderr
+
+
+def test_train_mnist_and_corrupt_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "mnist"
+    write_fake_mnist(data, n_train=30, n_test=10)
+    out = tmp_path / "o"
+    ok = run_script(
+        "train.py", "--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out,
+        "--no-progress", cwd=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "mnist" and np.isfinite(metrics["train_loss"][0])
+
+    (out / "checkpoint.npz").write_bytes(b"garbage")
+    bad = run_script(
+        "train.py", "--dataset", "mnist", "--data-dir", data, "--epochs", "2", "--out", out,
+        "--resume", "--no-progress", cwd=tmp_path,
+    )
+    assert_clean_failure(bad, out / "checkpoint.npz")
+
+
+def test_train_rejects_bad_arguments(tmp_path: Path) -> None:
+    result = run_script("train.py", "--batch-size", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "batch size must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_script("train.py", "--dataset", "mnist", cwd=tmp_path)
+    assert result.returncode == 2 and "--data-dir" in result.stderr
