@@ -16,12 +16,17 @@ buffers it allocates beyond arguments and outputs. The compile and timing helper
     python scripts/benchmark.py --suite fused --quick   # the fused tables on small shapes
     python scripts/benchmark.py --suite contrastive     # CLIP/SigLIP (bench_contrastive.py)
     python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
+    python scripts/benchmark.py --suite all --write-docs   # regenerate docs/benchmarks.md
 
 On Linux, every N x V gradient is a fresh allocation that glibc maps with ``mmap``; the first
 write to each 4 KiB page then costs a page fault, about 0.13 s for 500 MiB on the project's
 2-core machine, paid alike by every implementation. ``--hugepages`` re-runs the script with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc >= 2.35), which asks for transparent huge
 pages on those mappings, so that the table shows the work the functions themselves do.
+
+``--write-docs`` copies the tables into ``docs/benchmarks.md`` (``experiments.benchmark_docs``):
+the core table under both allocators (the other one in a child process), and the contrastive
+losses at N = 65536 too, with a header naming the date, machine, versions and commit.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import argparse
 import functools
 import os
 import statistics
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +46,25 @@ import jax.numpy as jnp
 import optax
 
 import softmax_jax as sj
+from experiments import benchmark_docs
 from experiments.timing import compile_fn, interleaved_medians
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
+ROOT = Path(__file__).resolve().parent.parent
+# The blocks of docs/benchmarks.md that --write-docs fills: block name -> (suite, a regular
+# expression that the title line printed above its table matches).
+DOC_TABLES = {
+    "core-hugepages": ("core", r"^Core: .*, huge pages$"),
+    "core-default": ("core", r"^Core: .*, default allocator$"),
+    "fused-cross-entropy": ("fused", r"^Fused linear \+ softmax cross-entropy"),
+    "fused-distillation": ("fused", r"^Fused distillation"),
+    "fused-chunked": ("fused", r"^Against the two-level chunked anchor"),
+    "fused-bf16": ("fused", r"^bfloat16 weights"),
+    "contrastive-memory": ("contrastive", r"^Contrastive memory"),
+    "contrastive-time": ("contrastive", r"^Contrastive time"),
+    "contrastive-ring": ("contrastive", r"^Contrastive ring"),
+    "contrastive-scale": ("contrastive", r"^Contrastive scale"),
+}
 
 
 @dataclass
@@ -203,6 +225,27 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def _allocator(env: Mapping[str, str]) -> str:
+    return "huge pages" if HUGEPAGES in env.get("GLIBC_TUNABLES", "") else "default allocator"
+
+
+def core_under_other_allocator(args: argparse.Namespace) -> str:
+    """The core suite's output from a child process with the other allocator than this one."""
+    tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and t != HUGEPAGES]
+    if _allocator(os.environ) == "default allocator":
+        tunables.append(HUGEPAGES)
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--suite", "core", "--n", str(args.n),
+           "--v", str(args.v), "--repeats", str(args.repeats), "--rounds", str(args.rounds)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+
+
+def _docs_writes(suite: str) -> list[str]:
+    return [name for name, (s, _) in DOC_TABLES.items() if suite in (s, "all")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", choices=["core", "fused", "contrastive", "all"],
@@ -227,7 +270,17 @@ def main(argv: list[str] | None = None) -> None:
         "--hugepages", action="store_true",
         help=f"run with GLIBC_TUNABLES={HUGEPAGES} (transparent huge pages for large buffers)",
     )
+    parser.add_argument(
+        "--write-docs", action="store_true",
+        help="copy this run's tables and a header (date, machine, versions, commit) into"
+             " docs/benchmarks.md; a single suite is accepted only where the page's header"
+             " names the same machine, versions and commit",
+    )
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md",
+                        help="the page that --write-docs rewrites (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.write_docs and args.only:
+        parser.error("--write-docs copies whole tables; drop --only")
     if args.hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
         # glibc reads its tunables at start-up, so the setting needs a fresh process.
         tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t)
@@ -236,6 +289,14 @@ def main(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, script, *rest],
                   {**os.environ, "GLIBC_TUNABLES": tunables})
 
+    page_header, output = None, None
+    if args.write_docs:
+        try:
+            page_header = benchmark_docs.check_page(
+                args.docs, _docs_writes(args.suite), benchmark_docs.run_header(ROOT))
+        except ValueError as err:
+            parser.error(str(err))
+        output = benchmark_docs.capture_stdout()
     malloc = os.environ.get("GLIBC_TUNABLES") or "default"
     print(
         f"jax {jax.__version__}, optax {optax.__version__}, backend {jax.default_backend()},"
@@ -243,10 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.suite in ("core", "all"):
         print(f"\nCore: forward + gradient, float32, N={args.n}, V={args.v},"
-              f" {args.rounds} round(s) of {args.repeats} interleaved runs (medians)\n")
+              f" {args.rounds} round(s) of {args.repeats} interleaved runs (medians),"
+              f" {_allocator(os.environ)}\n")
         cases = [c for c in core_cases(args.n, args.v, jnp.float32)
                  if not args.only or any(t in c.name for t in args.only)]
         print_table(run_cases(cases, args.repeats, args.rounds))
+        if args.write_docs:
+            print(core_under_other_allocator(args))
     if args.suite in ("fused", "all"):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_fused import run_fused_benchmarks  # noqa: PLC0415  (optional, heavy)
@@ -256,7 +320,20 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_contrastive import run_contrastive_benchmarks  # noqa: PLC0415
 
-        run_contrastive_benchmarks(min(args.repeats, 5), quick=args.quick)
+        run_contrastive_benchmarks(min(args.repeats, 5), quick=args.quick,
+                                   scale=args.write_docs)
+    if page_header is not None and output is not None:
+        write_docs(args.docs, output.getvalue(), _docs_writes(args.suite), page_header)
+
+
+def write_docs(path: Path, output: str, writes: list[str], header: dict[str, str]) -> None:
+    """Copies the tables named ``writes`` from the printed ``output`` into ``path``."""
+    tables = benchmark_docs.tables_in(output, {n: DOC_TABLES[n][1] for n in writes})
+    missing = [n for n in writes if n not in tables]
+    if missing:
+        sys.exit(f"error: no table for {missing} in the output; {path} is unchanged")
+    benchmark_docs.write_page(path, tables, header)
+    print(f"\nwrote {len(tables)} tables and the header into {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

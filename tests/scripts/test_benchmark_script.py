@@ -105,3 +105,93 @@ def test_timing_helpers_measure_and_compare():
     assert max_rel_err({"a": jnp.array([1.0, 2.0])}, {"a": jnp.array([1.0, 4.0])}) == 0.5
     assert max_rel_err(jnp.array([2e-6]), jnp.array([1e-6])) == 1.0  # relative, not absolute
     assert max_rel_err(jnp.array([0.5]), jnp.zeros(1)) == 0.5  # absolute for an all-zero leaf
+
+
+def _block(text: str, name: str) -> str:
+    return text.split(f"<!-- {name} -->\n", 1)[1].split(f"<!-- /{name} -->", 1)[0]
+
+
+def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path):
+    from experiments import benchmark_docs
+
+    page = tmp_path / "benchmarks.md"
+    original = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    # The page's other tables come from an earlier run of the same commit on this machine.
+    earlier = {**benchmark_docs.run_header(ROOT), "Date": "2000-01-01"}
+    old_header = _block(original, "benchmark-header")
+    before = original.replace(old_header, benchmark_docs.format_header(earlier))
+    page.write_text(before, encoding="utf-8")
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "16", "--v", "20",
+         "--repeats", "1", "--rounds", "1", "--write-docs", "--docs", str(page)],
+        capture_output=True, text=True, check=True, timeout=300,
+        env=repo_env(drop=("GLIBC_TUNABLES",)),
+    )
+    after = page.read_text(encoding="utf-8")
+    today = benchmark_docs.run_header(ROOT)["Date"]
+    assert _block(after, "benchmark-header") == benchmark_docs.format_header(
+        {**earlier, "Date": f"2000-01-01 to {today}"})
+    for name, allocator in (("core-hugepages", "huge pages"), ("core-default",
+                                                               "default allocator")):
+        block = _block(after, name)
+        assert block.startswith("Core: forward + gradient, float32, N=16, V=20,"), block
+        assert block.splitlines()[0].endswith(f", {allocator}"), block
+        assert [r[0] for r in _table(block, "| function |")] == _core_case_names()
+    untouched = ("fused-cross-entropy", "fused-chunked", "contrastive-time")
+    assert all(_block(after, n) == _block(before, n) for n in untouched)
+    # Outside the rewritten blocks, the page is as it was.
+    strip = re.compile(r"<!-- (core-\w+|benchmark-header) -->\n.*?<!-- /\1 -->", re.DOTALL)
+    assert strip.sub("", after) == strip.sub("", before)
+
+
+def test_write_docs_refuses_one_suite_under_another_runs_header(tmp_path):
+    page = tmp_path / "benchmarks.md"
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    page.write_text(text.replace("- Commit:", "- Commit: another commit;"), encoding="utf-8")
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused",
+         "--write-docs", "--docs", str(page)],
+        capture_output=True, text=True, timeout=300, env=repo_env(),
+    )
+    assert run.returncode == 2, run.stderr
+    assert "header names another" in run.stderr and "run --suite all" in run.stderr, run.stderr
+    assert page.read_text(encoding="utf-8") == text.replace("- Commit:",
+                                                            "- Commit: another commit;")
+
+
+def test_docs_page_has_a_block_for_every_table_and_one_header():
+    from experiments import benchmark_docs
+
+    module = load_module(ROOT / "scripts" / "benchmark.py", "benchmark")
+    text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert sorted(benchmark_docs.blocks(text)) == sorted(
+        [benchmark_docs.HEADER, *module.DOC_TABLES])
+    for name, (_, title) in module.DOC_TABLES.items():  # each block starts with its title
+        assert re.search(title, _block(text, name).splitlines()[0]), name
+
+
+def test_page_writer_replaces_only_the_named_blocks(tmp_path):
+    from experiments import benchmark_docs
+
+    page = tmp_path / "page.md"
+    page.write_text("intro\n<!-- benchmark-header -->\n- Date: 2000-01-01\n- Machine: m\n"
+                    "- Versions: v\n- Commit: c\n<!-- /benchmark-header -->\n"
+                    "<!-- a -->\nold a\n<!-- /a -->\nmiddle\n<!-- b -->\nold b\n<!-- /b -->\n")
+    out = "noise\n\nTitle A, 3 rows\n\n| x | y |\n|---|---|\n| 1 | 2 |\n\nTitle B\n\n| z |\n"
+    tables = benchmark_docs.tables_in(out, {"a": r"^Title A", "b": r"^Title B"})
+    assert tables == {"a": "Title A, 3 rows\n\n| x | y |\n|---|---|\n| 1 | 2 |",
+                      "b": "Title B\n\n| z |"}
+    new = {"Date": "2001-02-03", "Machine": "m2", "Versions": "v2", "Commit": "c2"}
+    # Every table rewritten: the header is this run's, whatever the page said.
+    assert benchmark_docs.check_page(page, ["a", "b"], new) == new
+    with pytest.raises(ValueError, match="header names another machine, versions, commit"):
+        benchmark_docs.check_page(page, ["a"], new)
+    same = {**new, "Machine": "m", "Versions": "v", "Commit": "c"}
+    assert benchmark_docs.check_page(page, ["a"], same)["Date"] == "2000-01-01 to 2001-02-03"
+    with pytest.raises(ValueError, match=r"lacks the blocks \['c'\]"):
+        benchmark_docs.check_page(page, ["a", "c"], new)
+    benchmark_docs.write_page(page, {"a": tables["a"]}, new)
+    assert page.read_text() == (
+        "intro\n<!-- benchmark-header -->\n- Date: 2001-02-03\n- Machine: m2\n- Versions: v2\n"
+        "- Commit: c2\n<!-- /benchmark-header -->\n<!-- a -->\nTitle A, 3 rows\n\n| x | y |\n"
+        "|---|---|\n| 1 | 2 |\n<!-- /a -->\nmiddle\n<!-- b -->\nold b\n<!-- /b -->\n")
