@@ -171,7 +171,7 @@ def _time_cell(ratio: float, target: float | None) -> str:
 
 
 def unfused_rows(results: list[Measured], targets: Callable[[Size], tuple]) -> list[dict]:
-    """Rows of the fused-against-unfused tables (the README's fused-benchmark format)."""
+    """Rows of the fused-against-unfused tables (the fused tables of docs/benchmarks.md)."""
     rows = []
     for m in results:
         mem_target, time_target = targets(m.size)

@@ -1,4 +1,5 @@
-"""Keeps docs/*.md and docs/zh/*.md honest: their code runs and everything they cite exists.
+"""Keeps docs/*.md, docs/zh/*.md and the top-level pages (README.md, CHANGELOG.md,
+CONTRIBUTING.md, scripts/README.md) honest: their code runs and everything they cite exists.
 
 - Plain ``python`` blocks are executed in order, one namespace per document, so a guide's
   examples cannot rot. A block that imports a package which is not installed (Equinox, say)
@@ -10,7 +11,8 @@
 - The Chinese derivations cite exactly what the English ones cite, so neither can fall behind.
 
 Documents are named by their path under ``docs/`` (``derivations.md``, ``zh/derivations.md``),
-which keeps test ids and code-block namespaces apart for the translations.
+which keeps test ids and code-block namespaces apart for the translations; the other pages by
+their path in the repository (``README.md``, ``scripts/README.md``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOCS_DIR = ROOT / "docs"
 DOCS = sorted(DOCS_DIR.glob("*.md")) + sorted((DOCS_DIR / "zh").glob("*.md"))
+# The pages outside docs/ that readers meet first are held to the same rules.
+DOCS += [p for p in (ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "CONTRIBUTING.md",
+                     ROOT / "scripts" / "README.md") if p.is_file()]
 
 _FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 _CITATION = re.compile(
@@ -143,7 +148,7 @@ def test_doctest_blocks_run(block: Block) -> None:
 
 
 def _doc_name(doc: Path) -> str:
-    return doc.relative_to(DOCS_DIR).as_posix()
+    return doc.relative_to(DOCS_DIR if doc.is_relative_to(DOCS_DIR) else ROOT).as_posix()
 
 
 def _cited(doc: Path) -> Iterator[tuple[str, str | None]]:
