@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.write_docs and args.only:
         parser.error("--write-docs copies whole tables; drop --only")
+    if args.write_docs and args.quick and args.docs == parser.get_default("docs"):
+        parser.error("--quick runs are checks, not measurements: give --docs PATH to write one")
     if args.hugepages and HUGEPAGES not in os.environ.get("GLIBC_TUNABLES", ""):
         # glibc reads its tunables at start-up, so the setting needs a fresh process.
         tunables = ":".join(t for t in (os.environ.get("GLIBC_TUNABLES"), HUGEPAGES) if t)

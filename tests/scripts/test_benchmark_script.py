@@ -195,3 +195,15 @@ def test_page_writer_replaces_only_the_named_blocks(tmp_path):
         "intro\n<!-- benchmark-header -->\n- Date: 2001-02-03\n- Machine: m2\n- Versions: v2\n"
         "- Commit: c2\n<!-- /benchmark-header -->\n<!-- a -->\nTitle A, 3 rows\n\n| x | y |\n"
         "|---|---|\n| 1 | 2 |\n<!-- /a -->\nmiddle\n<!-- b -->\nold b\n<!-- /b -->\n")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--only", "softmax"], "drop --only"),
+    (["--suite", "fused", "--quick"], "give --docs PATH"),
+])
+def test_write_docs_refuses_partial_or_quick_tables_on_the_docs_page(flags, message, capsys):
+    module = load_module(ROOT / "scripts" / "benchmark.py", "benchmark")
+    with pytest.raises(SystemExit) as exit_:
+        module.main([*flags, "--write-docs"])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
