@@ -4,7 +4,7 @@ CONTRIBUTING.md, scripts/README.md) honest: their code runs and everything they 
 - Plain ``python`` blocks are executed in order, one namespace per document, so a guide's
   examples cannot rot. A block that imports a package which is not installed (Equinox, say)
   is skipped; the blocks after it must not depend on it, or they fail where it is skipped.
-- ``python`` blocks written as ``>>>`` sessions are run as doctests, with the four-decimal
+- ``python`` blocks written as ``>>>`` examples are run as doctests, with the four-decimal
   print options of the docstring examples.
 - Every ``path`` or ``path::name`` in backticks must name an existing file and, for
   ``::name``, a ``def``/``class`` (each part of a dotted name) or module-level assignment.
