@@ -1,4 +1,5 @@
-r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two strategies.
+r"""The ``custom_vjp`` shared by every fused loss: a rule
+(:class:`~softmax_jax.fused.interface.Rule`), the engine, and two strategies.
 
 - ``"mean"`` and ``"sum"`` (:func:`reduced`): the gradients are computed inside the forward
   pass, with per-row weights :math:`r_i = s_i / \mathrm{den}` (``s`` the row scale: 1
@@ -11,8 +12,8 @@ r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two s
 Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
 (partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
 (labels, class weights, the teacher's head) get zero cotangents. A hyper-parameter out of
-range (traced, so it could not raise; :meth:`valid`) makes the loss and every cotangent NaN,
-as in the unfused losses.
+range (traced, so it could not raise; :meth:`~softmax_jax.fused.interface.Rule.valid`)
+makes the loss and every cotangent NaN, as in the unfused losses.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, vma
+from .interface import Rule
 
 
 class Static(NamedTuple):
     """Static (hashable) facts of one call."""
 
-    rule: Any
+    rule: Rule
     engine: engine.Options
     reduction: str
     vma_x: frozenset
