@@ -43,13 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from softmax_jax import _validation as _v
 from softmax_jax._normalizer import Normalizer
 
 from . import vma
 from .blocks import (
     Tokens,
     balanced,
-    block_exp,
     cols,
     finished_shift,
     fold_vocab,
@@ -59,8 +59,10 @@ from .blocks import (
     merge_log_ratios,
     merge_shards,
     narrow_bits,
+    num_classes,
+    online_lse,
     put_cols,
-    rescale,
+    shard_start,
     token_loop,
     transposed,
     weight_cols,
@@ -98,6 +100,11 @@ class _Views(NamedTuple):
     rows: tuple[jax.Array, ...]  # the rule's per-token arrays
     r: jax.Array | None = None  # the gradient's per-row weights (gradient pass only)
     stats: RowStats | None = None  # finished statistics (gradient pass only)
+
+    def at(self, tokens: Tokens, k: Any) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Token block ``k``'s inputs of each head and rows of the rule."""
+        return (tuple(tokens.take(a, k) for a in self.x),
+                tuple(tokens.take(a, k) for a in self.rows))
 
 
 class _Outs(NamedTuple):
@@ -147,9 +154,9 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
         new_m, new_s, weights = [], [], []
         streams = rule.streams(blk, call.params)
         for i, z in enumerate(streams):
-            bm, m1, e = block_exp(z, ms[i])
+            bm, m1, s1, e = online_lse(z, ms[i], ss[i])
             new_m.append(m1)
-            new_s.append(rescale(ss[i], ms[i], m1) + jnp.sum(e, axis=1))
+            new_s.append(s1)
             weights.append(e)
             if i == 0 and amax is not None:
                 cand = (jnp.argmax(z, axis=1) + blk.first_class).astype(jnp.int32)
@@ -216,8 +223,7 @@ def _held_loop(call: _Call, tokens: Tokens, views: _Views, want_stats: bool, wan
 
     def token_step(k, carry):
         dw, db, dcap, outs = carry
-        xs = tuple(tokens.take(a, k) for a in views.x)
-        rows = tuple(tokens.take(a, k) for a in views.rows)
+        xs, rows = views.at(tokens, k)
         held, raw = _logits(call, xs, 0, v)
 
         def tile(start, width):
@@ -294,8 +300,7 @@ def _stats_loop(call: _Call, tokens: Tokens, views: _Views) -> RowStats:
     axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
 
     def token_step(k, outs):
-        xs = tuple(tokens.take(a, k) for a in views.x)
-        rows = tuple(tokens.take(a, k) for a in views.rows)
+        xs, rows = views.at(tokens, k)
 
         def tile(start, width):
             return _block(call, _logits(call, xs, start, width)[0], start, rows)
@@ -330,8 +335,7 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: _Views):
 
         def token_step(k, c):
             dw_j, db_j, dcap, outs = c
-            xs = tuple(tokens.take(a, k) for a in views.x)
-            rows = tuple(tokens.take(a, k) for a in views.rows)
+            xs, rows = views.at(tokens, k)
             stats = jax.tree.map(lambda a: tokens.take(a, k), views.stats)
             logits, raw = _logits(call, xs, start, width)
             assert views.r is not None and outs.dx is not None
@@ -388,20 +392,15 @@ def run(rule: Rule, opt: Options, heads: tuple[Head, ...], rows: tuple[jax.Array
     """
     x0, w0 = heads[0].x, heads[0].w
     n, v = x0.shape[0], w0.shape[1]
-    ct = np.dtype(jnp.promote_types(jnp.result_type(*(h.x.dtype for h in heads),
-                                                    *(h.w.dtype for h in heads)), jnp.float32))
+    ct = _v.compute_dtype(*(h.x.dtype for h in heads), *(h.w.dtype for h in heads))
     axis = opt.axis_name
-    offset: Any = 0
-    num_classes: int | jax.Array = v
-    if axis is not None:
-        num_classes = v * lax.axis_size(axis)
-        offset = lax.axis_index(axis) * v
     leaves = [a for h in heads for a in h if a is not None] + list(rows) + list(classes)
     leaves += [] if r is None else [r]
     axes = frozenset().union(*(vma.varying(a) for a in leaves))
     if saved is not None:
         axes |= frozenset().union(*(vma.varying(a) for a in jax.tree.leaves(saved)))
-    call = _Call(rule, opt, heads, classes, params, cap, ct, offset, num_classes, axes)
+    call = _Call(rule, opt, heads, classes, params, cap, ct, shard_start(v, axis),
+                 num_classes(v, axis), axes)
     tokens = Tokens(n, opt.layout.token_block)
     views = _Views(tuple(tokens.view(h.x) for h in heads), tuple(tokens.view(a) for a in rows),
                    None if r is None else tokens.view(r),

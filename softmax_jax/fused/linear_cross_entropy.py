@@ -29,7 +29,7 @@ from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
 
-from . import args, interface, vjp, vma
+from . import args, blocks, interface, vjp, vma
 from .layout import BlockLayout
 
 __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
@@ -367,7 +367,7 @@ def linear_softmax_cross_entropy(
         weight_sum = jnp.sum(weights.astype(ct))
         if axis_name is not None:
             weight_sum = lax.psum(weight_sum, axis_name)
-    rule = Rule(options, args.num_classes(v, axis_name), bool(return_stats))
+    rule = Rule(options, blocks.num_classes(v, axis_name), bool(return_stats))
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
     loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights), full, cap.astype(ct))

@@ -34,7 +34,7 @@ from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, interface, vjp, vma
+from . import args, blocks, interface, vjp, vma
 from . import linear_cross_entropy as _fce
 from .layout import BlockLayout
 
@@ -142,23 +142,21 @@ class Rule(interface.Rule):
         return _dt.RowSums(jnp.zeros_like(kl), kl)
 
     def _parts(self, consts, stats, params):
-        """Per row: ``(divergence D, CE terms or None)``."""
+        """Per row: ``(divergence D, CE terms, CE loss)``, the last two None without the
+        hard term."""
         div = _dt.divergence(self._row_sums(stats), params.beta, self.kind)
-        terms = None
-        if self.hard:
-            ce_stats = stats._replace(norms=stats.norms[2:])
-            terms = _fce.label_terms(self.ce, ce_stats)
-        return div, terms
+        if not self.hard:
+            return div, None, None
+        terms = _fce.label_terms(self.ce, stats._replace(norms=stats.norms[2:]))
+        ce = _ce.loss(terms.half_nll, terms.half_uniform, terms.lse, jnp.ones_like(terms.lse),
+                      None, params.ce, self.ce.options)
+        return div, terms, ce
 
     def row_loss(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
                  params: Params) -> jax.Array:
-        div, terms = self._parts(consts, stats, params)
+        div, _, ce = self._parts(consts, stats, params)
         loss = _dt.times(jnp.square(params.temperature), div)
-        if self.hard:
-            assert terms is not None
-            half_nll, half_uniform, lse, _ = terms
-            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
-                          self.ce.options)
+        if ce is not None:
             loss = _ce.times(params.hard_weight, ce) + _ce.times(1.0 - params.hard_weight, loss)
         return _ce.times(scale, loss)
 
@@ -183,7 +181,7 @@ class Rule(interface.Rule):
     def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
                    row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
         temp, beta, hw = params.temperature, params.beta, params.hard_weight
-        div, terms = self._parts(consts, stats, params)
+        div, terms, ce = self._parts(consts, stats, params)
         soft = 1.0 - hw if self.hard else jnp.ones((), r.dtype)
         r_soft = _ce.times(r, soft)
         d_temp = (_dt.temperature_cotangent(temp, div, row_sums[0]) if self.temperature_grad
@@ -191,11 +189,8 @@ class Rule(interface.Rule):
         d_beta = _dt.beta_cotangent(temp, self._row_sums(stats), beta, self.kind)
         d_hw = jnp.zeros((), r.dtype)
         d_ce = _ce.Params(jnp.zeros((), r.dtype), jnp.zeros((), r.dtype))
-        if self.hard:
-            assert terms is not None
+        if terms is not None and ce is not None:
             half_nll, half_uniform, lse, _ = terms
-            ce = _ce.loss(half_nll, half_uniform, lse, jnp.ones_like(lse), None, params.ce,
-                          self.ce.options)
             d_hw = jnp.sum(_ce.times(r, ce - _dt.times(jnp.square(temp), div)))
             d_ce = _ce.hyper_cotangents(_ce.times(r, hw), half_nll, half_uniform, lse, None,
                                         params.ce, self.ce.options)
@@ -314,7 +309,7 @@ def linear_softmax_distillation(
                                  vocab_block, heads=2)
     ct = args.compute_dtype(x, w, tx, tw)
     ce_options = ce_options._replace(smoothing=hard and ce_options.smoothing)
-    ce_rule = _fce.Rule(ce_options, args.num_classes(v, axis_name), False)
+    ce_rule = _fce.Rule(ce_options, blocks.num_classes(v, axis_name), False)
     rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
