@@ -28,10 +28,12 @@ A fused loss is a rule on the engine. To add one (read this module and one rule 
    :meth:`Rule.row_loss` and :meth:`Rule.cotangents` (from the finished :class:`RowStats`);
    :meth:`Rule.denominator`, :meth:`Rule.weights` and :meth:`Rule.aux` have defaults.
 6. Write the public function: check the arguments (:mod:`.args`:
-   ``args.head``, ``args.reduction``, :meth:`~.layout.BlockLayout.resolve`, and the loss's
-   own hyper-parameters with :func:`softmax_jax._validation.hyperparameter`), build the
-   rule and ``args.static(...)``, and call ``vjp.dispatch(static, x, w, b, consts, params,
-   cap)``; it returns ``(loss, aux)``.
+   ``args.head``, ``args.reduction``, :meth:`~.layout.BlockLayout.resolve`,
+   ``vma.check_vocab_axes`` for a sharded vocabulary, and the loss's own hyper-parameters
+   with :func:`softmax_jax._validation.hyperparameter`), build the rule (the global
+   vocabulary size is :func:`.blocks.num_classes`) and ``args.static(...)``, and call
+   ``vjp.dispatch(static, x, w, b, consts, params, cap)``; it returns ``(loss, aux)``.
+   Export the function from :mod:`softmax_jax.fused` and :mod:`softmax_jax`.
 7. Test it against the unfused loss (values and ``jax.grad``, every reduction, both
    layouts of :class:`~.layout.BlockLayout`, and a vocabulary sharded under ``shard_map``),
    and derive its gradient in ``docs/derivations.md``.
