@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from softmax_jax import _validation as _v
-
-Mask = jax.Array | None
+from softmax_jax._validation import Mask
 
 
 def class_axes(axis: object, ndim: int, name: str = "x") -> int | tuple[int, ...]:

@@ -17,12 +17,11 @@ import jax.numpy as jnp
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import (
     Axes,
-    Mask,
     Normalizer,
-    broadcast_mask,
     masked_fill,
     reduction_axes,
 )
+from softmax_jax._validation import Mask
 
 __all__ = ["logsumexp"]
 
@@ -221,7 +220,7 @@ def logsumexp(
     if b is not None:
         a, b = _scale_factors(a, b)
     axes = reduction_axes(axis, a.ndim, "a")
-    mask = broadcast_mask(where, a.shape, axes)
+    mask = _v.prepare_where(where, a.shape, axes)
     if b is None:
         lse = _logsumexp_jit(a, axes, mask)
         lse = jnp.expand_dims(lse, axes) if keepdims else lse

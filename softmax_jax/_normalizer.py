@@ -1,5 +1,5 @@
-"""The shared pieces of the softmax family: reading ``axis`` and ``where``, masking, and the
-per-row normaliser.
+"""The shared pieces of the softmax family: reading ``axis``, masking (the ``where`` mask is
+checked by :func:`softmax_jax._validation.prepare_where`), and the per-row normaliser.
 
 Plain ``jnp`` with no rules of their own; :mod:`softmax_jax.activations`, ``logsumexp`` and
 the losses build their ``custom_vjp`` rules on them. A normaliser is computed row by row
@@ -18,7 +18,6 @@ from softmax_jax import _axes
 from softmax_jax import _validation as _v
 
 Axes = tuple[int, ...]
-Mask = jax.Array | None
 
 
 def reduction_axes(axis: object, ndim: int, name: str = "x") -> Axes:
@@ -30,15 +29,7 @@ def reduction_axes(axis: object, ndim: int, name: str = "x") -> Axes:
     return axes if isinstance(axes, tuple) else (axes,)
 
 
-def broadcast_mask(where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axes: Axes) -> Mask:
-    """The ``where`` mask, checked (NumPy broadcasting only) and given ``shape``'s rank."""
-    if where is None:
-        return None
-    mask = _v.check_where(where, shape, axes)
-    return jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
-
-
-def masked_fill(x: jax.Array, mask: jax.Array | None, fill: float) -> jax.Array:
+def masked_fill(x: jax.Array, mask: _v.Mask, fill: float) -> jax.Array:
     """``x`` with masked-out entries replaced by ``fill`` (the identity when there is no mask).
 
     Replacing before any arithmetic is the first half of the "double where": a masked NaN or

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+Mask = jax.Array | None  # a checked ``where`` mask (True: kept); None keeps everything
+
 
 def as_float_array(name: str, x: jax.typing.ArrayLike) -> jax.Array:
     """Returns ``x`` as a JAX array, raising ``TypeError`` unless it is floating point."""
@@ -156,13 +158,14 @@ def loss_where(
 
 
 def prepare_where(
-    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axis: int
-) -> jax.Array | None:
-    """The ``where`` mask (see :func:`check_where`) with leading size-1 axes added, so that
-    it has ``shape``'s rank and broadcasts to it."""
+    where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
+) -> Mask:
+    """The ``where`` mask, checked (:func:`check_where`: NumPy broadcasting only, ``axes``
+    the normalised ones) and with leading size-1 axes added, so that it has ``shape``'s
+    rank and broadcasts to it."""
     if where is None:
         return None
-    mask = check_where(where, shape, (axis,))
+    mask = check_where(where, shape, axes)
     return jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
 
 
@@ -202,6 +205,7 @@ def hyperparameter(
     return arr, concrete != 0.0
 
 
-def compute_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype the math runs in: at least float32, so bf16/f16 inputs get f32 accuracy."""
-    return np.dtype(jnp.promote_types(dtype, jnp.float32))
+def compute_dtype(*dtypes: jax.typing.DTypeLike) -> np.dtype:
+    """The dtype the math runs in for inputs of ``dtypes``: their promoted type, at least
+    float32, so bf16/f16 inputs get f32 accuracy (and float64 ones, under x64, float64)."""
+    return np.dtype(jnp.promote_types(jnp.result_type(*dtypes), jnp.float32))

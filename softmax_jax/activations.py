@@ -42,12 +42,11 @@ import jax.numpy as jnp
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import (
     Axes,
-    Mask,
     Normalizer,
-    broadcast_mask,
     masked_fill,
     reduction_axes,
 )
+from softmax_jax._validation import Mask
 
 __all__ = ["log_softmax", "sigmoid", "softmax"]
 
@@ -125,7 +124,7 @@ def softmax(
     """
     x = _v.as_float_array("x", x)
     axes = reduction_axes(axis, x.ndim)
-    return _softmax_jit(x, axes, broadcast_mask(where, x.shape, axes))
+    return _softmax_jit(x, axes, _v.prepare_where(where, x.shape, axes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ def log_softmax(
     """
     x = _v.as_float_array("x", x)
     axes = reduction_axes(axis, x.ndim)
-    return _log_softmax_jit(x, axes, broadcast_mask(where, x.shape, axes))
+    return _log_softmax_jit(x, axes, _v.prepare_where(where, x.shape, axes))
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,5 +223,5 @@ def softmax_cross_entropy(
     weights = _ce.check_class_weights(class_weights, logits.shape[axis])
     params, options = _ce.hyperparameters(label_smoothing, z_loss, None, weights is not None)
     ct = _v.compute_dtype(logits.dtype)
-    mask = _v.prepare_where(where, logits.shape, axis)
+    mask = _v.prepare_where(where, logits.shape, (axis,))
     return _dense_ce_jit(logits, labels, mask, weights, params.astype(ct), axis, options)

@@ -27,8 +27,6 @@ from softmax_jax._normalizer import Normalizer, masked_fill
 
 __all__ = ["distillation_loss", "kl_divergence", "kl_divergence_with_log_targets"]
 
-Mask = jax.Array | None
-
 
 # --------------------------------------------------------------------------------------------
 # Distillation
@@ -183,7 +181,7 @@ def distillation_loss(
             flat.flatten(student), flat.flatten(teacher), -1, flat.where(where),
             temperature=temperature, beta=beta,
         )
-    mask = _v.prepare_where(where, student.shape, axis)
+    mask = _v.prepare_where(where, student.shape, (axis,))
     temp, b, kind = _terms.hyperparameters(temperature, beta)
     ct = _v.compute_dtype(jnp.result_type(student, teacher))
     return _distill_jit(student, teacher, mask, temp.astype(ct), b.astype(ct), axis, kind)

@@ -293,5 +293,5 @@ def softmax_cross_entropy_with_integer_labels(
     params, options = _ce.hyperparameters(
         label_smoothing, z_loss, ignore_index, weights is not None)
     ct = _v.compute_dtype(logits.dtype)
-    mask = _v.prepare_where(where, logits.shape, axis)
+    mask = _v.prepare_where(where, logits.shape, (axis,))
     return _int_ce_jit(logits, labels, mask, weights, params.astype(ct), axis, options)

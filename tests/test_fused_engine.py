@@ -3,20 +3,18 @@ gradient is the softmax; a second pass adds up each row's probabilities (which s
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from softmax_jax.fused import engine
+from softmax_jax.fused import blocks, engine
 from softmax_jax.fused.layout import BlockLayout
 
 N, D, V = 11, 4, 19
 
 
-class LseRule(NamedTuple):
+class LseRule(engine.Rule):
     """Loss lse(z) per row: dlogits = r * softmax(z); the row sums count sum_c z_c over the
     finite logits and, in a second pass, sum_c a_c; the gradient pass adds up sum_c a_c z_c."""
 
@@ -91,15 +89,15 @@ def test_saved_statistics_skip_the_first_passes():
 
 def test_online_merge_of_empty_parts_is_not_nan():
     s = jnp.array([0.0, 2.0])
-    out = engine.rescale(s, jnp.array([-jnp.inf, 1.0]), jnp.array([-300.0, 3.0]))
+    out = blocks.rescale(s, jnp.array([-jnp.inf, 1.0]), jnp.array([-300.0, 3.0]))
     np.testing.assert_allclose(out, [0.0, 2.0 * np.exp(-2.0)], rtol=1e-6)
-    bm, m, e = engine.block_exp(jnp.full((1, 3), -jnp.inf), jnp.array([-jnp.inf]))
+    bm, m, e = blocks.block_exp(jnp.full((1, 3), -jnp.inf), jnp.array([-jnp.inf]))
     assert bm[0] == -jnp.inf and m[0] == -jnp.inf and np.all(np.asarray(e) == 0.0)
 
 
 def test_block_exp_is_relative_to_the_running_maximum():
     z = jnp.array([[1.0, 3.0, -jnp.inf], [-jnp.inf, -jnp.inf, -jnp.inf]])
-    bm, m, e = engine.block_exp(z, jnp.array([5.0, 2.0]))
+    bm, m, e = blocks.block_exp(z, jnp.array([5.0, 2.0]))
     np.testing.assert_array_equal(bm, [3.0, -np.inf])
     np.testing.assert_array_equal(m, [5.0, 2.0])
     np.testing.assert_allclose(e, [[np.exp(-4.0), np.exp(-2.0), 0.0], [0.0, 0.0, 0.0]],

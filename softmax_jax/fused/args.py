@@ -97,10 +97,6 @@ def soft_cap(value: object) -> tuple[jax.Array, bool]:
     return cap, not math.isinf(concrete)
 
 
-def num_classes(v_local: int, axis_name: Hashable | None) -> int:
-    return v_local if axis_name is None else v_local * lax.axis_size(axis_name)
-
-
 def static(rule, axis_name, layout: BlockLayout, capped: bool, reduction_: str,
            want_argmax: bool, x, w, b) -> vjp.Static:
     return vjp.Static(
@@ -114,7 +110,8 @@ def static(rule, axis_name, layout: BlockLayout, capped: bool, reduction_: str,
 
 
 def compute_dtype(*arrays) -> np.dtype:
-    return _v.compute_dtype(jnp.result_type(*(a.dtype for a in arrays if a is not None)))
+    """:func:`softmax_jax._validation.compute_dtype` of the arrays given (None skipped)."""
+    return _v.compute_dtype(*(a.dtype for a in arrays if a is not None))
 
 
 def local_gather(values: jax.Array, labels: jax.Array, axis_name: Hashable | None) -> jax.Array:

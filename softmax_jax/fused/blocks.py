@@ -1,14 +1,27 @@
-"""Block helpers of the fused engine: column slices, the token view, the online merge."""
+"""Block helpers of the fused engine: the sharded vocabulary, column slices, the token view,
+the online log-sum-exp and its merge."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+
+def num_classes(v_local: int, axis_name: Hashable | None) -> int:
+    """The global vocabulary size: ``v_local`` columns on each device along ``axis_name``
+    (the vocabulary axis; None when the vocabulary is not sharded)."""
+    return v_local if axis_name is None else v_local * lax.axis_size(axis_name)
+
+
+def shard_start(size: int, axis_name: Hashable | None) -> Any:
+    """The global index of this device's first entry of an axis split in slices of ``size``
+    along ``axis_name`` (0 without one)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name) * size
 
 
 def fold_vocab(body: Callable[[Any, Any, int], Any], carry: Any, v: int, block: int) -> Any:
@@ -89,16 +102,27 @@ def rescale(s: jax.Array, m_old: jax.Array, m_new: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 0.0, s * jnp.exp(m_old - m_new))
 
 
-def block_exp(z: jax.Array, m_old: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    r"""One block of the online log-sum-exp: the block's row maximum, the new running
-    maximum :math:`m' = \max(m, \max_c z_c)` and :math:`e^{z - m'}` (with a shift of 0
-    where :math:`m'` is not finite, so an all :math:`-\infty` row gives zeros, not NaN).
-    Exponentiating against :math:`m'` rather than the block's own maximum lets the same
-    array give the sum and any online expectation: one ``exp`` per element."""
-    bm = jnp.max(z, axis=1)
+def block_exp(z: jax.Array, m_old: jax.Array,
+              axis: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    r"""One block of the online log-sum-exp along ``axis`` (each row's by default): the
+    block's maximum, the new running maximum :math:`m' = \max(m, \max_c z_c)` and
+    :math:`e^{z - m'}` (with a shift of 0 where :math:`m'` is not finite, so an all
+    :math:`-\infty` row gives zeros, not NaN). Exponentiating against :math:`m'` rather than
+    the block's own maximum lets the same array give the sum and any online expectation:
+    one ``exp`` per element."""
+    bm = jnp.max(z, axis=axis)
     m_new = jnp.maximum(m_old, bm)
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    return bm, m_new, jnp.exp(z - shift[:, None])
+    return bm, m_new, jnp.exp(z - jnp.expand_dims(shift, axis))
+
+
+def online_lse(z: jax.Array, m_old: jax.Array, s_old: jax.Array, axis: int = 1
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    r"""One block of the online log-sum-exp along ``axis``, :math:`m' = \max(m, \max_c
+    z_c)`, :math:`s' = s\,e^{m - m'} + \sum_c e^{z_c - m'}` (:func:`block_exp`,
+    :func:`rescale`): ``(block maximum, m', s', e^{z - m'})``."""
+    bm, m_new, e = block_exp(z, m_old, axis)
+    return bm, m_new, rescale(s_old, m_old, m_new) + jnp.sum(e, axis=axis), e
 
 
 def merge_shards(axis: Any, ms, ss, firsts, argmax):

@@ -48,8 +48,8 @@ from .blocks import (
     fold_vocab,
     grad_matmul,
     matmul,
+    online_lse,
     put_cols,
-    rescale,
     token_loop,
     transposed,
 )
@@ -139,14 +139,6 @@ def kept(tile: Tile, a: jax.Array, fill: float) -> jax.Array:
     return a if tile.keep is None else jnp.where(tile.keep, a, fill)
 
 
-def _online(z: jax.Array, m_old: jax.Array, s_old: jax.Array, axis: int):
-    """One block of the online log-sum-exp along ``axis`` (-inf entries add nothing)."""
-    m_new = jnp.maximum(m_old, jnp.max(z, axis=axis))
-    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    e = jnp.exp(z - jnp.expand_dims(shift, axis))
-    return m_new, rescale(s_old, m_old, m_new) + jnp.sum(e, axis=axis)
-
-
 def empty_stats(call: Call, rows: Rows, m_cols: int) -> Stats:
     tb, nt = rows.tokens.tb, rows.tokens.nt
     row = jnp.zeros((tb, nt), call.ct)
@@ -164,9 +156,9 @@ def stats_pass(call: Call, rows: Rows, blk: Cols, stats: Stats) -> Stats:
         tile, _, _, _ = _tile(call, rows, k, blk, start, width)
         zk = kept(tile, tile.z, -jnp.inf)
         if rule.normalisers[0]:
-            rm, rs = _online(zk, rm, rs, 1)
+            _, rm, rs, _ = online_lse(zk, rm, rs, 1)
         if rule.normalisers[1]:
-            m_c, s_c = _online(zk, cols(cm, start, width), cols(cs, start, width), 0)
+            _, m_c, s_c, _ = online_lse(zk, cols(cm, start, width), cols(cs, start, width), 0)
             cm, cs = put_cols(cm, start, m_c, False), put_cols(cs, start, s_c, False)
         sums = tuple(a + b for a, b in zip(sums, rule.sums(tile), strict=True))
         return vma.vary_all((rm, rs, sums, cm, cs), call.axes) + (k,)

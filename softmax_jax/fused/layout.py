@@ -74,7 +74,7 @@ class BlockLayout(NamedTuple):
         if weight_itemsize < 4 and d * v * 4 > NARROW_DW_BYTES:
             held = False
         if held:
-            return BlockLayout(min(n, max(8, HELD_ELEMENTS // (v * heads) // 8 * 8)), v)
+            return BlockLayout(_held_token_block(n, v, heads), v)
         return BlockLayout(min(n, TILE_TOKENS), min(v, TILE_VOCAB))
 
     @staticmethod
@@ -90,9 +90,14 @@ class BlockLayout(NamedTuple):
         vb = min(vb, v)
         if tb is None:
             tb = auto.token_block if vb == auto.vocab_block else (
-                min(n, max(8, HELD_ELEMENTS // (vb * heads) // 8 * 8)) if vb >= v
-                else min(n, TILE_TOKENS))
+                _held_token_block(n, vb, heads) if vb >= v else min(n, TILE_TOKENS))
         return BlockLayout(min(tb, n), vb)
+
+
+def _held_token_block(n: int, v: int, heads: int) -> int:
+    """Held rows: about ``HELD_ELEMENTS`` logits over all heads, a multiple of 8 rows (at
+    least 8), clipped to ``n``."""
+    return min(n, max(8, HELD_ELEMENTS // (v * heads) // 8 * 8))
 
 
 def _checked(name: str, value: object) -> int | None:

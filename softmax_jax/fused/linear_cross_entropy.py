@@ -18,19 +18,24 @@ terms are handed over halved, as the shared module combines them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
 
-from . import args, engine, vjp, vma
+from . import args, blocks, interface, vjp, vma
 from .layout import BlockLayout
 
 __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
+
+# labels [N], the label's class weight w_y [N] and the class weights [V] (both None unweighted)
+Consts = tuple[jax.Array, jax.Array | None, jax.Array | None]
 
 
 class FusedStats(NamedTuple):
@@ -51,57 +56,67 @@ class Params(NamedTuple):
     weight_sum: jax.Array  # W, a derived constant (class weights carry no gradient)
 
 
-def _hit(blk: engine.Block, labels: jax.Array) -> jax.Array:
+class LabelTerms(NamedTuple):
+    """Per token, the label terms of the cross-entropy from the finished statistics, halved
+    as :mod:`softmax_jax._cross_entropy_terms` combines them (:func:`_ce.loss`)."""
+
+    half_nll: jax.Array
+    half_uniform: jax.Array | None  # None without smoothing
+    lse: jax.Array
+    w_y: jax.Array | None  # the label's class weight (None unweighted)
+
+
+def _hit(blk: interface.Block, labels: jax.Array) -> jax.Array:
     """``[tokens, width]``: is the column the token's label?"""
     loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
     width = blk.logits[0].shape[1]
     return lax.broadcasted_iota(loc.dtype, (loc.shape[0], width), 1) == loc[:, None]
 
 
-class Rule(NamedTuple):
-    """The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``."""
+@dataclasses.dataclass(frozen=True)
+class Rule(interface.Rule):
+    r"""The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``; its
+    stream 0 is head 0's logits, its first sums :math:`z_y` and, under smoothing,
+    :math:`\sum_c w_c z_c / V`."""
 
     options: _ce.Options
     num_classes: int  # global vocabulary size
     want_stats: bool
 
-    def sizes(self) -> tuple[int, int, int]:
-        return 1, 2 if self.options.smoothing else 1, 0
+    def sizes(self) -> interface.Sizes:
+        return interface.Sizes(1, 2 if self.options.smoothing else 1, 0)
 
-    def grad_sizes(self) -> int:
-        return 0
+    def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
+              consts: Consts) -> tuple[interface.Head, ...]:
+        return (interface.Head(x, w, b),)
 
-    def heads(self, x, w, b, consts):
-        return (engine.Head(x, w, b),)
-
-    def rows(self, consts):
+    def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         labels, w_y, _ = consts
         return (labels,) if w_y is None else (labels, w_y)
 
-    def classes(self, consts):
+    def classes(self, consts: Consts) -> tuple[jax.Array, ...]:
         return () if consts[2] is None else (consts[2],)
 
-    def scale(self, consts, num_classes, ct):
+    def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
         return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, dtype=ct)[0]
 
-    def denominator(self, consts, scale):
+    def denominator(self, consts: Consts, scale: jax.Array) -> jax.Array:
         w_y = consts[1]
         if w_y is None:
             return jnp.sum(scale != 0).astype(scale.dtype)
         return jnp.sum(_ce.times(scale, w_y.astype(scale.dtype)))
 
-    def weights(self, consts, scale, factor):
-        return _ce.times(scale, factor)
-
-    def valid(self, params):
-        """Whether the traced hyper-parameters are in range (:func:`_ce.hyperparameters`
-        turned those that are not into NaN)."""
+    def valid(self, params: interface.Tree) -> jax.Array:
+        """Whether the traced hyper-parameters ``params.ce`` are in range
+        (:func:`_ce.hyperparameters` turned those that are not into NaN); another rule's
+        params with a ``ce`` field do too."""
         return ~(jnp.isnan(params.ce.eps) | jnp.isnan(params.ce.lam))
 
-    def streams(self, blk, params):
+    def streams(self, blk: interface.Block, params: Params | None) -> tuple[jax.Array, ...]:
         return (blk.logits[0],)
 
-    def first_sums(self, blk, params):
+    def first_sums(self, blk: interface.Block,
+                   params: Params | None) -> tuple[jax.Array, ...]:
         z = blk.logits[0]
         # A gather of one entry per row: a where-and-sum over the block would be
         # materialised as a second block-sized array on CPU.
@@ -117,33 +132,14 @@ class Rule(NamedTuple):
         # range cannot overflow where the smoothing term itself is finite.
         return z_y, jnp.sum(zw * (1.0 / self.num_classes), axis=1)
 
-    def second_sums(self, blk, stats, params):
-        return ()
-
-    def _terms(self, consts, stats, params):
-        """``(half_nll, half_uniform, lse, w_y)`` per token: the label terms halved, as
-        :mod:`softmax_jax._cross_entropy_terms` combines them."""
-        norm = stats.norms[0]
-        lse = norm.lse()[:, 0]
-        half_nll = _ce.half_neg_log_prob(stats.first[0][:, None], norm.m, norm.log_s)[:, 0]
-        half_uniform = None
-        if self.options.smoothing:
-            total = stats.first[1]
-            w_all = params.weight_sum if self.options.weighted else jnp.asarray(
-                self.num_classes, lse.dtype)
-            # ((W / V) lse - sum_c w_c z_c / V) / 2: scaled before the difference (W lse
-            # alone overflows at lse = 2e38), as the unfused losses' half_uniform is.
-            half_uniform = jnp.where(
-                total == -jnp.inf, jnp.inf,
-                _ce.times(w_all / self.num_classes, 0.5 * lse) - 0.5 * total)
-        w_y = consts[1]
-        return half_nll, half_uniform, lse, None if w_y is None else w_y.astype(lse.dtype)
-
-    def row_loss(self, consts, scale, stats, params):
-        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+    def row_loss(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                 params: Params) -> jax.Array:
+        half_nll, half_uniform, lse, w_y = label_terms(self, stats, consts[1],
+                                                       params.weight_sum)
         return _ce.loss(half_nll, half_uniform, lse, scale, w_y, params.ce, self.options)
 
-    def dlogits(self, blk, stats, r, params):
+    def dlogits(self, blk: interface.Block, stats: interface.RowStats, r: jax.Array,
+                params: Params) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         z, norm = blk.logits[0], stats.norms[0]
         w_y = blk.rows[1] if self.options.weighted else None
         a = norm.prob(z)
@@ -159,17 +155,44 @@ class Rule(NamedTuple):
         grad = grad - jnp.where(_hit(blk, blk.rows[0]), on_label, 0.0)
         return _ce.times(r[:, None], grad), ()
 
-    def cotangents(self, consts, scale, stats, row_sums, r, params):
-        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+    def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                   row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
+        half_nll, half_uniform, lse, w_y = label_terms(self, stats, consts[1],
+                                                       params.weight_sum)
         d_ce = _ce.hyper_cotangents(r, half_nll, half_uniform, lse, w_y, params.ce,
                                     self.options)
         return Params(d_ce, jnp.zeros_like(params.weight_sum))
 
-    def aux(self, stats):
+    def aux(self, stats: interface.RowStats) -> tuple[jax.Array, ...]:
         if not self.want_stats:
             return ()
+        assert stats.argmax is not None
         lse = stats.norms[0].lse()[:, 0].astype(jnp.float32)
         return lse, stats.argmax
+
+
+def label_terms(rule: Rule, stats: interface.RowStats, w_y: jax.Array | None = None,
+                weight_sum: jax.Array | None = None) -> LabelTerms:
+    """The label terms of ``rule`` per token, from statistics whose stream 0 and first sums
+    are ``rule``'s (another rule passes its own statistics with those in front); ``w_y``
+    the label's class weight and ``weight_sum`` :math:`W`, both needed only with class
+    weights."""
+    norm = stats.norms[0]
+    lse = norm.lse()[:, 0]
+    half_nll = _ce.half_neg_log_prob(stats.first[0][:, None], norm.m, norm.log_s)[:, 0]
+    half_uniform = None
+    if rule.options.smoothing:
+        total = stats.first[1]
+        w_all = weight_sum if rule.options.weighted else jnp.asarray(
+            rule.num_classes, lse.dtype)
+        assert w_all is not None
+        # ((W / V) lse - sum_c w_c z_c / V) / 2: scaled before the difference (W lse
+        # alone overflows at lse = 2e38), as the unfused losses' half_uniform is.
+        half_uniform = jnp.where(
+            total == -jnp.inf, jnp.inf,
+            _ce.times(w_all / rule.num_classes, 0.5 * lse) - 0.5 * total)
+    return LabelTerms(half_nll, half_uniform, lse,
+                      None if w_y is None else w_y.astype(lse.dtype))
 
 
 @overload
@@ -344,7 +367,7 @@ def linear_softmax_cross_entropy(
         weight_sum = jnp.sum(weights.astype(ct))
         if axis_name is not None:
             weight_sum = lax.psum(weight_sum, axis_name)
-    rule = Rule(options, args.num_classes(v, axis_name), bool(return_stats))
+    rule = Rule(options, blocks.num_classes(v, axis_name), bool(return_stats))
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
     loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights), full, cap.astype(ct))

@@ -21,10 +21,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from softmax_jax import _validation as _v
+
 from . import ring, vma
+from .blocks import shard_start
 from .columns import Call, Rows, rows_of
 
 
@@ -38,13 +40,10 @@ class Static(NamedTuple):
 
 
 def _setup(static: Static, x, y, s, b, keep, *more) -> tuple[Call, Rows]:
-    ct = np.dtype(jnp.promote_types(jnp.result_type(x.dtype, y.dtype), jnp.float32))
+    ct = _v.compute_dtype(x.dtype, y.dtype)
     axes = frozenset().union(vma.axis_set(static.axis_name),
                              *(vma.varying(a) for a in (x, y, s, b, keep, *more)))
-    first: Any = 0
-    if static.axis_name is not None:
-        first = lax.axis_index(static.axis_name) * x.shape[0]
-    rows = rows_of(x, keep, first, static.blocks[0])
+    rows = rows_of(x, keep, shard_start(x.shape[0], static.axis_name), static.blocks[0])
     call = Call(static.rule, ct, jnp.asarray(s, ct), jnp.asarray(b, ct), static.blocks[1], axes,
                 static.masked or rows.tokens.pad > 0)
     return call, rows

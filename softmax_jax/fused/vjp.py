@@ -1,4 +1,5 @@
-r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two strategies.
+r"""The ``custom_vjp`` shared by every fused loss: a rule
+(:class:`~softmax_jax.fused.interface.Rule`), the engine, and two strategies.
 
 - ``"mean"`` and ``"sum"`` (:func:`reduced`): the gradients are computed inside the forward
   pass, with per-row weights :math:`r_i = s_i / \mathrm{den}` (``s`` the row scale: 1
@@ -11,8 +12,8 @@ r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two s
 Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
 (partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
 (labels, class weights, the teacher's head) get zero cotangents. A hyper-parameter out of
-range (traced, so it could not raise; :meth:`valid`) makes the loss and every cotangent NaN,
-as in the unfused losses.
+range (traced, so it could not raise; :meth:`~softmax_jax.fused.interface.Rule.valid`)
+makes the loss and every cotangent NaN, as in the unfused losses.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import engine, vma
+from softmax_jax import _validation as _v
+
+from . import blocks, engine, vma
+from .interface import Rule
 
 
 class Static(NamedTuple):
     """Static (hashable) facts of one call."""
 
-    rule: Any
+    rule: Rule
     engine: engine.Options
     reduction: str
     vma_x: frozenset
@@ -39,13 +43,11 @@ class Static(NamedTuple):
     dtypes: tuple[str, str, str | None]  # of x, w, b
 
 
-def _ct(static: Static) -> np.dtype:
-    return np.dtype(jnp.promote_types(jnp.result_type(*static.dtypes[:2]), jnp.float32))
-
-
-def _num_classes(static: Static, w: jax.Array) -> Any:
-    axis = static.engine.axis_name
-    return w.shape[1] if axis is None else w.shape[1] * jax.lax.axis_size(axis)
+def _scale(static: Static, w: jax.Array, consts: Any) -> tuple[np.dtype, jax.Array]:
+    """The compute dtype and the rule's row scale (1 counted, 0 ignored, NaN invalid)."""
+    ct = _v.compute_dtype(*static.dtypes[:2])
+    num_classes = blocks.num_classes(w.shape[1], static.engine.axis_name)
+    return ct, static.rule.scale(consts, num_classes, ct)
 
 
 def _valid(static: Static, params: Any, cap: jax.Array) -> jax.Array:
@@ -81,8 +83,8 @@ def reduced(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tu
 
 
 def _reduced_fwd(static, x, w, b, consts, params, cap):
-    ct, rule = _ct(static), static.rule
-    scale = rule.scale(consts, _num_classes(static, w), ct)
+    rule = static.rule
+    ct, scale = _scale(static, w, consts)
     inv = jnp.ones((), ct)
     if static.reduction == "mean":
         den = rule.denominator(consts, scale)
@@ -117,8 +119,8 @@ def per_token(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, 
 
 
 def _per_token_fwd(static, x, w, b, consts, params, cap):
-    ct, rule = _ct(static), static.rule
-    scale = rule.scale(consts, _num_classes(static, w), ct)
+    rule = static.rule
+    _, scale = _scale(static, w, consts)
     stats, _ = _run(static, x, w, b, consts, params, cap)
     loss = jnp.where(_valid(static, params, cap), rule.row_loss(consts, scale, stats, params),
                      jnp.nan)
@@ -129,8 +131,8 @@ def _per_token_fwd(static, x, w, b, consts, params, cap):
 def _per_token_bwd(static, res, g):
     g = g[0]  # the auxiliary outputs (statistics) carry no gradient
     x, w, b, consts, params, cap, stats = res
-    ct, rule = _ct(static), static.rule
-    scale = rule.scale(consts, _num_classes(static, w), ct)
+    rule = static.rule
+    ct, scale = _scale(static, w, consts)
     r = rule.weights(consts, scale, g.astype(ct))
     _, grads = _run(static, x, w, b, consts, params, cap, r=r, saved=stats)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
