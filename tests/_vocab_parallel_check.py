@@ -372,7 +372,7 @@ def check_plus_infinite_logit_in_one_shard(mesh: Mesh) -> None:
 
 def check_sharded_w_without_axis_name_is_refused(mesh: Mesh) -> None:
     """w sharded along V but no axis_name: normalising over the local slice would be wrong
-    (1.386 against 2.079 in issue 11), so the call raises and names axis_name."""
+    (1.386 against 2.079 here), so the call raises and names axis_name."""
     x, w, b, labels = _inputs()
     f = jax.shard_map(
         lambda x, w, y: linear_softmax_cross_entropy(x, w, y, ignore_index=IGNORE),
