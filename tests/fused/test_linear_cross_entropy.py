@@ -441,3 +441,11 @@ def test_forward_mode_raises():
     labels = jnp.abs(labels) % 7
     with pytest.raises(TypeError):
         jax.jvp(lambda x: linear_softmax_cross_entropy(x, w, labels, b), (x,), (x,))
+
+
+def test_axis_name_outside_shard_map_is_refused():
+    x, w, labels = jnp.ones((4, 3)), jnp.ones((3, 5)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="axis_name='vocab'.*does not vary"):
+        linear_softmax_cross_entropy(x, w, labels, axis_name="vocab")
+    with pytest.raises(ValueError, match="does not vary"):
+        jax.jit(lambda x, w: linear_softmax_cross_entropy(x, w, labels, axis_name="v"))(x, w)
