@@ -240,6 +240,14 @@ def np_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def np_logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    r""":math:`\log \sum_k e^{x_k}` in float64 NumPy (:math:`-\infty` entries add nothing)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=axis, keepdims=True)
+    lse = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    return lse if keepdims else np.squeeze(lse, axis)
+
+
 def np_log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     r""":math:`x_j - \log \sum_k e^{x_k}` in float64 NumPy."""
     x = np.asarray(x, dtype=np.float64)

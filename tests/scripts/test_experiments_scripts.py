@@ -45,12 +45,13 @@ def assert_clean_exit(code: int, stderr: str, path: Path) -> None:
     assert str(path) in lines[0]
 
 
-def test_worked_example(tmp_path: Path) -> None:
-    result = run_script("worked_example.py", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "0.0900 0.2447 0.6652" in result.stdout
-    assert "0.0900 -0.7553 0.6652" in result.stdout
-    assert "1.4076" in result.stdout and "matches a - y" in result.stdout
+def test_worked_example(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main("worked_example.py", capsys=capsys)
+    assert code == 0, err
+    assert "0.0900 0.2447 0.6652" in out
+    assert "0.0900 -0.7553 0.6652" in out
+    assert "1.4076" in out and "matches a - y" in out
 
 
 def test_slowdown(tmp_path: Path) -> None:
@@ -73,7 +74,8 @@ def test_slowdown(tmp_path: Path) -> None:
     assert "The same rate, eta 0.15, from (2, 2):" in result.stdout
 
 
-def test_train_then_resume(tmp_path: Path, trained_run_copy: Path) -> None:
+def test_train_then_resume(tmp_path: Path, trained_run_copy: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = trained_run_copy
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cost"] == "softmax_ce" and metrics["dataset"] == "digits"
@@ -98,12 +100,11 @@ def test_train_then_resume(tmp_path: Path, trained_run_copy: Path) -> None:
     # back a metrics.json that agrees with the checkpoint (here a stale one is planted).
     (out / "metrics.json").write_text(json.dumps(metrics))
     checkpoint = (out / "checkpoint.npz").read_bytes()
-    past = run_script(
-        "train.py", "--epochs", "2", "--out", out, "--resume", "--no-progress", cwd=tmp_path
-    )
-    assert past.returncode == 0, past.stderr
-    assert "checkpoint.npz is unchanged at epoch 3" in past.stdout
-    assert "curves.png and checkpoint.npz" not in past.stdout  # it wrote no checkpoint
+    code, past_out, past_err = run_main("train.py", "--epochs", "2", "--out", out, "--resume",
+                                        "--no-progress", capsys=capsys)
+    assert code == 0, past_err
+    assert "checkpoint.npz is unchanged at epoch 3" in past_out
+    assert "curves.png and checkpoint.npz" not in past_out  # it wrote no checkpoint
     assert (out / "checkpoint.npz").read_bytes() == checkpoint
     assert json.loads((out / "metrics.json").read_text()) == resumed
 
