@@ -1,11 +1,11 @@
-# The two commands a newcomer needs: `make test` and `make demo`.
-# Both bootstrap a local virtual environment (.venv) from pyproject.toml.
+# The commands a newcomer needs: `make test`, `make quick` and `make demo`.
+# Each bootstraps a local virtual environment (.venv) from pyproject.toml.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint typecheck benchmark clean
+.PHONY: test quick demo lint typecheck benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ venv: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
 	$(PY) -m pytest -q tests/multidevice
+
+# The library's unit tests and docstring examples only (no scripts, docs or multidevice):
+# the loop to run while changing softmax_jax/.
+quick: $(STAMP)
+	$(PY) -m pytest -q tests/core tests/fused softmax_jax
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check softmax_jax tests scripts

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _shift(x: jax.Array, axis: int) -> jax.Array:
@@ -140,3 +141,142 @@ def kl_divergence_with_log_targets(
 ) -> jax.Array:
     r""":math:`\sum_c e^{\log y_c} (\log y_c - \log a_c)`."""
     return jnp.sum(jnp.exp(log_targets) * (log_targets - log_predictions), axis=axis)
+
+
+def weighted_softmax_cross_entropy_with_integer_labels(
+    logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
+    label_smoothing: float = 0.0, z_loss: float = 0.0,
+) -> jax.Array:
+    r"""PyTorch's weighted, smoothed cross-entropy plus the z-loss, over the last axis:
+    :math:`(1 - \epsilon) w_y (-\log a_y) + \frac{\epsilon}{K} \sum_c w_c (-\log a_c)
+    + \lambda\,\mathrm{lse}(z)^2`."""
+    log_a = log_softmax(logits)
+    k = logits.shape[-1]
+    hard = -class_weights[labels] * jnp.take_along_axis(log_a, labels[:, None], -1)[:, 0]
+    uniform = -jnp.sum(class_weights * log_a, -1) / k
+    return ((1 - label_smoothing) * hard + label_smoothing * uniform
+            + z_loss * logsumexp(logits) ** 2)
+
+
+def weighted_softmax_cross_entropy(
+    logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
+    label_smoothing: float = 0.0, z_loss: float = 0.0,
+) -> jax.Array:
+    r""":math:`-\sum_c w_c y'_c \log a_c + \lambda\,\mathrm{lse}(z)^2` with the smoothed labels
+    :math:`y' = (1 - \epsilon) y + \epsilon / K`, over the last axis."""
+    k = logits.shape[-1]
+    y = (1 - label_smoothing) * labels + label_smoothing / k
+    return -jnp.sum(class_weights * y * log_softmax(logits), -1) + z_loss * logsumexp(logits) ** 2
+
+
+def kl_of_log_probabilities(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+    r""":math:`\sum_c a_c (\log a_c - \log b_c)` over the last axis, with :math:`0 \log 0 = 0`
+    (a double ``where``, so that a zero :math:`a_c` adds nothing to values or gradients)."""
+    pos = jnp.exp(log_a) > 0
+    inner = jnp.where(pos, log_a, 0.0) - jnp.where(pos, log_b, 0.0)
+    return jnp.sum(jnp.where(pos, jnp.exp(log_a) * inner, 0.0), axis=-1)
+
+
+def tempered_log_softmax(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
+    r""":math:`\log \mathrm{softmax}(z / T)` over the last axis, with a :math:`-\infty` logit
+    left at :math:`-\infty` (and out of the derivative in :math:`T`, which
+    :math:`-\infty / T` would make NaN)."""
+    fin = jnp.isfinite(logits)
+    log_a = jax.nn.log_softmax(jnp.where(fin, logits, 0.0) / temperature, where=fin)
+    return jnp.where(fin, log_a, -jnp.inf)
+
+
+def distillation_of_logits(
+    student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array | float,
+    beta: jax.Array | float, kind: str,
+) -> jax.Array:
+    r""":math:`T^2` times the forward KL (``kind="forward"``), the reverse KL (``"reverse"``)
+    or the :math:`\beta`-weighted Jensen-Shannon divergence (``"jsd"``) of
+    :math:`P = \mathrm{softmax}(z_t / T)` and :math:`Q = \mathrm{softmax}(z_s / T)`, with
+    :math:`-\infty` logits allowed on either side; ``beta`` may be traced (``kind`` picks the
+    case)."""
+    log_q = tempered_log_softmax(student_logits, temperature)
+    log_p = tempered_log_softmax(teacher_logits, temperature)
+    if kind == "forward":
+        d = kl_of_log_probabilities(log_p, log_q)
+    elif kind == "reverse":
+        d = kl_of_log_probabilities(log_q, log_p)
+    else:
+        log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
+        d = beta * kl_of_log_probabilities(log_p, log_m) + (
+            1 - beta) * kl_of_log_probabilities(log_q, log_m)
+    return temperature**2 * d
+
+
+def distillation_with_hard_labels(
+    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array, *,
+    temperature: jax.Array | float, beta: jax.Array | float, hard_weight: jax.Array | float,
+    smoothing: jax.Array | float, reduction: str, ignore_index: int = -100,
+) -> jax.Array:
+    r"""The fused distillation's per-row loss on whole rows of logits:
+    :math:`h\,\mathrm{CE}_\epsilon(z_s, y) + (1 - h)\,T^2 D(P, Q)`, with ``beta`` choosing
+    :math:`D` (0 forward KL, 1 reverse KL, else JSD); rows labelled ``ignore_index`` count 0
+    and leave the mean's denominator."""
+    kind = "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
+    div = distillation_of_logits(student_logits, teacher_logits, temperature, beta, kind)
+    log_a = log_softmax(student_logits)
+    nll = -jnp.take_along_axis(log_a, jnp.clip(labels, 0)[:, None], axis=1)[:, 0]
+    ce = (1 - smoothing) * nll - smoothing * jnp.mean(log_a, axis=1)
+    per = hard_weight * ce + (1 - hard_weight) * div
+    kept = labels != ignore_index
+    per = jnp.where(kept, per, 0.0)
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.sum() / kept.sum()
+
+
+# Float64 NumPy, independent of JAX.
+
+
+def np_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """:math:`a_j = e^{x_j} / \\sum_k e^{x_k}` in float64 NumPy."""
+    x = np.asarray(x, dtype=np.float64)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def np_logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    r""":math:`\log \sum_k e^{x_k}` in float64 NumPy (:math:`-\infty` entries add nothing)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=axis, keepdims=True)
+    lse = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    return lse if keepdims else np.squeeze(lse, axis)
+
+
+def np_log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    r""":math:`x_j - \log \sum_k e^{x_k}` in float64 NumPy."""
+    x = np.asarray(x, dtype=np.float64)
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def np_kl(log_a: np.ndarray, log_b: np.ndarray) -> np.ndarray:
+    r""":math:`\sum_c a_c (\log a_c - \log b_c)` over the last axis in float64 NumPy, with
+    :math:`0 \log 0 = 0`."""
+    a = np.exp(log_a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+
+
+def np_distillation(
+    student_logits: np.ndarray, teacher_logits: np.ndarray, temperature: float, beta: float,
+) -> np.ndarray:
+    r""":math:`T^2` times the divergence of each row in float64 NumPy: forward KL
+    :math:`\mathrm{KL}(P \| Q)` for ``beta == 0``, reverse KL for 1, else the
+    :math:`\beta`-weighted Jensen-Shannon divergence with :math:`M = \beta P + (1 - \beta) Q`."""
+    log_p = np_log_softmax(np.asarray(teacher_logits, np.float64) / temperature)
+    log_q = np_log_softmax(np.asarray(student_logits, np.float64) / temperature)
+    if beta == 0:
+        d = np_kl(log_p, log_q)
+    elif beta == 1:
+        d = np_kl(log_q, log_p)
+    else:
+        with np.errstate(divide="ignore"):
+            log_m = np.log(beta * np.exp(log_p) + (1 - beta) * np.exp(log_q))
+        d = beta * np_kl(log_p, log_m) + (1 - beta) * np_kl(log_q, log_m)
+    return temperature**2 * d

@@ -26,3 +26,15 @@ def load_module(path: Path, name: str) -> ModuleType:
 def load_script(name: str) -> ModuleType:
     """``scripts/name`` (``"train_lm.py"``) loaded afresh as a module."""
     return load_module(SCRIPTS / name, name.removesuffix(".py") + "_script")
+
+
+def run_main(name: str, *args: object, capsys) -> tuple[int, str, str]:
+    """``scripts/name``'s ``main`` called in this process with ``args`` (faster than a
+    subprocess: no second JAX start): its exit status (argparse's usage errors exit with
+    2, ``main`` returns the others), and what it wrote to stdout and stderr."""
+    try:
+        code = load_script(name).main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err

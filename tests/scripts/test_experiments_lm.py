@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _scripts import load_script
+from _scripts import load_script, run_main
 from _subprocess import repo_env
 
 import softmax_jax as sj
@@ -276,10 +276,12 @@ def test_script_is_data_parallel_over_simulated_devices(tmp_path):
         (("--vocab", "1"), "vocab_size must be at least 2, got 1"),
     ],
 )
-def test_script_rejects_bad_flags(tmp_path, args, message):
-    proc = run_script(*args, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+def test_script_rejects_bad_flags(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # --devices sets it; restored afterwards
+    code, _, err = run_main("train_lm.py", *args, capsys=capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
 
 
 def test_script_resumes_from_its_checkpoint(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from _scripts import load_script
+from _scripts import load_script, run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
@@ -31,10 +31,10 @@ def run_script(name: str, *args: str | Path, cwd: Path,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1, proc.stderr
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
     return lines[0]
 
 
@@ -51,21 +51,23 @@ def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
         ("distill_lm.py", "teacher/checkpoint.npz", ("--steps", "2", *LM_ARGS)),
     ],
 )
-def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, script, marker, args):
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path, capsys, script,
+                                                                marker, args):
     out = tmp_path / "run"
     (out / marker).parent.mkdir(parents=True)
     (out / marker).write_bytes(b"an earlier run")
-    proc = run_script(script, *args, "--out", out, cwd=tmp_path)
-    assert proc.returncode == 2
-    line = one_error_line(proc)
+    code, _, err = run_main(script, *args, "--out", out, capsys=capsys)
+    assert code == 2
+    line = one_error_line(err)
     assert str(out) in line and "--resume" in line and "--overwrite" in line
     assert (out / marker).read_bytes() == b"an earlier run"
 
 
 @pytest.mark.parametrize("script", ["train.py", "train_lm.py", "distill_lm.py"])
-def test_resume_and_overwrite_exclude_each_other(tmp_path, script):
-    proc = run_script(script, "--resume", "--overwrite", cwd=tmp_path)
-    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
+def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys, monkeypatch, script):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(script, "--resume", "--overwrite", capsys=capsys)
+    assert code == 2 and "not allowed with argument" in err
 
 
 @pytest.mark.parametrize(
@@ -110,10 +112,9 @@ def test_overwrite_with_a_batch_the_devices_cannot_split_keeps_the_old_run(
     assert (out / "metrics.json").read_bytes() == b"an earlier run"
 
 
-def test_train_overwrite_starts_over(tmp_path):
-    out = tmp_path / "run"
-    first = run_script("train.py", "--epochs", "2", "--out", out, "--no-progress", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_train_overwrite_starts_over(tmp_path, trained_run_copy):
+    out = trained_run_copy
+    assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
     again = run_script("train.py", "--epochs", "1", "--out", out, "--overwrite",
                        "--no-progress", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -145,6 +146,6 @@ def test_a_missing_extra_names_the_install_command(tmp_path, script, module, arg
     proc = run_script(script, *args, "--out", tmp_path / "o", cwd=tmp_path,
                       pythonpath=(_hide(tmp_path, module),))
     assert proc.returncode == 1
-    line = one_error_line(proc)
+    line = one_error_line(proc.stderr)
     assert INSTALL in line and module in line
     assert not (tmp_path / "o").exists()  # checked before any work

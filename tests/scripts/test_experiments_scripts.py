@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import run_main
 from _subprocess import repo_env
 from test_experiments_data import write_fake_mnist
 
@@ -32,19 +33,25 @@ def run_script(name: str, *args: str | Path, cwd: Path) -> subprocess.CompletedP
 
 def assert_clean_failure(result: subprocess.CompletedProcess[str], path: Path) -> None:
     """Non-zero exit, one line on stderr that names ``path``, no traceback."""
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    assert_clean_exit(result.returncode, result.stderr, path)
+
+
+def assert_clean_exit(code: int, stderr: str, path: Path) -> None:
+    """Non-zero exit status, one line on stderr that names ``path``, no traceback."""
+    assert code != 0
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
     assert str(path) in lines[0]
 
 
-def test_worked_example(tmp_path: Path) -> None:
-    result = run_script("worked_example.py", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "0.0900 0.2447 0.6652" in result.stdout
-    assert "0.0900 -0.7553 0.6652" in result.stdout
-    assert "1.4076" in result.stdout and "matches a - y" in result.stdout
+def test_worked_example(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_main("worked_example.py", capsys=capsys)
+    assert code == 0, err
+    assert "0.0900 0.2447 0.6652" in out
+    assert "0.0900 -0.7553 0.6652" in out
+    assert "1.4076" in out and "matches a - y" in out
 
 
 def test_slowdown(tmp_path: Path) -> None:
@@ -67,10 +74,9 @@ def test_slowdown(tmp_path: Path) -> None:
     assert "The same rate, eta 0.15, from (2, 2):" in result.stdout
 
 
-def test_train_then_resume(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    first = run_script("train.py", "--epochs", "2", "--out", out, "--no-progress", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+def test_train_then_resume(tmp_path: Path, trained_run_copy: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    out = trained_run_copy
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cost"] == "softmax_ce" and metrics["dataset"] == "digits"
     assert len(metrics["test_accuracy"]) == len(metrics["train_loss"]) == 2
@@ -94,20 +100,19 @@ def test_train_then_resume(tmp_path: Path) -> None:
     # back a metrics.json that agrees with the checkpoint (here a stale one is planted).
     (out / "metrics.json").write_text(json.dumps(metrics))
     checkpoint = (out / "checkpoint.npz").read_bytes()
-    past = run_script(
-        "train.py", "--epochs", "2", "--out", out, "--resume", "--no-progress", cwd=tmp_path
-    )
-    assert past.returncode == 0, past.stderr
-    assert "checkpoint.npz is unchanged at epoch 3" in past.stdout
-    assert "curves.png and checkpoint.npz" not in past.stdout  # it wrote no checkpoint
+    code, past_out, past_err = run_main("train.py", "--epochs", "2", "--out", out, "--resume",
+                                        "--no-progress", capsys=capsys)
+    assert code == 0, past_err
+    assert "checkpoint.npz is unchanged at epoch 3" in past_out
+    assert "curves.png and checkpoint.npz" not in past_out  # it wrote no checkpoint
     assert (out / "checkpoint.npz").read_bytes() == checkpoint
     assert json.loads((out / "metrics.json").read_text()) == resumed
 
 
-def test_train_rejects_zero_epochs(tmp_path: Path) -> None:
-    result = run_script("train.py", "--epochs", "0", "--out", tmp_path / "o", cwd=tmp_path)
-    assert result.returncode == 2 and "--epochs must be at least 1, got 0" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+def test_train_rejects_zero_epochs(tmp_path: Path, capsys) -> None:
+    code, _, err = run_main("train.py", "--epochs", "0", "--out", tmp_path / "o", capsys=capsys)
+    assert code == 2 and "--epochs must be at least 1, got 0" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_train_stops_at_divergence(tmp_path: Path) -> None:
@@ -141,23 +146,24 @@ def test_train_compare(tmp_path: Path) -> None:
     assert "acc@1" in result.stdout
 
 
-def test_train_missing_data_dir(tmp_path: Path) -> None:
+def test_train_missing_data_dir(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     missing = tmp_path / "no-such-dir"
-    result = run_script("train.py", "--dataset", "mnist", "--data-dir", missing, cwd=tmp_path)
-    assert_clean_failure(result, missing)
-    assert "data directory not found" in result.stderr
+    code, _, err = run_main("train.py", "--dataset", "mnist", "--data-dir", missing,
+                            capsys=capsys)
+    assert_clean_exit(code, err, missing)
+    assert "data directory not found" in err
 
 
-def test_train_corrupt_idx(tmp_path: Path) -> None:
+def test_train_corrupt_idx(tmp_path: Path, capsys) -> None:
     data = tmp_path / "mnist"
     write_fake_mnist(data, gz=False)
     bad = data / MNIST_FILES["train_images"]
     bad.write_bytes(bad.read_bytes()[:-100])  # truncated download
-    result = run_script(
-        "train.py", "--dataset", "mnist", "--data-dir", data, "--out", tmp_path / "o", cwd=tmp_path
-    )
-    assert_clean_failure(result, bad)
-    assert "truncated" in result.stderr
+    code, _, err = run_main("train.py", "--dataset", "mnist", "--data-dir", data, "--out",
+                            tmp_path / "o", capsys=capsys)
+    assert_clean_exit(code, err, bad)
+    assert "truncated" in err
 
 
 def test_train_mnist_and_corrupt_checkpoint(tmp_path: Path) -> None:
@@ -180,9 +186,10 @@ def test_train_mnist_and_corrupt_checkpoint(tmp_path: Path) -> None:
     assert_clean_failure(bad, out / "checkpoint.npz")
 
 
-def test_train_rejects_bad_arguments(tmp_path: Path) -> None:
-    result = run_script("train.py", "--batch-size", "0", cwd=tmp_path)
-    assert result.returncode == 2 and "batch size must be >= 1" in result.stderr
-    assert "Traceback" not in result.stderr
-    result = run_script("train.py", "--dataset", "mnist", cwd=tmp_path)
-    assert result.returncode == 2 and "--data-dir" in result.stderr
+def test_train_rejects_bad_arguments(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main("train.py", "--batch-size", "0", capsys=capsys)
+    assert code == 2 and "batch size must be >= 1" in err
+    assert "Traceback" not in err
+    code, _, err = run_main("train.py", "--dataset", "mnist", capsys=capsys)
+    assert code == 2 and "--data-dir" in err

@@ -1,6 +1,6 @@
-"""One process of the two-process vocab-parallel check (``tests/test_multiprocess.py``).
+"""One process of the two-process vocab-parallel check (``tests/multidevice/test_multiprocess.py``).
 
-``python tests/_multiprocess_check.py PROCESS_ID PORT OUT_DIR`` joins a two-process JAX
+``python tests/multidevice/_multiprocess_check.py PROCESS_ID PORT OUT_DIR`` joins a two-process JAX
 cluster through ``jax.distributed.initialize`` with the coordinator on ``127.0.0.1:PORT``,
 two CPU devices per process and CPU collectives through gloo, so the global mesh has four
 devices in two processes. For every entry of :data:`CASES` it runs the fused loss inside
@@ -21,7 +21,6 @@ use that address rather than whatever the machine's host name resolves to.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _gloo import gloo_on_loopback
 
 N, D, DT, V = 16, 8, 6, 64  # V divisible by the 4 devices
 IGNORE = -100
@@ -153,20 +153,6 @@ def _local(arr: Any) -> np.ndarray:
     return np.asarray(arr.addressable_data(0))
 
 
-def _gloo_on_loopback() -> None:
-    """Makes gloo listen on 127.0.0.1 instead of the address of the machine's host name.
-
-    JAX builds its gloo collectives without a host name; the wrapper supplies one. Where a
-    JAX version builds them differently, nothing is patched (the coordinator is still bound
-    to 127.0.0.1).
-    """
-    from jax._src import xla_bridge  # noqa: PLC0415
-
-    lib = getattr(xla_bridge, "_jax", None)
-    make = getattr(lib, "make_gloo_tcp_collectives", None)
-    if make is not None:
-        lib.make_gloo_tcp_collectives = functools.partial(make, hostname="127.0.0.1")
-
 
 def main(argv: list[str]) -> int:
     process_id, port, out_dir = int(argv[0]), int(argv[1]), Path(argv[2])
@@ -175,7 +161,7 @@ def main(argv: list[str]) -> int:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _gloo_on_loopback()
+    gloo_on_loopback()
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         coordinator_bind_address=f"127.0.0.1:{port}",
@@ -226,5 +212,5 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     # Run by hand, import the package beside this file, as the tests' subprocesses do.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.exit(main(sys.argv[1:]))

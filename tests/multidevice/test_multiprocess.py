@@ -1,6 +1,6 @@
 """The vocab-parallel fused losses across two processes, against one unsharded process.
 
-Two worker processes (``tests/_multiprocess_check.py``) form a JAX cluster with
+Two worker processes (``tests/multidevice/_multiprocess_check.py``) form a JAX cluster with
 ``jax.distributed.initialize`` on 127.0.0.1, two CPU devices each and gloo collectives, and
 run every case of ``CASES`` inside ``jax.shard_map`` over the four devices, with the heads
 sharded along the vocabulary. This process computes the same values and gradients (``x``,

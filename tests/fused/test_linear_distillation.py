@@ -9,10 +9,16 @@ import pytest
 from _rounding import gradient_rounding_ratios
 
 import softmax_jax as sj
+from softmax_jax import reference
 from softmax_jax.fused import linear_softmax_distillation
+from softmax_jax.reference import distillation_with_hard_labels as plain_distillation
 
 N, D, DT, V = 17, 5, 7, 23  # the teacher is wider than the student
+
+
 IGNORE = -100
+
+
 BLOCKS = {"held": {}, "tiles": {"token_block": 6, "vocab_block": 8}}
 
 
@@ -28,38 +34,12 @@ def _inputs(dtype=jnp.float64, seed=0):
     return x, w, b, tx, tw, tb, labels
 
 
-def _kl(log_a, log_b):
-    return jnp.sum(jnp.exp(log_a) * (log_a - log_b), axis=-1)
-
-
-def reference(zs, zt, labels, *, temperature, beta, hard_weight, smoothing, reduction):
-    """The textbook formulas on whole rows of logits."""
-    log_q = jax.nn.log_softmax(zs / temperature)
-    log_p = jax.nn.log_softmax(zt / temperature)
-    if beta == 0.0:
-        div = _kl(log_p, log_q)
-    elif beta == 1.0:
-        div = _kl(log_q, log_p)
-    else:
-        log_m = jnp.log(beta * jnp.exp(log_p) + (1 - beta) * jnp.exp(log_q))
-        div = beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
-    log_a = jax.nn.log_softmax(zs)
-    nll = -jnp.take_along_axis(log_a, jnp.clip(labels, 0)[:, None], axis=1)[:, 0]
-    ce = (1 - smoothing) * nll - smoothing * jnp.mean(log_a, axis=1)
-    per = hard_weight * ce + (1 - hard_weight) * temperature**2 * div
-    kept = labels != IGNORE
-    per = jnp.where(kept, per, 0.0)
-    if reduction == "none":
-        return per
-    return per.sum() if reduction == "sum" else per.sum() / kept.sum()
-
-
 def _both(x, w, b, tx, tw, tb, labels, reduction, blocks=None, **hyper):
     fused = linear_softmax_distillation(
         x, w, tx, tw, labels=labels, b=b, teacher_b=tb, reduction=reduction,
         ignore_index=IGNORE, **{k if k != "smoothing" else "label_smoothing": v
                                 for k, v in hyper.items()}, **(blocks or {}))
-    plain = reference(x @ w + b, tx @ tw + tb, labels, reduction=reduction, **hyper)
+    plain = plain_distillation(x @ w + b, tx @ tw + tb, labels, reduction=reduction, **hyper)
     return fused, plain
 
 
@@ -109,24 +89,6 @@ def test_hyperparameter_gradients_are_exact(x64, blocks, reduction):
     np.testing.assert_allclose(got, want, rtol=1e-8)
 
 
-def _numpy_distillation(zs, zt, temperature, beta):
-    """T^2 times the divergence of each row, in float64 NumPy (no code of this library)."""
-    def log_softmax(z):
-        z = np.asarray(z, np.float64) / temperature
-        m = z.max(1, keepdims=True)
-        return z - m - np.log(np.exp(z - m).sum(1, keepdims=True))
-
-    log_q, log_p = log_softmax(zs), log_softmax(zt)
-
-    def kl(log_a, log_b):
-        return (np.exp(log_a) * (log_a - log_b)).sum(1)
-
-    log_m = np.log(beta * np.exp(log_p) + (1 - beta) * np.exp(log_q))
-    div = {0.0: kl(log_p, log_q), 1.0: kl(log_q, log_p)}.get(
-        beta, beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m))
-    return temperature**2 * div
-
-
 def test_float32_matches_a_float64_numpy_formula():
     # the core sj.distillation_loss shares _distillation_terms with the fused rule, so it
     # cannot be the oracle here; float32 logits of size ~3 and V = 23 terms: ~1e-6 relative
@@ -136,7 +98,7 @@ def test_float32_matches_a_float64_numpy_formula():
     for beta in (0.0, 0.3, 0.5, 1.0):
         got = linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=tb, temperature=2.0,
                                           beta=beta, reduction="none")
-        want = _numpy_distillation(zs, zt, 2.0, beta)
+        want = reference.np_distillation(zs, zt, 2.0, beta)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * want.max())
 
 
@@ -189,7 +151,7 @@ def test_padded_vocabulary_with_negative_infinite_biases():
                 lambda x, w, beta=beta, blocks=blocks: linear_softmax_distillation(
                     x, w, tx, tw, labels=labels, b=b, teacher_b=tb, beta=beta,
                     hard_weight=0.3, ignore_index=IGNORE, **blocks), argnums=(0, 1))(x, w)
-            want = reference(x @ w[:, :-8] + b[:-8], tx @ tw[:, :-8] + tb[:-8],
+            want = plain_distillation(x @ w[:, :-8] + b[:-8], tx @ tw[:, :-8] + tb[:-8],
                              labels, temperature=1.0, beta=beta, hard_weight=0.3,
                              smoothing=0.0, reduction="mean")
             np.testing.assert_allclose(loss, want, rtol=1e-5)
@@ -213,7 +175,7 @@ def test_half_precision(x64, dtype, blocks):
                                            ignore_index=IGNORE, **hyper, **BLOCKS[blocks])
 
     def plain_of_logits(zs, zt):
-        return reference(zs, zt, labels, smoothing=0.0, reduction="mean", **hyper)
+        return plain_distillation(zs, zt, labels, smoothing=0.0, reduction="mean", **hyper)
 
     got = jax.value_and_grad(loss, argnums=(0, 1, 2))(*half)
     assert got[0].dtype == jnp.float32

@@ -1,4 +1,5 @@
-"""softmax, log_softmax, logsumexp and sigmoid against the plain formulas, jax.nn and NumPy."""
+"""softmax, log_softmax, logsumexp (with ``b``) and sigmoid against the plain formulas, jax.nn and
+NumPy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cross_entropy_inputs import random_logits
 from _residuals import saved_residuals
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,26 +20,21 @@ from softmax_jax import reference as ref
 
 # logsumexp reduces all axes by default, as jax.nn's does; these tables compare rows.
 lse_rows = functools.partial(sj.logsumexp, axis=-1)
+
+
 SOFTMAX_FAMILY = [
     (sj.softmax, ref.softmax, jax.nn.softmax),
     (sj.log_softmax, ref.log_softmax, jax.nn.log_softmax),
     (lse_rows, ref.logsumexp, jax.nn.logsumexp),
 ]
+
+
 FAMILY_IDS = ["softmax", "log_softmax", "logsumexp"]
-
-
-def _np_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 def _vjp(fn, x, cot):
     out, pullback = jax.vjp(fn, x)
     return out, pullback(cot)[0]
-
-
-# --- the notes' worked example ---------------------------------------------------------------
 
 
 def test_worked_example_softmax():
@@ -55,9 +52,6 @@ def test_softmax_jacobian_matches_the_notes_two_cases():
     np.testing.assert_allclose(jac, expected, atol=1e-7)
     np.testing.assert_allclose(np.diag(jac), a * (1 - a), atol=1e-7)
     assert jac[0, 1] == pytest.approx(-a[0] * a[1], abs=1e-7)
-
-
-# --- values and gradients against the plain formulas -----------------------------------------
 
 
 @pytest.mark.parametrize("fn,ref_fn,_", SOFTMAX_FAMILY, ids=FAMILY_IDS)
@@ -91,7 +85,7 @@ def test_family_matches_jax_nn(fn, _, nn_fn):
 
 def test_softmax_against_float64_numpy():
     x = np.random.default_rng(0).normal(size=(8, 100)).astype(np.float32) * 10
-    np.testing.assert_allclose(sj.softmax(x), _np_softmax(x), rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(sj.softmax(x), ref.np_softmax(x), rtol=2e-5, atol=1e-7)
 
 
 def test_sigmoid_value_and_gradient(x64):
@@ -113,14 +107,14 @@ def test_check_grads_second_order_reverse(x64, fn):
 def test_hessian_through_reverse_over_reverse(x64):
     x = jax.random.normal(jax.random.PRNGKey(6), (7,), dtype=jnp.float64)
     h = jax.jacrev(jax.grad(sj.logsumexp))(x)
-    a = _np_softmax(np.asarray(x))
+    a = ref.np_softmax(np.asarray(x))
     np.testing.assert_allclose(h, np.diag(a) - np.outer(a, a), atol=1e-12)
 
 
 def test_jax_hessian_forward_over_reverse_works(x64):
     x = jax.random.normal(jax.random.PRNGKey(13), (6,), dtype=jnp.float64)
     h = jax.hessian(lambda z: sj.softmax_cross_entropy_with_integer_labels(z, 3))(x)
-    a = _np_softmax(np.asarray(x))
+    a = ref.np_softmax(np.asarray(x))
     np.testing.assert_allclose(h, np.diag(a) - np.outer(a, a), atol=1e-12)
 
 
@@ -129,9 +123,6 @@ def test_forward_mode_is_refused_with_jax_error():
         jax.jvp(sj.softmax, (jnp.ones(3),), (jnp.ones(3),))
     with pytest.raises(TypeError, match="forward-mode"):
         jax.jacfwd(sj.logsumexp)(jnp.ones(3))
-
-
-# --- axis and masks -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax])
@@ -190,11 +181,12 @@ def test_row_mask_is_n_by_1_and_masks_follow_numpy_broadcasting():
     cls = jnp.array([True, True, True, False])
     for fn, nn_fn in [(sj.softmax, jax.nn.softmax), (sj.log_softmax, jax.nn.log_softmax)]:
         np.testing.assert_allclose(fn(sq, where=cls), nn_fn(sq, where=cls), rtol=1e-6)
+    z = random_logits(4, 4)
+    mask = jnp.array([True, True, False, True])
+    np.testing.assert_allclose(sj.softmax(z, where=mask), jax.nn.softmax(z, where=mask),
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="where"):
         sj.softmax(x, where=jnp.array([True, False, True]))
-
-
-# --- numerics -------------------------------------------------------------------------------
 
 
 def test_extreme_logits_stay_finite():
@@ -241,9 +233,6 @@ def test_low_precision_inputs_compute_in_float32(dtype):
                                rtol=float(jnp.finfo(dtype).eps))
 
 
-# --- transformations ------------------------------------------------------------------------
-
-
 def test_jit_vmap_and_grad_compose():
     x = jax.random.normal(jax.random.PRNGKey(12), (6, 10))
     f = jax.jit(jax.vmap(jax.grad(lambda r: sj.log_softmax(r)[3])))
@@ -269,9 +258,6 @@ def test_logsumexp_saves_no_probabilities():
     assert len(big) == 1 and "argument" in big[0][1], res
 
 
-# --- property-based -------------------------------------------------------------------------
-
-
 @settings(max_examples=30, deadline=None)
 @given(
     shape=st.lists(st.integers(1, 6), min_size=1, max_size=3),
@@ -292,7 +278,7 @@ def test_property_softmax_family(shape, scale, seed, data):
     np.testing.assert_array_equal(a[~mask], 0.0)
     xm = np.where(mask, x, -np.inf)
     with np.errstate(invalid="ignore"):
-        want = np.where(mask, _np_softmax(xm, axis), 0.0)
+        want = np.where(mask, ref.np_softmax(xm, axis), 0.0)
     want = np.nan_to_num(want)
     np.testing.assert_allclose(a, want, rtol=1e-4, atol=1e-6)
     cot = rng.normal(size=shape).astype(np.float32)
@@ -303,9 +289,6 @@ def test_property_softmax_family(shape, scale, seed, data):
     ga = cot * a
     want_g = ga - a * ga.sum(axis=axis, keepdims=True)
     np.testing.assert_allclose(g, want_g, rtol=1e-4, atol=1e-5)
-
-
-# --- per-example results do not depend on the rest of the batch (issue 9, section 4) --------
 
 
 @pytest.mark.parametrize("fn", [sj.softmax, sj.log_softmax, lse_rows], ids=FAMILY_IDS)
@@ -346,9 +329,6 @@ def test_label_gradient_is_as_accurate_as_jax_nn(name):
     # the reference is the float64 computation of jax.nn (the plain shifted formula)
     mine, nn = _label_gradient_median_error(ours, x), _label_gradient_median_error(theirs, x)
     assert mine <= nn * 1.05, (mine, nn)
-
-
-# --- axis=None, zero-size inputs and logsumexp's b, keepdims, return_sign: as jax.nn ---------
 
 
 def _assert_like_jax_nn(ours, theirs, rtol=2e-5, atol=1e-6):

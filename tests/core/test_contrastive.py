@@ -99,7 +99,7 @@ def test_public_api_matches_and_jits(x64):
     _close(sj.contrastive_loss(x, y, logit_scale=3.0), ref.clip_loss(x, y, 3.0))
     _close(jax.jit(lambda a, b: sj.sigmoid_contrastive_loss(a, b, logit_bias=0.5))(x, y),
            ref.sigmoid_contrastive_loss(x, y, 1.0, 0.5))
-    # optax's composition, the drop-in the issue names
+    # optax's composition, of which this loss is a drop-in
     z = 3.0 * x @ y.T
     lab = jnp.arange(9)
     want = 0.5 * (optax.softmax_cross_entropy_with_integer_labels(z, lab).mean()

@@ -9,7 +9,11 @@ import pytest
 import softmax_jax as sj
 
 Z = jnp.zeros((4, 5))
+
+
 Y = jnp.zeros((4,), jnp.int32)
+
+
 P = jnp.full((4, 5), 0.2)
 
 

@@ -1,5 +1,5 @@
-"""The fused cross-entropy's newer features (class weights, per-token statistics, block
-layout) and the wrong numbers that the blockwise engine fixed, each pinned by a test."""
+"""linear_softmax_cross_entropy's options: class weights, per-token statistics, block layout,
+hyper-parameter derivatives, and non-finite logits inside a vocabulary block."""
 
 from __future__ import annotations
 
@@ -14,7 +14,11 @@ import softmax_jax as sj
 from softmax_jax.fused import BlockLayout, FusedStats, linear_softmax_cross_entropy
 
 N, D, V = 19, 6, 29
+
+
 IGNORE = -100
+
+
 BLOCKS = {
     "held": {},
     "held_tokens": {"token_block": 5},
@@ -50,13 +54,8 @@ def _unfused(x, w, labels, b, reduction, *, soft_cap=None, class_weights=None, *
     return per.sum() / den
 
 
-# --------------------------------------------------------------------------------------------
-# Wrong numbers of the previous fused loss
-# --------------------------------------------------------------------------------------------
-
-
 def test_all_negative_infinite_vocabulary_block_is_not_nan():
-    # Padded vocabulary entries with a -inf bias fill the last block entirely (issue 11).
+    # Padded vocabulary entries with a -inf bias fill the last block entirely.
     x, w = jnp.eye(2, 4), jnp.ones((4, 10))
     b = jnp.zeros(10).at[8:].set(-jnp.inf)
     labels = jnp.array([0, 1])
@@ -134,11 +133,6 @@ def test_numpy_integer_ignore_index_behaves_as_the_core():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-# --------------------------------------------------------------------------------------------
-# Class weights (PyTorch's semantics)
-# --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("blocks", list(BLOCKS))
@@ -180,11 +174,6 @@ def test_class_weights_are_checked():
         linear_softmax_cross_entropy(x, w, labels, class_weights=jnp.ones(V, jnp.int32))
 
 
-# --------------------------------------------------------------------------------------------
-# Per-token statistics
-# --------------------------------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 def test_stats_match_logsumexp_and_argmax(reduction, blocks):
@@ -205,11 +194,23 @@ def test_stats_match_logsumexp_and_argmax(reduction, blocks):
 
 # Rows of w: logit patterns with ties in the same and in different blocks of 8 (V = 20).
 _TIES = np.zeros((7, 20), np.float32)
+
+
 _TIES[1, [3, 11, 19]] = 1.0  # three blocks
+
+
 _TIES[2, [9, 17]] = 1.0  # the second and third block
+
+
 _TIES[3, [8, 16]] = 1.0  # block starts
+
+
 _TIES[4, [7, 15]] = 1.0  # block ends
+
+
 _TIES[5, 19] = 1.0  # the last class alone
+
+
 _TIES[6, [0, 5]] = -1.0  # ties at the maximum 0 everywhere else
 
 
@@ -237,11 +238,6 @@ def test_stats_carry_no_gradient():
     np.testing.assert_allclose(jax.grad(total)(x), want, rtol=1e-6)
 
 
-# --------------------------------------------------------------------------------------------
-# Block layout
-# --------------------------------------------------------------------------------------------
-
-
 def test_default_layout_rule():
     assert BlockLayout.default(4096, 256, 32000) == BlockLayout(256, 32000)
     assert BlockLayout.default(2048, 128, 131072) == BlockLayout(2048, 2048)
@@ -260,9 +256,9 @@ def test_bad_block_sizes_raise():
 
 @pytest.mark.parametrize("kind", ["ce", "distillation"])
 def test_bf16_gradient_has_no_weight_sized_temporary(kind):
-    # Issue 11's N=16384, D=1024, V=262144 scaled down in N and D. Before the fix XLA:CPU
-    # hoisted a bit-view copy of each bf16 weight out of the vocabulary loop (136 and 269
-    # MiB here); what remains is a dW span buffer (at most 32 MiB) and O(N D) arrays.
+    # N=16384, D=1024, V=262144 scaled down in N and D. XLA:CPU can hoist a bit-view copy of
+    # each bf16 weight out of the vocabulary loop (136 and 269 MiB here); what may remain is
+    # a dW span buffer (at most 32 MiB) and O(N D) arrays.
     n, d, v = 512, 256, 262144
     bf = jnp.bfloat16
     shapes = [jax.ShapeDtypeStruct(s, bf) for s in ((n, d), (d, v), (n, d // 2), (d // 2, v))]

@@ -14,7 +14,10 @@ import softmax_jax as sj
 from softmax_jax.fused import linear_softmax_cross_entropy
 
 N, D, V = 37, 12, 101  # deliberately not multiples of any block size
+
+
 IGNORE = -100
+
 
 OPTIONS = {
     "plain": {},
@@ -23,6 +26,8 @@ OPTIONS = {
     "soft_cap": {"soft_cap": 3.0},
     "all": {"ignore_index": IGNORE, "label_smoothing": 0.3, "z_loss": 1e-3, "soft_cap": 5.0},
 }
+
+
 # auto: whole rows held (one token block); rows: whole rows, several padded token blocks;
 # two_pass: recomputed vocabulary blocks with a ragged last block.
 BLOCKS = {
@@ -92,9 +97,6 @@ def _assert_close(got, want, rtol, atol):
 def _labels_for(opts, labels):
     # Without ignore_index, -100 would be an out-of-range label (NaN): use valid ones.
     return labels if "ignore_index" in opts else jnp.abs(labels) % V
-
-
-# --- values and gradients against the unfused formula -----------------------------------------
 
 
 def _check_against_unfused(reduction, opts, blocks):
@@ -256,9 +258,6 @@ def test_mixed_input_dtypes_keep_each_gradient_dtype():
     assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.float32, jnp.float32]
 
 
-# --- ignore_index, invalid labels, reductions ----------------------------------------------
-
-
 def test_ignored_tokens_have_zero_loss_and_no_gradient():
     x, w, b, labels = _inputs()
     per = linear_softmax_cross_entropy(x, w, labels, b, reduction="none", ignore_index=IGNORE)
@@ -333,9 +332,6 @@ def test_traced_hyperparameters_under_jit():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-# --- memory -----------------------------------------------------------------------------------
-
-
 def test_compiled_gradient_holds_no_n_by_v_buffer():
     n, d, v = 1024, 32, 8192
     x, w, _, labels = _inputs(n=n, d=d, v=v)
@@ -364,9 +360,6 @@ def test_saved_residuals_are_small(reduction):
     for shape, _ in res:
         assert int(np.prod(shape)) <= max(D * V, N * D), res
         assert shape not in ((N, V), (V, N)), res
-
-
-# --- validation -------------------------------------------------------------------------------
 
 
 def _call(**overrides):
@@ -421,9 +414,6 @@ def test_integer_label_dtypes_are_accepted():
         _assert_close(g, dw, rtol=1e-5, atol=1e-6)
 
 
-# --- differentiation modes --------------------------------------------------------------------
-
-
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_reverse_over_reverse_agrees_with_unfused(reduction):
     x, w, b, labels = _inputs(n=6, d=4, v=7)
@@ -451,3 +441,11 @@ def test_forward_mode_raises():
     labels = jnp.abs(labels) % 7
     with pytest.raises(TypeError):
         jax.jvp(lambda x: linear_softmax_cross_entropy(x, w, labels, b), (x,), (x,))
+
+
+def test_axis_name_outside_shard_map_is_refused():
+    x, w, labels = jnp.ones((4, 3)), jnp.ones((3, 5)), jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match="axis_name='vocab'.*does not vary"):
+        linear_softmax_cross_entropy(x, w, labels, axis_name="vocab")
+    with pytest.raises(ValueError, match="does not vary"):
+        jax.jit(lambda x, w: linear_softmax_cross_entropy(x, w, labels, axis_name="v"))(x, w)

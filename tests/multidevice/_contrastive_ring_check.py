@@ -1,23 +1,20 @@
-"""One process of the contrastive ring checks (``tests/test_contrastive_ring.py``).
+"""One process of the two-process contrastive ring check
+(``tests/multidevice/test_contrastive_ring.py``).
 
-``python tests/_contrastive_ring_check.py sim OUT_DIR`` runs every case of :data:`CASES`
-inside ``jax.shard_map`` over the 8 simulated CPU devices of this process
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), with ``x``, ``y`` and ``where``
-sharded along their rows over the ring axis, and writes the value and the gradients to
-``OUT_DIR/sim.npz``.
-
-``python tests/_contrastive_ring_check.py dist PROCESS_ID PORT OUT_DIR`` does the same in one
-of two processes that form a JAX cluster (``jax.distributed.initialize`` with the
-coordinator on ``127.0.0.1:PORT``, two CPU devices each, gloo collectives told to use
-127.0.0.1), so that the ring crosses processes; it writes ``OUT_DIR/process{ID}.npz``.
+``python tests/multidevice/_contrastive_ring_check.py PROCESS_ID PORT OUT_DIR`` joins a
+two-process JAX cluster (``jax.distributed.initialize`` with the coordinator on
+``127.0.0.1:PORT``, two CPU devices each, gloo collectives told to use 127.0.0.1), runs every
+case of :data:`CASES` inside ``jax.shard_map`` over the four devices, with ``x``, ``y`` and
+``where`` sharded along their rows over the ring axis, so that the ring crosses processes,
+and writes the value and the gradients to ``OUT_DIR/process{ID}.npz``.
 
 The test process computes the same cases on one device, unsharded (:func:`value_and_grads`
-with no mesh), and compares.
+with no mesh), and on its own 8 simulated devices (:func:`place`, then
+:func:`value_and_grads` with the mesh), and compares.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _gloo import gloo_on_loopback
 
 N, D = 24, 4  # rows divisible by 8 devices (3 each) and by 4 (6 each)
 AXIS = "ring"
@@ -103,17 +101,23 @@ def value_and_grads(case: Case, a: dict, mesh: Any = None) -> dict[str, Any]:
     return dict(zip(KEYS, (value, *grads), strict=True))
 
 
-def _run(mesh, out_file: Path, tag: dict) -> None:
+def place(mesh) -> dict[str, Any]:
+    """:func:`inputs` on ``mesh``: arrays sharded along their rows over :data:`AXIS`,
+    scalars replicated."""
     import jax  # noqa: PLC0415
     from jax.sharding import NamedSharding  # noqa: PLC0415
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
-    host = inputs()
     placed = {}
-    for name, v in host.items():
+    for name, v in inputs().items():
         spec = P(AXIS) if np.ndim(v) else P()
         placed[name] = jax.make_array_from_callback(
             np.shape(v), NamedSharding(mesh, spec), lambda idx, v=v: np.asarray(v)[idx])
+    return placed
+
+
+def _run(mesh, out_file: Path, tag: dict) -> None:
+    placed = place(mesh)
     saved = {}
     for case in CASES:
         for key, arr in value_and_grads(case, placed, mesh).items():
@@ -126,29 +130,15 @@ def _run(mesh, out_file: Path, tag: dict) -> None:
           flush=True)
 
 
-def _gloo_on_loopback() -> None:
-    """gloo on 127.0.0.1 rather than the host name's address (see _multiprocess_check)."""
-    from jax._src import xla_bridge  # noqa: PLC0415
-
-    lib = getattr(xla_bridge, "_jax", None)
-    make = getattr(lib, "make_gloo_tcp_collectives", None)
-    if make is not None:
-        lib.make_gloo_tcp_collectives = functools.partial(make, hostname="127.0.0.1")
-
-
 def main(argv: list[str]) -> int:
     import jax  # noqa: PLC0415
     from jax.sharding import Mesh  # noqa: PLC0415
 
     jax.config.update("jax_platforms", "cpu")
-    if argv[0] == "sim":
-        assert jax.device_count() == 8, jax.devices()
-        _run(Mesh(np.array(jax.devices()), (AXIS,)), Path(argv[1]) / "sim.npz", {"mode": "sim"})
-        return 0
-    process_id, port, out_dir = int(argv[1]), int(argv[2]), Path(argv[3])
+    process_id, port, out_dir = int(argv[0]), int(argv[1]), Path(argv[2])
     jax.config.update("jax_num_cpu_devices", DEVICES_PER_PROCESS)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    _gloo_on_loopback()
+    gloo_on_loopback()
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}", coordinator_bind_address=f"127.0.0.1:{port}",
         num_processes=NUM_PROCESSES, process_id=process_id, initialization_timeout=120)
