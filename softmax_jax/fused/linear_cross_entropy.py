@@ -34,12 +34,16 @@ __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
 
 
 class FusedStats(NamedTuple):
-    """Per-token statistics from the loss's own pass (no gradient flows through them).
+    r"""Per-token statistics from the loss's own pass.
 
     Attributes:
-      lse: ``[N]`` float32 log-sum-exp of each token's (soft-capped) logits, over the global
-        vocabulary.
-      argmax: ``[N]`` int32 predicted class (global id; the first of equal maxima).
+      lse: ``[N]`` log-sum-exp of each token's (soft-capped) logits over the global
+        vocabulary, in the compute dtype (float32; float64 for float64 inputs).
+        Differentiable: its cotangent :math:`\bar g` adds :math:`\bar g\,a` (the softmax)
+        to the logit gradient in the loss's own backward pass, so a loss built on it, such
+        as the selective log-softmax ``z_y - lse``, has its true gradient.
+      argmax: ``[N]`` int32 predicted class (global id; the first of equal maxima; no
+        gradient).
     """
 
     lse: jax.Array
@@ -51,11 +55,22 @@ class Params(NamedTuple):
     weight_sum: jax.Array  # W, a derived constant (class weights carry no gradient)
 
 
-def _hit(blk: engine.Block, labels: jax.Array) -> jax.Array:
+def label_hit(blk: engine.Block, labels: jax.Array) -> jax.Array:
     """``[tokens, width]``: is the column the token's label?"""
     loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
     width = blk.logits[0].shape[1]
     return lax.broadcasted_iota(loc.dtype, (loc.shape[0], width), 1) == loc[:, None]
+
+
+def label_logit(blk: engine.Block, z: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[tokens]``: each token's entry of the block ``z`` at its label's column, 0 where
+    the label lies in another block (additive over blocks)."""
+    # A gather of one entry per row: a where-and-sum over the block would be materialised
+    # as a second block-sized array on CPU.
+    loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
+    inside = (loc >= 0) & (loc < z.shape[1])
+    picked = jnp.take_along_axis(z, jnp.clip(loc, 0, z.shape[1] - 1)[:, None], axis=1)
+    return jnp.where(inside, picked[:, 0], 0.0)
 
 
 class Rule(NamedTuple):
@@ -70,6 +85,15 @@ class Rule(NamedTuple):
 
     def grad_sizes(self) -> int:
         return 0
+
+    def differentiable_aux(self) -> bool:
+        """The statistics' log-sum-exp takes a cotangent (:meth:`aux_weights`)."""
+        return self.want_stats
+
+    def aux_weights(self, r, g_aux):
+        r"""``[N, 2]`` row weights: the loss's ``r`` and the log-sum-exp's cotangent
+        (:math:`\partial\,\mathrm{lse}/\partial z = a`, added in :meth:`dlogits`)."""
+        return jnp.stack([r, g_aux[0].astype(r.dtype)], axis=1)
 
     def heads(self, x, w, b, consts):
         return (engine.Head(x, w, b),)
@@ -103,13 +127,7 @@ class Rule(NamedTuple):
 
     def first_sums(self, blk, params):
         z = blk.logits[0]
-        # A gather of one entry per row: a where-and-sum over the block would be
-        # materialised as a second block-sized array on CPU.
-        labels = blk.rows[0]
-        loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
-        inside = (loc >= 0) & (loc < z.shape[1])
-        picked = jnp.take_along_axis(z, jnp.clip(loc, 0, z.shape[1] - 1)[:, None], axis=1)
-        z_y = jnp.where(inside, picked[:, 0], 0.0)
+        z_y = label_logit(blk, z, blk.rows[0])
         if not self.options.smoothing:
             return (z_y,)
         zw = z if not blk.classes else _ce.times(blk.classes[0].astype(z.dtype), z)
@@ -144,6 +162,9 @@ class Rule(NamedTuple):
         return _ce.loss(half_nll, half_uniform, lse, scale, w_y, params.ce, self.options)
 
     def dlogits(self, blk, stats, r, params):
+        if r.ndim == 2:  # the loss's weights and the log-sum-exp's cotangent
+            dz, sums = self.dlogits(blk, stats, r[:, 0], params)
+            return dz + stats.norms[0].scaled_prob(blk.logits[0], r[:, 1:]), sums
         z, norm = blk.logits[0], stats.norms[0]
         w_y = blk.rows[1] if self.options.weighted else None
         a = norm.prob(z)
@@ -156,10 +177,11 @@ class Rule(NamedTuple):
         grad = a if off is None else a - off
         on_label = jnp.broadcast_to(_ce.label_coefficient(w_y, params.ce, self.options),
                                     r.shape)[:, None]
-        grad = grad - jnp.where(_hit(blk, blk.rows[0]), on_label, 0.0)
+        grad = grad - jnp.where(label_hit(blk, blk.rows[0]), on_label, 0.0)
         return _ce.times(r[:, None], grad), ()
 
     def cotangents(self, consts, scale, stats, row_sums, r, params):
+        r = r if r.ndim == 1 else r[:, 0]  # the log-sum-exp's cotangent has no share here
         half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
         d_ce = _ce.hyper_cotangents(r, half_nll, half_uniform, lse, w_y, params.ce,
                                     self.options)
@@ -168,8 +190,7 @@ class Rule(NamedTuple):
     def aux(self, stats):
         if not self.want_stats:
             return ()
-        lse = stats.norms[0].lse()[:, 0].astype(jnp.float32)
-        return lse, stats.argmax
+        return stats.norms[0].lse()[:, 0], stats.argmax
 
 
 @overload
@@ -281,7 +302,8 @@ def linear_softmax_cross_entropy(
       class_weights: optional ``[V]`` float weights, PyTorch's ``weight`` (this device's
         slice under ``axis_name``); treated as constants.
       return_stats: also return :class:`FusedStats` (per-token log-sum-exp and argmax) from
-        the same pass, without gradient.
+        the same pass; the log-sum-exp is differentiable (its gradient joins the loss's
+        backward pass).
       axis_name: the ``shard_map`` mesh axis (or tuple of axes) over which ``w``, ``b`` and
         ``class_weights`` are sharded along the vocabulary (``check_vma=True``, the default,
         is required); None when the vocabulary is not sharded. ``labels`` stay global ids;
@@ -352,4 +374,5 @@ def linear_softmax_cross_entropy(
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    return loss, FusedStats(*(lax.stop_gradient(a).reshape(lead) for a in aux))
+    lse, argmax = aux
+    return loss, FusedStats(lse.reshape(lead), argmax.reshape(lead))
