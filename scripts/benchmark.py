@@ -15,6 +15,7 @@ buffers it allocates beyond arguments and outputs. The compile and timing helper
     python scripts/benchmark.py --suite all      # plus the fused large-vocabulary losses
     python scripts/benchmark.py --suite fused --quick   # the fused tables on small shapes
     python scripts/benchmark.py --suite contrastive     # CLIP/SigLIP (bench_contrastive.py)
+    python scripts/benchmark.py --suite rl       # log-probs and entropies (bench_rl.py)
     python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
 
 On Linux, every N x V gradient is a fresh allocation that glibc maps with ``mmap``; the first
@@ -205,7 +206,7 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=["core", "fused", "contrastive", "all"],
+    parser.add_argument("--suite", choices=["core", "fused", "contrastive", "rl", "all"],
                         default="core")
     parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
@@ -257,6 +258,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench_contrastive import run_contrastive_benchmarks  # noqa: PLC0415
 
         run_contrastive_benchmarks(min(args.repeats, 5), quick=args.quick)
+    if args.suite in ("rl", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_rl import run_rl_benchmarks  # noqa: PLC0415
+
+        run_rl_benchmarks(args.repeats, quick=args.quick)
 
 
 if __name__ == "__main__":
