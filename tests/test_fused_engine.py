@@ -3,8 +3,6 @@ gradient is the softmax; a second pass adds up each row's probabilities (which s
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ from softmax_jax.fused.layout import BlockLayout
 N, D, V = 11, 4, 19
 
 
-class LseRule(NamedTuple):
+class LseRule(engine.Rule):
     """Loss lse(z) per row: dlogits = r * softmax(z); the row sums count sum_c z_c over the
     finite logits and, in a second pass, sum_c a_c; the gradient pass adds up sum_c a_c z_c."""
 

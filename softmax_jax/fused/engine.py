@@ -16,10 +16,11 @@ shards (``pmax`` then ``psum`` under ``axis_name``), and accumulates ``dx``, ``d
 :math:`\bar x = \delta W^\top`, :math:`\bar W = x^\top \delta`, :math:`\bar b = \sum_i
 \delta_i`.
 
-A rule (:class:`Rule`) says what one block contributes: the streams to normalise, additive
-per-row sums (a first pass, and optionally a second pass that needs the finished
-normalisers, as the generalised JSD does), the per-row loss, and ``dlogits`` with any
-per-row sums the hyper-parameter cotangents need.
+A rule (:class:`~softmax_jax.fused.interface.Rule`, where every method a rule provides is
+declared) says what one block contributes: the streams to normalise, additive per-row sums
+(a first pass, and optionally a second pass that needs the finished normalisers, as the
+generalised JSD does), and ``dlogits`` with any per-row sums the hyper-parameter cotangents
+need.
 
 Layouts (:class:`~softmax_jax.fused.layout.BlockLayout`): with held rows each token block's
 logits are computed once and reused by every pass and the gradient; with two-level blocks
@@ -64,10 +65,10 @@ from .blocks import (
     transposed,
     weight_cols,
 )
-from .interface import Block, Grads, Head, Options, RowStats, Rule, Tree
+from .interface import Block, Grads, Head, Options, RowStats, Rule, Sizes, Tree
 from .layout import NARROW_SPAN_BYTES, UPDATE_CHUNK
 
-__all__ = ["Block", "Grads", "Head", "Options", "RowStats", "Rule", "Tree", "run"]
+__all__ = ["Block", "Grads", "Head", "Options", "RowStats", "Rule", "Sizes", "Tree", "run"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +79,7 @@ __all__ = ["Block", "Grads", "Head", "Options", "RowStats", "Rule", "Tree", "run
 class _Call(NamedTuple):
     """Everything one engine run closes over (traced arrays and static facts)."""
 
-    rule: Any
+    rule: Rule
     opt: Options
     heads: tuple[Head, ...]
     classes: tuple[jax.Array, ...]
@@ -88,6 +89,24 @@ class _Call(NamedTuple):
     offset: Any  # global class id of this shard's column 0
     num_classes: int | jax.Array
     axes: frozenset  # every mesh axis an input varies over
+
+
+class _Views(NamedTuple):
+    """The per-token inputs of one run, viewed ``[tb, nt, ...]`` (see :class:`Tokens`)."""
+
+    x: tuple[jax.Array, ...]  # per head
+    rows: tuple[jax.Array, ...]  # the rule's per-token arrays
+    r: jax.Array | None = None  # the gradient's per-row weights (gradient pass only)
+    stats: RowStats | None = None  # finished statistics (gradient pass only)
+
+
+class _Outs(NamedTuple):
+    """The per-token outputs of one run, viewed ``[tb, nt, ...]``; None (or ``()``) for those
+    not asked for."""
+
+    dx: jax.Array | None = None
+    grad_sums: tuple[jax.Array, ...] = ()
+    stats: RowStats | None = None
 
 
 def _logits(call: _Call, xs: tuple[jax.Array, ...], start: Any, width: int):
@@ -117,9 +136,9 @@ def _stats_of_tile(call: _Call, tile: Callable[[Any, int], Block], v: int, vb: i
     rule, ct = call.rule, call.ct
     n_streams, n_first, n_second = rule.sizes()
 
-    # Optional: online KL(softmax(stream i) || softmax(stream j)) for each pair (i, j) of
+    # Online KL(softmax(stream i) || softmax(stream j)) for each pair (i, j) of
     # expectation_streams() (the last entries of ``first``).
-    pairs = rule.expectation_streams() if hasattr(rule, "expectation_streams") else ()
+    pairs = rule.expectation_streams()
     n_expect = len(pairs)
 
     def first_body(acc, start, width):
@@ -189,7 +208,7 @@ def _dlogits(call: _Call, blk: Block, raw: jax.Array | None, stats: RowStats, r:
     return dz, row_sums, dcap
 
 
-def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_grad: bool):
+def _held_loop(call: _Call, tokens: Tokens, views: _Views, want_stats: bool, want_grad: bool):
     """Held rows: each token block's logits are computed once, for every pass and the
     gradient (formed in column chunks of at most ``UPDATE_CHUNK``)."""
     head0, ct, v = call.heads[0], call.ct, call.heads[0].w.shape[1]
@@ -197,21 +216,22 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
 
     def token_step(k, carry):
         dw, db, dcap, outs = carry
-        xs = tuple(tokens.take(a, k) for a in views["x"])
-        rows = tuple(tokens.take(a, k) for a in views["rows"])
+        xs = tuple(tokens.take(a, k) for a in views.x)
+        rows = tuple(tokens.take(a, k) for a in views.rows)
         held, raw = _logits(call, xs, 0, v)
 
         def tile(start, width):
             return _block(call, tuple(cols(z, start, width) for z in held), start, rows)
 
-        outs = dict(outs)
         if want_stats:
             stats = vma.vary_all(_stats_of_tile(call, tile, v, v, tokens.tb), axes_tok)
-            outs["stats"] = jax.tree.map(lambda o, u: tokens.put(o, k, u), outs["stats"], stats)
+            outs = outs._replace(
+                stats=jax.tree.map(lambda o, u: tokens.put(o, k, u), outs.stats, stats))
         else:
-            stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
+            stats = jax.tree.map(lambda a: tokens.take(a, k), views.stats)
         if want_grad:
-            r = tokens.take(views["r"], k)
+            assert views.r is not None and outs.dx is not None
+            r = tokens.take(views.r, k)
             x_t = transposed(xs[0])
 
             def grad_body(acc, start, width):
@@ -227,13 +247,12 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
                 gs = tuple(a + b for a, b in zip(gs, add, strict=True))
                 return vma.vary_all((dx, dw, db, dcap + dc, gs), call.axes)
 
-            zero_rows = tuple(jnp.zeros((tokens.tb,), ct) for _ in outs["grad_sums"])
+            zero_rows = tuple(jnp.zeros((tokens.tb,), ct) for _ in outs.grad_sums)
             init = vma.vary_all((jnp.zeros((tokens.tb, head0.x.shape[1]), ct), dw, db, dcap,
                                  zero_rows), call.axes)
             dx, dw, db, dcap, gs = fold_vocab(grad_body, init, v, balanced(v, UPDATE_CHUNK))
-            outs["dx"] = tokens.put(outs["dx"], k, dx)
-            outs["grad_sums"] = tuple(
-                tokens.put(o, k, g) for o, g in zip(outs["grad_sums"], gs, strict=True))
+            outs = outs._replace(dx=tokens.put(outs.dx, k, dx), grad_sums=tuple(
+                tokens.put(o, k, g) for o, g in zip(outs.grad_sums, gs, strict=True)))
         return vma.vary_all((dw, db, dcap), call.axes) + (outs,)
 
     d = head0.x.shape[1]
@@ -242,39 +261,41 @@ def _held_loop(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_
         dw0 = jnp.zeros((d, v), ct)
         db0 = None if head0.b is None else jnp.zeros((v,), ct)
     carry = (*vma.vary_all((dw0, db0, jnp.zeros((), ct)), call.axes),
-             _outputs(call, tokens, views, want_stats, want_grad))
+             _outputs(call, tokens, want_stats, want_grad))
     dw, db, dcap, outs = token_loop(tokens, token_step, carry)
     return outs, dw, db, dcap
 
 
-def _outputs(call: _Call, tokens: Tokens, views: dict, want_stats: bool, want_grad: bool):
+def _outputs(call: _Call, tokens: Tokens, want_stats: bool, want_grad: bool) -> _Outs:
     """Zero-initialised per-token outputs, viewed ``[tb, nt, ...]``."""
     axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
     tb, nt, ct = tokens.tb, tokens.nt, call.ct
     n_streams, n_first, n_second = call.rule.sizes()
-    outs: dict = {}
+    outs = _Outs()
     if want_stats:
         col = jnp.zeros((tb, nt, 1), ct)
         row = jnp.zeros((tb, nt), ct)
-        outs["stats"] = vma.vary_all(RowStats(
+        outs = outs._replace(stats=vma.vary_all(RowStats(
             tuple(Normalizer(col, col) for _ in range(n_streams)), (row,) * n_first,
             (row,) * n_second,
-            jnp.zeros((tb, nt), jnp.int32) if call.opt.want_argmax else None), axes_tok)
+            jnp.zeros((tb, nt), jnp.int32) if call.opt.want_argmax else None), axes_tok))
     if want_grad:
-        outs["dx"] = vma.vary_all(jnp.zeros((tb, nt, call.heads[0].x.shape[1]), ct), call.axes)
-        outs["grad_sums"] = vma.vary_all(
-            tuple(jnp.zeros((tb, nt), ct) for _ in range(call.rule.grad_sizes())), call.axes)
+        outs = outs._replace(
+            dx=vma.vary_all(jnp.zeros((tb, nt, call.heads[0].x.shape[1]), ct), call.axes),
+            grad_sums=vma.vary_all(
+                tuple(jnp.zeros((tb, nt), ct) for _ in range(call.rule.grad_sizes())),
+                call.axes))
     return outs
 
 
-def _stats_loop(call: _Call, tokens: Tokens, views: dict) -> RowStats:
+def _stats_loop(call: _Call, tokens: Tokens, views: _Views) -> RowStats:
     """Two-level statistics: the vocabulary in blocks inside each token block."""
     v = call.heads[0].w.shape[1]
     axes_tok = call.axes - vma.axis_set(call.opt.axis_name)
 
     def token_step(k, outs):
-        xs = tuple(tokens.take(a, k) for a in views["x"])
-        rows = tuple(tokens.take(a, k) for a in views["rows"])
+        xs = tuple(tokens.take(a, k) for a in views.x)
+        rows = tuple(tokens.take(a, k) for a in views.rows)
 
         def tile(start, width):
             return _block(call, _logits(call, xs, start, width)[0], start, rows)
@@ -283,10 +304,10 @@ def _stats_loop(call: _Call, tokens: Tokens, views: dict) -> RowStats:
                                             tokens.tb), axes_tok)
         return jax.tree.map(lambda o, u: tokens.put(o, k, u), outs, stats)
 
-    return token_loop(tokens, token_step, _outputs(call, tokens, views, True, False)["stats"])
+    return token_loop(tokens, token_step, _outputs(call, tokens, True, False).stats)
 
 
-def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
+def _tiled_grads(call: _Call, tokens: Tokens, views: _Views):
     """Two-level gradient: the tokens inside each vocabulary block, so that ``dW`` is
     accumulated in float32 one ``[D, vocab_block]`` block at a time (Cut Cross-Entropy's
     order) and written once in ``w``'s dtype.
@@ -309,18 +330,19 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
 
         def token_step(k, c):
             dw_j, db_j, dcap, outs = c
-            xs = tuple(tokens.take(a, k) for a in views["x"])
-            rows = tuple(tokens.take(a, k) for a in views["rows"])
-            stats = jax.tree.map(lambda a: tokens.take(a, k), views["stats"])
+            xs = tuple(tokens.take(a, k) for a in views.x)
+            rows = tuple(tokens.take(a, k) for a in views.rows)
+            stats = jax.tree.map(lambda a: tokens.take(a, k), views.stats)
             logits, raw = _logits(call, xs, start, width)
+            assert views.r is not None and outs.dx is not None
             dz, add, dc = _dlogits(call, _block(call, logits, start, rows), raw, stats,
-                                   tokens.take(views["r"], k))
-            outs = dict(outs)
-            dx_k = tokens.take(outs["dx"], k) + grad_matmul(
+                                   tokens.take(views.r, k))
+            dx_k = tokens.take(outs.dx, k) + grad_matmul(
                 dz, w_j, (1, 1), ct, True, head0.x.dtype)
-            outs["dx"] = tokens.put(outs["dx"], k, dx_k)
-            outs["grad_sums"] = tuple(tokens.put(o, k, tokens.take(o, k) + a)
-                                      for o, a in zip(outs["grad_sums"], add, strict=True))
+            outs = outs._replace(
+                dx=tokens.put(outs.dx, k, dx_k),
+                grad_sums=tuple(tokens.put(o, k, tokens.take(o, k) + a)
+                                for o, a in zip(outs.grad_sums, add, strict=True)))
             dw_j = dw_j + grad_matmul(dz, transposed(xs[0]), (1, 0), ct, False,
                                       head0.w.dtype)
             db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
@@ -349,12 +371,12 @@ def _tiled_grads(call: _Call, tokens: Tokens, views: dict):
 
     db0 = None if head0.b is None else jnp.zeros((v,), ct)
     init = vma.vary_all((jnp.zeros((d, v), head0.w.dtype), db0, jnp.zeros((), ct)), call.axes)
-    init = init + (_outputs(call, tokens, views, False, True),)
+    init = init + (_outputs(call, tokens, False, True),)
     dw, db, dcap, outs = fold_vocab(span_body, init, v, span)
     return outs, dw, db, dcap
 
 
-def run(rule: Any, opt: Options, heads: tuple[Head, ...], rows: tuple[jax.Array, ...],
+def run(rule: Rule, opt: Options, heads: tuple[Head, ...], rows: tuple[jax.Array, ...],
         classes: tuple[jax.Array, ...], params: Tree, cap: jax.Array,
         r: jax.Array | None = None, saved: RowStats | None = None,
         ) -> tuple[RowStats | None, Grads | None]:
@@ -381,31 +403,29 @@ def run(rule: Any, opt: Options, heads: tuple[Head, ...], rows: tuple[jax.Array,
         axes |= frozenset().union(*(vma.varying(a) for a in jax.tree.leaves(saved)))
     call = _Call(rule, opt, heads, classes, params, cap, ct, offset, num_classes, axes)
     tokens = Tokens(n, opt.layout.token_block)
-    views: dict = {"x": tuple(tokens.view(h.x) for h in heads),
-                   "rows": tuple(tokens.view(a) for a in rows)}
-    if r is not None:
-        views["r"] = tokens.view(r)
-    if saved is not None:
-        views["stats"] = jax.tree.map(tokens.view, saved)
+    views = _Views(tuple(tokens.view(h.x) for h in heads), tuple(tokens.view(a) for a in rows),
+                   None if r is None else tokens.view(r),
+                   None if saved is None else jax.tree.map(tokens.view, saved))
     want_stats, want_grad = saved is None, r is not None
     if opt.layout.holds_rows(v):
         outs, dw, db, dcap = _held_loop(call, tokens, views, want_stats, want_grad)
         if want_grad:
             dw = dw.astype(w0.dtype)
     else:
-        outs, dw, db, dcap = {}, None, None, None
+        outs, dw, db, dcap = _Outs(), None, None, None
         if want_stats:
-            outs["stats"] = _stats_loop(call, tokens, views)
-            views["stats"] = outs["stats"]
+            outs = outs._replace(stats=_stats_loop(call, tokens, views))
+            views = views._replace(stats=outs.stats)
         if want_grad:
             grad_outs, dw, db, dcap = _tiled_grads(call, tokens, views)
-            outs.update(grad_outs)
-    stats = jax.tree.map(tokens.unview, outs["stats"]) if want_stats else None
+            outs = outs._replace(dx=grad_outs.dx, grad_sums=grad_outs.grad_sums)
+    stats = jax.tree.map(tokens.unview, outs.stats) if want_stats else None
     grads = None
     if want_grad:
-        row_sums = tuple(tokens.unview(g) for g in outs["grad_sums"])
+        row_sums = tuple(tokens.unview(g) for g in outs.grad_sums)
         if axis is not None:
             row_sums = tuple(lax.psum(g, axis) for g in row_sums)
             dcap = lax.psum(dcap, axis)
-        grads = Grads(tokens.unview(outs["dx"]), dw, db, dcap, row_sums)
+        assert outs.dx is not None
+        grads = Grads(tokens.unview(outs.dx), dw, db, dcap, row_sums)
     return stats, grads

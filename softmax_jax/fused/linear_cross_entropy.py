@@ -18,19 +18,24 @@ terms are handed over halved, as the shared module combines them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
 
-from . import args, engine, vjp, vma
+from . import args, interface, vjp, vma
 from .layout import BlockLayout
 
 __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
+
+# labels [N], the label's class weight w_y [N] and the class weights [V] (both None unweighted)
+Consts = tuple[jax.Array, jax.Array | None, jax.Array | None]
 
 
 class FusedStats(NamedTuple):
@@ -55,14 +60,24 @@ class Params(NamedTuple):
     weight_sum: jax.Array  # W, a derived constant (class weights carry no gradient)
 
 
-def label_hit(blk: engine.Block, labels: jax.Array) -> jax.Array:
+class LabelTerms(NamedTuple):
+    """Per token, the label terms of the cross-entropy from the finished statistics, halved
+    as :mod:`softmax_jax._cross_entropy_terms` combines them (:func:`_ce.loss`)."""
+
+    half_nll: jax.Array
+    half_uniform: jax.Array | None  # None without smoothing
+    lse: jax.Array
+    w_y: jax.Array | None  # the label's class weight (None unweighted)
+
+
+def label_hit(blk: interface.Block, labels: jax.Array) -> jax.Array:
     """``[tokens, width]``: is the column the token's label?"""
     loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
     width = blk.logits[0].shape[1]
     return lax.broadcasted_iota(loc.dtype, (loc.shape[0], width), 1) == loc[:, None]
 
 
-def label_logit(blk: engine.Block, z: jax.Array, labels: jax.Array) -> jax.Array:
+def label_logit(blk: interface.Block, z: jax.Array, labels: jax.Array) -> jax.Array:
     """``[tokens]``: each token's entry of the block ``z`` at its label's column, 0 where
     the label lies in another block (additive over blocks)."""
     # A gather of one entry per row: a where-and-sum over the block would be materialised
@@ -73,59 +88,59 @@ def label_logit(blk: engine.Block, z: jax.Array, labels: jax.Array) -> jax.Array
     return jnp.where(inside, picked[:, 0], 0.0)
 
 
-class Rule(NamedTuple):
-    """The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``."""
+@dataclasses.dataclass(frozen=True)
+class Rule(interface.Rule):
+    r"""The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``; its
+    stream 0 is head 0's logits, its first sums :math:`z_y` and, under smoothing,
+    :math:`\sum_c w_c z_c / V`."""
 
     options: _ce.Options
     num_classes: int  # global vocabulary size
     want_stats: bool
 
-    def sizes(self) -> tuple[int, int, int]:
-        return 1, 2 if self.options.smoothing else 1, 0
+    def sizes(self) -> interface.Sizes:
+        return interface.Sizes(1, 2 if self.options.smoothing else 1, 0)
 
-    def grad_sizes(self) -> int:
-        return 0
+    def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
+              consts: Consts) -> tuple[interface.Head, ...]:
+        return (interface.Head(x, w, b),)
 
     def differentiable_aux(self) -> bool:
         """The statistics' log-sum-exp takes a cotangent (:meth:`aux_weights`)."""
         return self.want_stats
 
-    def aux_weights(self, r, g_aux):
+    def aux_weights(self, r: jax.Array, g_aux: tuple[jax.Array, ...]) -> jax.Array:
         r"""``[N, 2]`` row weights: the loss's ``r`` and the log-sum-exp's cotangent
         (:math:`\partial\,\mathrm{lse}/\partial z = a`, added in :meth:`dlogits`)."""
         return jnp.stack([r, g_aux[0].astype(r.dtype)], axis=1)
 
-    def heads(self, x, w, b, consts):
-        return (engine.Head(x, w, b),)
-
-    def rows(self, consts):
+    def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         labels, w_y, _ = consts
         return (labels,) if w_y is None else (labels, w_y)
 
-    def classes(self, consts):
+    def classes(self, consts: Consts) -> tuple[jax.Array, ...]:
         return () if consts[2] is None else (consts[2],)
 
-    def scale(self, consts, num_classes, ct):
+    def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
         return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, dtype=ct)[0]
 
-    def denominator(self, consts, scale):
+    def denominator(self, consts: Consts, scale: jax.Array) -> jax.Array:
         w_y = consts[1]
         if w_y is None:
             return jnp.sum(scale != 0).astype(scale.dtype)
         return jnp.sum(_ce.times(scale, w_y.astype(scale.dtype)))
 
-    def weights(self, consts, scale, factor):
-        return _ce.times(scale, factor)
-
-    def valid(self, params):
-        """Whether the traced hyper-parameters are in range (:func:`_ce.hyperparameters`
-        turned those that are not into NaN)."""
+    def valid(self, params: interface.Tree) -> jax.Array:
+        """Whether the traced hyper-parameters ``params.ce`` are in range
+        (:func:`_ce.hyperparameters` turned those that are not into NaN); another rule's
+        params with a ``ce`` field do too."""
         return ~(jnp.isnan(params.ce.eps) | jnp.isnan(params.ce.lam))
 
-    def streams(self, blk, params):
+    def streams(self, blk: interface.Block, params: Params | None) -> tuple[jax.Array, ...]:
         return (blk.logits[0],)
 
-    def first_sums(self, blk, params):
+    def first_sums(self, blk: interface.Block,
+                   params: Params | None) -> tuple[jax.Array, ...]:
         z = blk.logits[0]
         z_y = label_logit(blk, z, blk.rows[0])
         if not self.options.smoothing:
@@ -135,33 +150,14 @@ class Rule(NamedTuple):
         # range cannot overflow where the smoothing term itself is finite.
         return z_y, jnp.sum(zw * (1.0 / self.num_classes), axis=1)
 
-    def second_sums(self, blk, stats, params):
-        return ()
-
-    def _terms(self, consts, stats, params):
-        """``(half_nll, half_uniform, lse, w_y)`` per token: the label terms halved, as
-        :mod:`softmax_jax._cross_entropy_terms` combines them."""
-        norm = stats.norms[0]
-        lse = norm.lse()[:, 0]
-        half_nll = _ce.half_neg_log_prob(stats.first[0][:, None], norm.m, norm.log_s)[:, 0]
-        half_uniform = None
-        if self.options.smoothing:
-            total = stats.first[1]
-            w_all = params.weight_sum if self.options.weighted else jnp.asarray(
-                self.num_classes, lse.dtype)
-            # ((W / V) lse - sum_c w_c z_c / V) / 2: scaled before the difference (W lse
-            # alone overflows at lse = 2e38), as the unfused losses' half_uniform is.
-            half_uniform = jnp.where(
-                total == -jnp.inf, jnp.inf,
-                _ce.times(w_all / self.num_classes, 0.5 * lse) - 0.5 * total)
-        w_y = consts[1]
-        return half_nll, half_uniform, lse, None if w_y is None else w_y.astype(lse.dtype)
-
-    def row_loss(self, consts, scale, stats, params):
-        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+    def row_loss(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                 params: Params) -> jax.Array:
+        half_nll, half_uniform, lse, w_y = label_terms(self, stats, consts[1],
+                                                       params.weight_sum)
         return _ce.loss(half_nll, half_uniform, lse, scale, w_y, params.ce, self.options)
 
-    def dlogits(self, blk, stats, r, params):
+    def dlogits(self, blk: interface.Block, stats: interface.RowStats, r: jax.Array,
+                params: Params) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         if r.ndim == 2:  # the loss's weights and the log-sum-exp's cotangent
             dz, sums = self.dlogits(blk, stats, r[:, 0], params)
             return dz + stats.norms[0].scaled_prob(blk.logits[0], r[:, 1:]), sums
@@ -180,17 +176,44 @@ class Rule(NamedTuple):
         grad = grad - jnp.where(label_hit(blk, blk.rows[0]), on_label, 0.0)
         return _ce.times(r[:, None], grad), ()
 
-    def cotangents(self, consts, scale, stats, row_sums, r, params):
+    def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                   row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
         r = r if r.ndim == 1 else r[:, 0]  # the log-sum-exp's cotangent has no share here
-        half_nll, half_uniform, lse, w_y = self._terms(consts, stats, params)
+        half_nll, half_uniform, lse, w_y = label_terms(self, stats, consts[1],
+                                                       params.weight_sum)
         d_ce = _ce.hyper_cotangents(r, half_nll, half_uniform, lse, w_y, params.ce,
                                     self.options)
         return Params(d_ce, jnp.zeros_like(params.weight_sum))
 
-    def aux(self, stats):
+    def aux(self, stats: interface.RowStats) -> tuple[jax.Array, ...]:
         if not self.want_stats:
             return ()
+        assert stats.argmax is not None
         return stats.norms[0].lse()[:, 0], stats.argmax
+
+
+def label_terms(rule: Rule, stats: interface.RowStats, w_y: jax.Array | None = None,
+                weight_sum: jax.Array | None = None) -> LabelTerms:
+    """The label terms of ``rule`` per token, from statistics whose stream 0 and first sums
+    are ``rule``'s (another rule passes its own statistics with those in front); ``w_y``
+    the label's class weight and ``weight_sum`` :math:`W`, both needed only with class
+    weights."""
+    norm = stats.norms[0]
+    lse = norm.lse()[:, 0]
+    half_nll = _ce.half_neg_log_prob(stats.first[0][:, None], norm.m, norm.log_s)[:, 0]
+    half_uniform = None
+    if rule.options.smoothing:
+        total = stats.first[1]
+        w_all = weight_sum if rule.options.weighted else jnp.asarray(
+            rule.num_classes, lse.dtype)
+        assert w_all is not None
+        # ((W / V) lse - sum_c w_c z_c / V) / 2: scaled before the difference (W lse
+        # alone overflows at lse = 2e38), as the unfused losses' half_uniform is.
+        half_uniform = jnp.where(
+            total == -jnp.inf, jnp.inf,
+            _ce.times(w_all / rule.num_classes, 0.5 * lse) - 0.5 * total)
+    return LabelTerms(half_nll, half_uniform, lse,
+                      None if w_y is None else w_y.astype(lse.dtype))
 
 
 @overload

@@ -21,18 +21,20 @@ and the row sums the temperature's cotangent needs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, engine, vjp, vma
+from . import args, interface, vjp, vma
 from . import linear_cross_entropy as _fce
 from .layout import BlockLayout
 
@@ -46,10 +48,16 @@ class Params(NamedTuple):
     ce: _ce.Params
 
 
-class Rule(NamedTuple):
+# labels [N] (None when neither the hard term nor ignore_index is used), and the teacher's
+# head: teacher_x [N, D_t], teacher_w [D_t, V], teacher_b [V] or None
+Consts = tuple[jax.Array | None, jax.Array, jax.Array, jax.Array | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(interface.Rule):
     """The distillation's per-block rule. consts: ``(labels, teacher_x, teacher_w,
-    teacher_b)``; ``labels`` may be None when neither the hard term nor ``ignore_index``
-    is used."""
+    teacher_b)``. Streams: the student's and the teacher's logits over :math:`T`, and with
+    the hard term the student's logits (the cross-entropy rule's stream 0)."""
 
     kind: _dt.Kind
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
@@ -63,9 +71,9 @@ class Rule(NamedTuple):
         (:func:`~softmax_jax.fused.blocks.log_ratio_step`)."""
         return self.kind in ("forward", "reverse")
 
-    def sizes(self) -> tuple[int, int, int]:
-        n_first = (self.ce.sizes()[1] if self.hard else 0) + (1 if self._one_pass() else 0)
-        return 3 if self.hard else 2, n_first, 0 if self._one_pass() else 2
+    def sizes(self) -> interface.Sizes:
+        n_first = (self.ce.sizes().first if self.hard else 0) + (1 if self._one_pass() else 0)
+        return interface.Sizes(3 if self.hard else 2, n_first, 0 if self._one_pass() else 2)
 
     def expectation_streams(self) -> tuple[tuple[int, int], ...]:
         if not self._one_pass():
@@ -75,35 +83,27 @@ class Rule(NamedTuple):
     def grad_sizes(self) -> int:
         return 1
 
-    def heads(self, x, w, b, consts):
-        return engine.Head(x, w, b), engine.Head(*consts[1:])
+    def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
+              consts: Consts) -> tuple[interface.Head, ...]:
+        return interface.Head(x, w, b), interface.Head(*consts[1:])
 
-    def rows(self, consts):
+    def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         return () if consts[0] is None else (consts[0],)
 
-    def classes(self, consts):
-        return ()
-
-    def scale(self, consts, num_classes, ct):
+    def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
         labels = consts[0]
         if labels is None:
             return jnp.ones(consts[1].shape[:1], ct)
         return self.ce.scale((labels, None, None), num_classes, ct)
 
-    def denominator(self, consts, scale):
-        return jnp.sum(scale != 0).astype(scale.dtype)
-
-    def weights(self, consts, scale, factor):
-        return _ce.times(scale, factor)
-
-    def valid(self, params):
+    def valid(self, params: Params) -> jax.Array:
         r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
         :math:`T` and :math:`\beta` (:func:`_dt.valid_hyperparameters`), and the NaN that the
         shared validation puts in for the others."""
         ok = _dt.valid_hyperparameters(params.temperature, params.beta)
         return ok & ~jnp.isnan(params.hard_weight) & self.ce.valid(params)
 
-    def streams(self, blk, params):
+    def streams(self, blk: interface.Block, params: Params) -> tuple[jax.Array, ...]:
         z, t = blk.logits
         out = (z / params.temperature, t / params.temperature)
         return out + (z,) if self.hard else out
@@ -114,7 +114,7 @@ class Rule(NamedTuple):
         sub_stats = None if stats is None else stats._replace(norms=stats.norms[2:])
         return sub_blk, sub_stats
 
-    def first_sums(self, blk, params):
+    def first_sums(self, blk: interface.Block, params: Params) -> tuple[jax.Array, ...]:
         if not self.hard:
             return ()
         return self.ce.first_sums(self._ce_view(blk, None)[0], None)
@@ -126,7 +126,8 @@ class Rule(NamedTuple):
         log_p = stats.norms[1].log_prob(t / params.temperature)
         return log_q, log_p, _dt.log_mixture(log_p, log_q, params.beta, self.kind)
 
-    def second_sums(self, blk, stats, params):
+    def second_sums(self, blk: interface.Block, stats: interface.RowStats,
+                    params: Params) -> tuple[jax.Array, ...]:
         log_q, log_p, log_m = self._logs(blk, stats, params)
         rows = _dt.RowSums.of(_dt.element_terms(log_p, log_q, log_m, self.kind), axis=1)
         return rows.kl_p[:, 0], rows.kl_q[:, 0]
@@ -146,10 +147,11 @@ class Rule(NamedTuple):
         terms = None
         if self.hard:
             ce_stats = stats._replace(norms=stats.norms[2:])
-            terms = self.ce._terms((consts[0], None, None), ce_stats, None)
+            terms = _fce.label_terms(self.ce, ce_stats)
         return div, terms
 
-    def row_loss(self, consts, scale, stats, params):
+    def row_loss(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                 params: Params) -> jax.Array:
         div, terms = self._parts(consts, stats, params)
         loss = _dt.times(jnp.square(params.temperature), div)
         if self.hard:
@@ -160,7 +162,8 @@ class Rule(NamedTuple):
             loss = _ce.times(params.hard_weight, ce) + _ce.times(1.0 - params.hard_weight, loss)
         return _ce.times(scale, loss)
 
-    def dlogits(self, blk, stats, r, params):
+    def dlogits(self, blk: interface.Block, stats: interface.RowStats, r: jax.Array,
+                params: Params) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         temp, beta = params.temperature, params.beta
         log_q, log_p, log_m = self._logs(blk, stats, params)
         rows = _dt.RowSums(*(a[:, None] for a in self._row_sums(stats)))
@@ -177,7 +180,8 @@ class Rule(NamedTuple):
             dz = _ce.times(params.hard_weight, dce) + _ce.times(1.0 - params.hard_weight, dz)
         return _ce.times(r[:, None], dz), (t_sum,)
 
-    def cotangents(self, consts, scale, stats, row_sums, r, params):
+    def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                   row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
         temp, beta, hw = params.temperature, params.beta, params.hard_weight
         div, terms = self._parts(consts, stats, params)
         soft = 1.0 - hw if self.hard else jnp.ones((), r.dtype)
@@ -197,9 +201,6 @@ class Rule(NamedTuple):
                                         params.ce, self.ce.options)
         return Params(jnp.sum(_ce.times(r_soft, d_temp)), jnp.sum(_ce.times(r_soft, d_beta)),
                       d_hw, d_ce)
-
-    def aux(self, stats):
-        return ()
 
 
 def linear_softmax_distillation(

@@ -30,17 +30,19 @@ sum to 0 over the row, so the temperature's cotangent, :math:`-\frac{1}{T}\sum_j
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable
 from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, engine, vjp, vma
+from . import args, interface, vjp, vma
 from .layout import BlockLayout
 from .linear_cross_entropy import label_hit, label_logit
 
@@ -51,11 +53,17 @@ class Params(NamedTuple):
     temperature: jax.Array
 
 
-class Rule(NamedTuple):
-    """The log-probability (and entropy) rule. consts: ``(tokens, keep)``, ``keep`` the
-    ``where`` mask (None: every token counts). Its per-row output is ``[N, k]``: the
-    log-probability, then the entropy when asked for, each with its own cotangent column
-    in ``r``."""
+# token ids [N] and the ``where`` mask [N] (None: every token counts)
+Consts = tuple[jax.Array, jax.Array | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule(interface.Rule):
+    r"""The log-probability (and entropy) rule. consts: ``(tokens, keep)``. Its stream 0 is
+    :math:`z = c/T`, with the entropy stream 1 a ``[tokens, 1]`` block of zeros whose KL
+    against stream 0 the engine keeps online; its first sum is :math:`z_y`. Its per-row
+    output is ``[N, k]``: the log-probability, then the entropy when asked for, each with
+    its own cotangent column in ``r``."""
 
     num_classes: int  # global vocabulary size
     entropy: bool
@@ -64,12 +72,8 @@ class Rule(NamedTuple):
     # gradient pass's row sum).
     temperature_grad: bool
 
-    def compute_dtype_outputs(self) -> bool:
-        """Ratios of probabilities are taken from the outputs: float32 whatever the inputs."""
-        return True
-
-    def sizes(self) -> tuple[int, int, int]:
-        return (2, 2, 0) if self.entropy else (1, 1, 0)
+    def sizes(self) -> interface.Sizes:
+        return interface.Sizes(2, 2, 0) if self.entropy else interface.Sizes(1, 1, 0)
 
     def expectation_streams(self) -> tuple[tuple[int, int], ...]:
         return ((0, 1),) if self.entropy else ()
@@ -77,58 +81,53 @@ class Rule(NamedTuple):
     def grad_sizes(self) -> int:
         return 1 if self.temperature_grad else 0
 
-    def heads(self, x, w, b, consts):
-        return (engine.Head(x, w, b),)
+    def compute_dtype_outputs(self) -> bool:
+        """Ratios of probabilities are taken from the outputs: float32 whatever the inputs."""
+        return True
 
-    def rows(self, consts):
+    def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
+              consts: Consts) -> tuple[interface.Head, ...]:
+        return (interface.Head(x, w, b),)
+
+    def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         return (consts[0],)
 
-    def classes(self, consts):
-        return ()
-
-    def scale(self, consts, num_classes, ct):
+    def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
         tokens, keep = consts
         return _ce.row_scale(tokens, num_classes, self.ignore_index, keep, dtype=ct)[0]
 
-    def denominator(self, consts, scale):
-        return jnp.sum(scale != 0).astype(scale.dtype)
-
-    def weights(self, consts, scale, factor):
+    def weights(self, consts: Consts, scale: jax.Array, factor: jax.Array) -> jax.Array:
         """``[N, k]``: each output's cotangent, 0 on masked tokens, NaN on bad ones."""
         return _ce.times(scale[:, None], factor.reshape(scale.shape[0], -1))
 
-    def valid(self, params):
+    def valid(self, params: Params) -> jax.Array:
         t = params.temperature
         return (t > 0) & (t < jnp.inf)
 
-    def streams(self, blk, params):
+    def streams(self, blk: interface.Block, params: Params) -> tuple[jax.Array, ...]:
         z = blk.logits[0] / params.temperature
         if not self.entropy:
             return (z,)
         return z, jnp.zeros((z.shape[0], 1), z.dtype)
 
-    def first_sums(self, blk, params):
+    def first_sums(self, blk: interface.Block, params: Params) -> tuple[jax.Array, ...]:
         return (label_logit(blk, blk.logits[0] / params.temperature, blk.rows[0]),)
 
-    def second_sums(self, blk, stats, params):
-        return ()
-
-    def _entropy(self, stats) -> jax.Array:
-        """Per row :math:`H = \\log S_0 - \\mathrm{KL}` (0 for a row with no class above
-        :math:`-\\infty`)."""
+    def _entropy(self, stats: interface.RowStats) -> jax.Array:
+        r"""Per row :math:`H = \log S_0 - \mathrm{KL}` (0 for a row with no class above
+        :math:`-\infty`)."""
         h = stats.norms[1].log_s[:, 0] - stats.first[-1]
         return jnp.where(stats.norms[0].log_s[:, 0] == -jnp.inf, 0.0, h)
 
-    def _log_prob(self, stats) -> jax.Array:
-        return stats.norms[0].log_prob(stats.first[0][:, None])[:, 0]
-
-    def row_loss(self, consts, scale, stats, params):
-        out = [self._log_prob(stats)]
+    def row_loss(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                 params: Params) -> jax.Array:
+        out = [stats.norms[0].log_prob(stats.first[0][:, None])[:, 0]]
         if self.entropy:
             out.append(self._entropy(stats))
         return _ce.times(scale[:, None], jnp.stack(out, axis=1))
 
-    def dlogits(self, blk, stats, r, params):
+    def dlogits(self, blk: interface.Block, stats: interface.RowStats, r: jax.Array,
+                params: Params) -> tuple[jax.Array, tuple[jax.Array, ...]]:
         temp, norm = params.temperature, stats.norms[0]
         z = blk.logits[0] / temp
         log_p = norm.log_prob(z)
@@ -142,14 +141,11 @@ class Rule(NamedTuple):
         sums = (jnp.sum(_ce.times(dz, log_p), axis=1),) if self.temperature_grad else ()
         return dz / temp, sums
 
-    def cotangents(self, consts, scale, stats, row_sums, r, params):
+    def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
+                   row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
         if not self.temperature_grad:
             return Params(jnp.zeros_like(params.temperature))
         return Params(-jnp.sum(row_sums[0]) / params.temperature)
-
-    def aux(self, stats):
-        return ()
-
 
 
 @overload

@@ -1,4 +1,5 @@
-r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two strategies.
+r"""The ``custom_vjp`` shared by every fused loss: a rule
+(:class:`~softmax_jax.fused.interface.Rule`), the engine, and two strategies.
 
 - ``"mean"`` and ``"sum"`` (:func:`reduced`): the gradients are computed inside the forward
   pass, with per-row weights :math:`r_i = s_i / \mathrm{den}` (``s`` the row scale: 1
@@ -9,15 +10,15 @@ r"""The ``custom_vjp`` shared by every fused loss: a rule, the engine, and two s
   backward pass recomputes the blocks with :math:`r_i = s_i \bar g_i`. A rule may give
   several outputs per row (a ``[N, k]`` loss, as the log-probabilities and entropies do) or
   differentiable auxiliary outputs (the cross-entropy's log-sum-exp under ``return_stats``):
-  ``r`` then has one column per cotangent (:meth:`weights`, :meth:`aux_weights`), all
+  ``r`` then has one column per cotangent (``Rule.weights``, ``Rule.aux_weights``), all
   joined in the same recomputing pass. A "mean" or "sum" with differentiable auxiliary
   outputs is the per-token strategy, reduced outside the rule.
 
 Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
 (partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
 (labels, class weights, the teacher's head) get zero cotangents. A hyper-parameter out of
-range (traced, so it could not raise; :meth:`valid`) makes the loss and every cotangent NaN,
-as in the unfused losses.
+range (traced, so it could not raise; :meth:`~softmax_jax.fused.interface.Rule.valid`)
+makes the loss and every cotangent NaN, as in the unfused losses.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import engine, vma
+from .interface import Rule
 
 
 class Static(NamedTuple):
     """Static (hashable) facts of one call."""
 
-    rule: Any
+    rule: Rule
     engine: engine.Options
     reduction: str
     vma_x: frozenset
@@ -140,7 +142,7 @@ def _per_token_bwd(static, res, g):
     ct, rule = _ct(static), static.rule
     scale = rule.scale(consts, _num_classes(static, w), ct)
     r = rule.weights(consts, scale, g.astype(ct))
-    if _differentiable_aux(rule):
+    if rule.differentiable_aux():
         r = rule.aux_weights(r, g_aux)
     _, grads = _run(static, x, w, b, consts, params, cap, r=r, saved=stats)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
@@ -152,22 +154,17 @@ def _per_token_bwd(static, res, g):
 per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 
-def _differentiable_aux(rule: Any) -> bool:
-    """Whether the rule's auxiliary outputs take cotangents (:meth:`aux_weights`)."""
-    return bool(getattr(rule, "differentiable_aux", lambda: False)())
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def dispatch(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
     """``(loss, aux)``. Per-token losses come back in the inputs' dtype, unless the rule
-    keeps its outputs in the compute dtype (``compute_dtype_outputs``)."""
+    keeps its outputs in the compute dtype (:meth:`~.interface.Rule.compute_dtype_outputs`)."""
     rule = static.rule
     if static.reduction == "none":
         loss, aux = per_token(static, x, w, b, consts, params, cap)
-        if not getattr(rule, "compute_dtype_outputs", lambda: False)():
+        if not rule.compute_dtype_outputs():
             loss = loss.astype(jnp.result_type(*(d for d in static.dtypes if d is not None)))
         return loss, aux
-    if _differentiable_aux(rule):
+    if rule.differentiable_aux():
         loss, aux = per_token(static, x, w, b, consts, params, cap)
         scale = rule.scale(consts, _num_classes(static, w), loss.dtype)
         return jnp.sum(loss) * _inverse_denominator(static, consts, scale), aux
