@@ -15,6 +15,7 @@ buffers it allocates beyond arguments and outputs. The compile and timing helper
     python scripts/benchmark.py --suite all      # plus the fused large-vocabulary losses
     python scripts/benchmark.py --suite fused --quick   # the fused tables on small shapes
     python scripts/benchmark.py --suite contrastive     # CLIP/SigLIP (bench_contrastive.py)
+    python scripts/benchmark.py --suite rl       # log-probs and entropies (bench_rl.py)
     python scripts/benchmark.py --hugepages      # the same with huge pages for large buffers
     python scripts/benchmark.py --suite all --write-docs   # regenerate docs/benchmarks.md
 
@@ -248,7 +249,7 @@ def _docs_writes(suite: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=["core", "fused", "contrastive", "all"],
+    parser.add_argument("--suite", choices=["core", "fused", "contrastive", "rl", "all"],
                         default="core")
     parser.add_argument("--n", type=int, default=4096, help="examples (rows)")
     parser.add_argument("--v", type=int, default=32000, help="classes (vocabulary)")
@@ -324,6 +325,11 @@ def main(argv: list[str] | None = None) -> None:
 
         run_contrastive_benchmarks(min(args.repeats, 5), quick=args.quick,
                                    scale=args.write_docs)
+    if args.suite in ("rl", "all"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_rl import run_rl_benchmarks  # noqa: PLC0415
+
+        run_rl_benchmarks(args.repeats, quick=args.quick)
     if page_header is not None and output is not None:
         write_docs(args.docs, output.getvalue(), _docs_writes(args.suite), page_header)
 

@@ -16,7 +16,12 @@ from softmax_jax.divergences import (
     kl_divergence,
     kl_divergence_with_log_targets,
 )
-from softmax_jax.fused import linear_softmax_cross_entropy, linear_softmax_distillation
+from softmax_jax.entropy import softmax_entropy
+from softmax_jax.fused import (
+    linear_log_probs,
+    linear_softmax_cross_entropy,
+    linear_softmax_distillation,
+)
 from softmax_jax.integer_cross_entropy import softmax_cross_entropy_with_integer_labels
 from softmax_jax.losses import log_likelihood, quadratic_cost, sigmoid_binary_cross_entropy
 
@@ -27,6 +32,7 @@ __all__ = [
     "distillation_loss",
     "kl_divergence",
     "kl_divergence_with_log_targets",
+    "linear_log_probs",
     "linear_softmax_cross_entropy",
     "linear_softmax_distillation",
     "log_likelihood",
@@ -39,4 +45,5 @@ __all__ = [
     "softmax",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_entropy",
 ]

@@ -280,3 +280,61 @@ def np_distillation(
             log_m = np.log(beta * np.exp(log_p) + (1 - beta) * np.exp(log_q))
         d = beta * np_kl(log_p, log_m) + (1 - beta) * np_kl(log_q, log_m)
     return temperature**2 * d
+
+
+def softmax_entropy(x: jax.Array, axis: int = -1) -> jax.Array:
+    r""":math:`H = -\sum_j a_j \log a_j` with :math:`a = \mathrm{softmax}(x)`."""
+    log_a = log_softmax(x, axis)
+    return -jnp.sum(jnp.exp(log_a) * log_a, axis=axis)
+
+
+def log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    r""":math:`\log a_y = z_y - \log\sum_k e^{z_k}` of each row's token (last axis)."""
+    return jnp.take_along_axis(log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+
+
+def linear_logits(
+    x: jax.Array, w: jax.Array, b: jax.Array | None = None, temperature: float = 1.0,
+    soft_cap: float | None = None,
+) -> jax.Array:
+    r"""The logits of a linear head, :math:`z = \mathrm{cap}\tanh((xW + b)/\mathrm{cap})
+    / T` (no cap when ``soft_cap`` is None)."""
+    z = x @ w if b is None else x @ w + b
+    if soft_cap is not None:
+        z = soft_cap * jnp.tanh(z / soft_cap)
+    return z / temperature
+
+
+def grpo_objective(
+    logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, entropy: jax.Array,
+    advantages: jax.Array, mask: jax.Array, clip: float = 0.2, kl_weight: float = 0.04,
+    entropy_weight: float = 0.01,
+) -> jax.Array:
+    r"""The GRPO loss of ``[B, T]`` per-token arrays (``advantages`` ``[B]``, ``mask`` the
+    completion tokens): with :math:`\rho = e^{\log\pi - \log\pi_{old}}` and the k3 estimator
+    :math:`k_3 = e^{r - \log\pi} - (r - \log\pi) - 1` of :math:`\mathrm{KL}(\pi \| \pi_{ref})`
+    (:math:`r = \log\pi_{ref}`), the masked token mean of
+    :math:`-\min(\rho A, \mathrm{clip}(\rho, 1 - c, 1 + c) A) + \beta k_3 - \gamma H`."""
+    ratio = jnp.exp(logp - old_logp)
+    adv = advantages[:, None]
+    surrogate = jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * adv)
+    diff = ref_logp - logp
+    k3 = jnp.exp(diff) - diff - 1.0
+    per_token = -surrogate + kl_weight * k3 - entropy_weight * entropy
+    return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+
+def dpo_objective(
+    chosen_logp: jax.Array, rejected_logp: jax.Array, ref_chosen_logp: jax.Array,
+    ref_rejected_logp: jax.Array, chosen_mask: jax.Array, rejected_mask: jax.Array,
+    beta: float = 0.1,
+) -> jax.Array:
+    r"""The DPO loss of ``[B, T]`` per-token log-probabilities summed over each sequence's
+    masked tokens: the mean of :math:`-\log\sigma(\beta((\log\pi_c - \log\pi_{ref,c}) -
+    (\log\pi_r - \log\pi_{ref,r})))`."""
+    def total(a, m):
+        return jnp.sum(a * m, axis=-1)
+
+    margin = (total(chosen_logp, chosen_mask) - total(ref_chosen_logp, chosen_mask)) - (
+        total(rejected_logp, rejected_mask) - total(ref_rejected_logp, rejected_mask))
+    return jnp.mean(jnp.logaddexp(0.0, -beta * margin))

@@ -215,5 +215,26 @@ class Rule(Protocol):
         ...
 
     def aux(self, stats: RowStats) -> tuple[jax.Array, ...]:
-        """Per-token outputs returned beside the loss, without gradient. Default: none."""
+        """Per-token outputs returned beside the loss (without gradient unless
+        :meth:`differentiable_aux`). Default: none."""
         return ()
+
+    # ---- several differentiable outputs per row (the per-token strategy) -------------------
+
+    def differentiable_aux(self) -> bool:
+        """Whether :meth:`aux`'s outputs take cotangents; then :meth:`aux_weights` joins them
+        to ``r`` and every reduction runs the per-token strategy. Default: False."""
+        return False
+
+    def aux_weights(self, r: jax.Array, g_aux: tuple[jax.Array, ...]) -> jax.Array:
+        """The gradient pass's row weights with the auxiliary outputs' cotangents ``g_aux``
+        joined, e.g. as more columns (``[N, k]``) that :meth:`dlogits` reads. Default:
+        ``r``."""
+        return r
+
+    def compute_dtype_outputs(self) -> bool:
+        """Whether per-token outputs stay in the compute dtype (float32 for narrower
+        inputs) rather than the inputs' dtype. A rule whose :meth:`row_loss` is ``[N, k]``
+        (several outputs per row) gets one cotangent column each in ``r``. Default:
+        False."""
+        return False

@@ -39,12 +39,16 @@ Consts = tuple[jax.Array, jax.Array | None, jax.Array | None]
 
 
 class FusedStats(NamedTuple):
-    """Per-token statistics from the loss's own pass (no gradient flows through them).
+    r"""Per-token statistics from the loss's own pass.
 
     Attributes:
-      lse: ``[N]`` float32 log-sum-exp of each token's (soft-capped) logits, over the global
-        vocabulary.
-      argmax: ``[N]`` int32 predicted class (global id; the first of equal maxima).
+      lse: ``[N]`` log-sum-exp of each token's (soft-capped) logits over the global
+        vocabulary, in the compute dtype (float32; float64 for float64 inputs).
+        Differentiable: its cotangent :math:`\bar g` adds :math:`\bar g\,a` (the softmax)
+        to the logit gradient in the loss's own backward pass, so a loss built on it, such
+        as the selective log-softmax ``z_y - lse``, has its true gradient.
+      argmax: ``[N]`` int32 predicted class (global id; the first of equal maxima; no
+        gradient).
     """
 
     lse: jax.Array
@@ -66,11 +70,22 @@ class LabelTerms(NamedTuple):
     w_y: jax.Array | None  # the label's class weight (None unweighted)
 
 
-def _hit(blk: interface.Block, labels: jax.Array) -> jax.Array:
+def label_hit(blk: interface.Block, labels: jax.Array) -> jax.Array:
     """``[tokens, width]``: is the column the token's label?"""
     loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
     width = blk.logits[0].shape[1]
     return lax.broadcasted_iota(loc.dtype, (loc.shape[0], width), 1) == loc[:, None]
+
+
+def label_logit(blk: interface.Block, z: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[tokens]``: each token's entry of the block ``z`` at its label's column, 0 where
+    the label lies in another block (additive over blocks)."""
+    # A gather of one entry per row: a where-and-sum over the block would be materialised
+    # as a second block-sized array on CPU.
+    loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
+    inside = (loc >= 0) & (loc < z.shape[1])
+    picked = jnp.take_along_axis(z, jnp.clip(loc, 0, z.shape[1] - 1)[:, None], axis=1)
+    return jnp.where(inside, picked[:, 0], 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +104,15 @@ class Rule(interface.Rule):
     def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
               consts: Consts) -> tuple[interface.Head, ...]:
         return (interface.Head(x, w, b),)
+
+    def differentiable_aux(self) -> bool:
+        """The statistics' log-sum-exp takes a cotangent (:meth:`aux_weights`)."""
+        return self.want_stats
+
+    def aux_weights(self, r: jax.Array, g_aux: tuple[jax.Array, ...]) -> jax.Array:
+        r"""``[N, 2]`` row weights: the loss's ``r`` and the log-sum-exp's cotangent
+        (:math:`\partial\,\mathrm{lse}/\partial z = a`, added in :meth:`dlogits`)."""
+        return jnp.stack([r, g_aux[0].astype(r.dtype)], axis=1)
 
     def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         labels, w_y, _ = consts
@@ -118,13 +142,7 @@ class Rule(interface.Rule):
     def first_sums(self, blk: interface.Block,
                    params: Params | None) -> tuple[jax.Array, ...]:
         z = blk.logits[0]
-        # A gather of one entry per row: a where-and-sum over the block would be
-        # materialised as a second block-sized array on CPU.
-        labels = blk.rows[0]
-        loc = labels - jnp.asarray(blk.first_class).astype(labels.dtype)
-        inside = (loc >= 0) & (loc < z.shape[1])
-        picked = jnp.take_along_axis(z, jnp.clip(loc, 0, z.shape[1] - 1)[:, None], axis=1)
-        z_y = jnp.where(inside, picked[:, 0], 0.0)
+        z_y = label_logit(blk, z, blk.rows[0])
         if not self.options.smoothing:
             return (z_y,)
         zw = z if not blk.classes else _ce.times(blk.classes[0].astype(z.dtype), z)
@@ -140,6 +158,9 @@ class Rule(interface.Rule):
 
     def dlogits(self, blk: interface.Block, stats: interface.RowStats, r: jax.Array,
                 params: Params) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+        if r.ndim == 2:  # the loss's weights and the log-sum-exp's cotangent
+            dz, sums = self.dlogits(blk, stats, r[:, 0], params)
+            return dz + stats.norms[0].scaled_prob(blk.logits[0], r[:, 1:]), sums
         z, norm = blk.logits[0], stats.norms[0]
         w_y = blk.rows[1] if self.options.weighted else None
         a = norm.prob(z)
@@ -152,11 +173,12 @@ class Rule(interface.Rule):
         grad = a if off is None else a - off
         on_label = jnp.broadcast_to(_ce.label_coefficient(w_y, params.ce, self.options),
                                     r.shape)[:, None]
-        grad = grad - jnp.where(_hit(blk, blk.rows[0]), on_label, 0.0)
+        grad = grad - jnp.where(label_hit(blk, blk.rows[0]), on_label, 0.0)
         return _ce.times(r[:, None], grad), ()
 
     def cotangents(self, consts: Consts, scale: jax.Array, stats: interface.RowStats,
                    row_sums: tuple[jax.Array, ...], r: jax.Array, params: Params) -> Params:
+        r = r if r.ndim == 1 else r[:, 0]  # the log-sum-exp's cotangent has no share here
         half_nll, half_uniform, lse, w_y = label_terms(self, stats, consts[1],
                                                        params.weight_sum)
         d_ce = _ce.hyper_cotangents(r, half_nll, half_uniform, lse, w_y, params.ce,
@@ -167,8 +189,7 @@ class Rule(interface.Rule):
         if not self.want_stats:
             return ()
         assert stats.argmax is not None
-        lse = stats.norms[0].lse()[:, 0].astype(jnp.float32)
-        return lse, stats.argmax
+        return stats.norms[0].lse()[:, 0], stats.argmax
 
 
 def label_terms(rule: Rule, stats: interface.RowStats, w_y: jax.Array | None = None,
@@ -304,7 +325,8 @@ def linear_softmax_cross_entropy(
       class_weights: optional ``[V]`` float weights, PyTorch's ``weight`` (this device's
         slice under ``axis_name``); treated as constants.
       return_stats: also return :class:`FusedStats` (per-token log-sum-exp and argmax) from
-        the same pass, without gradient.
+        the same pass; the log-sum-exp is differentiable (its gradient joins the loss's
+        backward pass).
       axis_name: the ``shard_map`` mesh axis (or tuple of axes) over which ``w``, ``b`` and
         ``class_weights`` are sharded along the vocabulary (``check_vma=True``, the default,
         is required); None when the vocabulary is not sharded. ``labels`` stay global ids;
@@ -375,4 +397,5 @@ def linear_softmax_cross_entropy(
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    return loss, FusedStats(*(lax.stop_gradient(a).reshape(lead) for a in aux))
+    lse, argmax = aux
+    return loss, FusedStats(lse.reshape(lead), argmax.reshape(lead))

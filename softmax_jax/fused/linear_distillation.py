@@ -237,6 +237,12 @@ def linear_softmax_distillation(
     \delta_i`. The derivatives with respect to ``temperature``, ``beta`` (NaN at 0 and 1,
     where the loss jumps), ``hard_weight`` and ``label_smoothing`` are exact.
 
+    With ``beta=1.0, reduction="none"`` this is the fused full-distribution KL
+    :math:`\mathrm{KL}(Q \| P)` per token of the student's distribution to the teacher's:
+    the KL penalty of RL post-training to a frozen reference policy (the policy as the
+    student, the reference as the teacher), where
+    :func:`~softmax_jax.fused.linear_log_probs` gives the sampled tokens' k3 estimate.
+
     The teacher's arguments are constants: their cotangents are zero (wrap them in
     ``jax.lax.stop_gradient`` to say so in your own code; to train the teacher, use the
     unfused :func:`softmax_jax.distillation_loss`).

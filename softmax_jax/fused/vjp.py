@@ -7,7 +7,12 @@ r"""The ``custom_vjp`` shared by every fused loss: a rule
   summed label weights), and are the only residuals; the backward pass scales them by the
   incoming cotangent.
 - ``"none"`` (:func:`per_token`): the forward pass keeps each row's statistics (O(N)); the
-  backward pass recomputes the blocks with :math:`r_i = s_i \bar g_i`.
+  backward pass recomputes the blocks with :math:`r_i = s_i \bar g_i`. A rule may give
+  several outputs per row (a ``[N, k]`` loss, as the log-probabilities and entropies do) or
+  differentiable auxiliary outputs (the cross-entropy's log-sum-exp under ``return_stats``):
+  ``r`` then has one column per cotangent (``Rule.weights``, ``Rule.aux_weights``), all
+  joined in the same recomputing pass. A "mean" or "sum" with differentiable auxiliary
+  outputs is the per-token strategy, reduced outside the rule.
 
 Each cotangent comes back in its primal's dtype and with its primal's varying mesh axes
 (partial sums over a vocabulary or data axis are ``psum``-ed). The rule's constant inputs
@@ -82,17 +87,21 @@ def reduced(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tu
     return _reduced_fwd(static, x, w, b, consts, params, cap)[0]
 
 
+def _inverse_denominator(static: Static, consts, scale: jax.Array) -> jax.Array:
+    """The factor of the summed loss: 1 for ``"sum"``, ``1 / den`` for ``"mean"``."""
+    if static.reduction != "mean":
+        return jnp.ones((), scale.dtype)
+    den = static.rule.denominator(consts, scale)
+    # Nothing counted: loss 0 and gradients 0 rather than 0 / 0 (PyTorch: NaN). Counted
+    # tokens whose label weights add up to 0: NaN, as PyTorch's weighted mean gives.
+    kept = jnp.any(scale != 0)
+    return jnp.where(den == 0, jnp.where(kept, jnp.nan, 0.0), 1.0 / jnp.where(den == 0, 1.0, den))
+
+
 def _reduced_fwd(static, x, w, b, consts, params, cap):
     rule = static.rule
     ct, scale = _scale(static, w, consts)
-    inv = jnp.ones((), ct)
-    if static.reduction == "mean":
-        den = rule.denominator(consts, scale)
-        # Nothing counted: loss 0 and gradients 0 rather than 0 / 0 (PyTorch: NaN). Counted
-        # tokens whose label weights add up to 0: NaN, as PyTorch's weighted mean gives.
-        kept = jnp.any(scale != 0)
-        inv = jnp.where(den == 0, jnp.where(kept, jnp.nan, 0.0),
-                        1.0 / jnp.where(den == 0, 1.0, den))
+    inv = _inverse_denominator(static, consts, scale)
     r = rule.weights(consts, scale, inv)
     stats, grads = _run(static, x, w, b, consts, params, cap, r=r)
     ok = _valid(static, params, cap)
@@ -124,16 +133,17 @@ def _per_token_fwd(static, x, w, b, consts, params, cap):
     stats, _ = _run(static, x, w, b, consts, params, cap)
     loss = jnp.where(_valid(static, params, cap), rule.row_loss(consts, scale, stats, params),
                      jnp.nan)
-    out = jnp.result_type(*(d for d in static.dtypes if d is not None))
-    return (loss.astype(out), rule.aux(stats)), (x, w, b, consts, params, cap, stats)
+    return (loss, rule.aux(stats)), (x, w, b, consts, params, cap, stats)
 
 
 def _per_token_bwd(static, res, g):
-    g = g[0]  # the auxiliary outputs (statistics) carry no gradient
+    g, g_aux = g
     x, w, b, consts, params, cap, stats = res
     rule = static.rule
     ct, scale = _scale(static, w, consts)
     r = rule.weights(consts, scale, g.astype(ct))
+    if rule.differentiable_aux():
+        r = rule.aux_weights(r, g_aux)
     _, grads = _run(static, x, w, b, consts, params, cap, r=r, saved=stats)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
     one = jnp.where(_valid(static, params, cap), jnp.ones((), ct), jnp.nan)
@@ -146,6 +156,16 @@ per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def dispatch(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
+    """``(loss, aux)``. Per-token losses come back in the inputs' dtype, unless the rule
+    keeps its outputs in the compute dtype (:meth:`~.interface.Rule.compute_dtype_outputs`)."""
+    rule = static.rule
     if static.reduction == "none":
-        return per_token(static, x, w, b, consts, params, cap)
+        loss, aux = per_token(static, x, w, b, consts, params, cap)
+        if not rule.compute_dtype_outputs():
+            loss = loss.astype(jnp.result_type(*(d for d in static.dtypes if d is not None)))
+        return loss, aux
+    if rule.differentiable_aux():
+        loss, aux = per_token(static, x, w, b, consts, params, cap)
+        _, scale = _scale(static, w, consts)
+        return jnp.sum(loss) * _inverse_denominator(static, consts, scale), aux
     return reduced(static, x, w, b, consts, params, cap)
