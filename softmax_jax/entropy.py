@@ -14,14 +14,8 @@ import jax.numpy as jnp
 
 from softmax_jax import _validation as _v
 from softmax_jax._cross_entropy_terms import times  # the one 0-times-infinity rule
-from softmax_jax._normalizer import (
-    Axes,
-    Mask,
-    Normalizer,
-    broadcast_mask,
-    masked_fill,
-    reduction_axes,
-)
+from softmax_jax._normalizer import Axes, Normalizer, masked_fill, reduction_axes
+from softmax_jax._validation import Mask
 
 __all__ = ["softmax_entropy"]
 
@@ -104,4 +98,4 @@ def softmax_entropy(
     """
     x = _v.as_float_array("logits", logits)
     axes = reduction_axes(axis, x.ndim, "logits")
-    return _softmax_entropy_jit(x, axes, broadcast_mask(where, x.shape, axes))
+    return _softmax_entropy_jit(x, axes, _v.prepare_where(where, x.shape, axes))

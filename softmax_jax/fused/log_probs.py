@@ -42,7 +42,7 @@ from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, interface, vjp, vma
+from . import args, blocks, interface, vjp, vma
 from .layout import BlockLayout
 from .linear_cross_entropy import label_hit, label_logit
 
@@ -280,7 +280,7 @@ def linear_log_probs(
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b})
     layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block)
     ct = args.compute_dtype(x, w)
-    rule = Rule(args.num_classes(v, axis_name), bool(return_entropy), ignore_index,
+    rule = Rule(blocks.num_classes(v, axis_name), bool(return_entropy), ignore_index,
                 isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, capped, "none", False, x, w, b)
     out, _ = vjp.dispatch(static, x, w, b, (ids, keep), Params(temp.astype(ct)),
