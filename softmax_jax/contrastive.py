@@ -14,7 +14,7 @@ import jax
 
 from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
-from softmax_jax.fused import args, vma
+from softmax_jax.fused import args, auto, vma
 from softmax_jax.fused import contrastive as _fc
 
 __all__ = ["contrastive_loss", "sigmoid_contrastive_loss"]
@@ -140,6 +140,15 @@ def contrastive_loss(
     if not diagonal and axis_name is not None:
         raise ValueError("labels cannot be combined with axis_name: the ring puts the"
                          " positives on the global diagonal (pass labels=None)")
+    if axis_name is None and (ring := auto.ring_axes(x, y)) is not None:
+        if diagonal:  # jit with batch-sharded inputs: the ring, laid out for you
+            return auto.run_ring(
+                lambda axis, x, y, where=None: contrastive_loss(
+                    x, y, logit_scale=logit_scale, bidirectional=bidirectional, where=where,
+                    reduction=reduction, axis_name=axis),
+                ring, {"x": x, "y": y, "where": where}, reduction == "none")
+        # Labels name any column: every device needs the whole of y.
+        y = jax.sharding.reshard(y, jax.sharding.PartitionSpec())
     xa, ya, mask = _pair(x, y, where, axis_name, diagonal)
     reduction = args.reduction(reduction)
     lab = None if labels is None else args.labels_for(_ce.integer_labels(labels), xa.shape[:1])
@@ -193,6 +202,13 @@ def sigmoid_contrastive_loss(
       >>> print(sj.sigmoid_contrastive_loss(x, x, logit_scale=2.0, logit_bias=-1.0))
       0.6265
     """
+    if axis_name is None and (ring := auto.ring_axes(x, y)) is not None:
+        # jit with batch-sharded inputs: the ring, laid out for you
+        return auto.run_ring(
+            lambda axis, x, y, where=None: sigmoid_contrastive_loss(
+                x, y, logit_scale=logit_scale, logit_bias=logit_bias, where=where,
+                reduction=reduction, axis_name=axis),
+            ring, {"x": x, "y": y, "where": where}, reduction == "none")
     xa, ya, mask = _pair(x, y, where, axis_name, True)
     reduction = args.reduction(reduction)
     ct = args.compute_dtype(xa, ya)

@@ -19,9 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from softmax_jax import _axes
+from softmax_jax import _axes, _sharding
 from softmax_jax import _cross_entropy_terms as _ce
-from softmax_jax import _sharding
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import Normalizer, masked_fill
 

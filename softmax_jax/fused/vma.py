@@ -9,11 +9,33 @@ each cotangent over the axes its primal does not vary over (:func:`match_varying
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+import contextvars
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import jax
 from jax import lax
+
+_TOKEN_AXES: contextvars.ContextVar[tuple] = contextvars.ContextVar("token_axes", default=())
+
+
+@contextlib.contextmanager
+def reducing_over(axes: tuple) -> Iterator[None]:
+    """While tracing inside, the fused losses' ``"mean"`` and ``"sum"`` run over the tokens of
+    every device along ``axes`` (the automatic sharded paths, :mod:`.auto`, set it around
+    their ``shard_map`` body); a user's own ``shard_map`` keeps each device's own mean."""
+    token = _TOKEN_AXES.set(tuple(axes))
+    try:
+        yield
+    finally:
+        _TOKEN_AXES.reset(token)
+
+
+def token_axes() -> tuple:
+    """The mesh axes over which the tokens of a ``"mean"``/``"sum"`` are split (see
+    :func:`reducing_over`)."""
+    return _TOKEN_AXES.get()
 
 
 def varying(x: Any) -> frozenset:
