@@ -33,10 +33,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from . import vma
+from . import auto_partition, vma
 
 Spec = Any  # one entry of a PartitionSpec: None, an axis name or a tuple of names
 
@@ -74,7 +75,10 @@ class Layout(NamedTuple):
     def spec(self, role: str) -> P:
         """The in-spec of an argument by role: ``"tokens"`` (``x``, ``[..., D]``),
         ``"rows"`` (labels, ``[...]``), ``"weights"`` (``w``, ``[D, V]``), ``"classes"``
-        (``b``, class weights, ``[V]``)."""
+        (``b``, class weights, ``[V]``); a teacher's arrays as the student's."""
+        role = role.removeprefix("teacher_")
+        if role == "scalar":
+            return P()
         if role == "tokens":
             return P(*self.tokens, None)
         if role == "rows":
@@ -108,7 +112,10 @@ def _explicit_spec(a: Any) -> Any:
 
 
 def _auto_mesh() -> Any:
-    """The current mesh when all its axes are Auto (and it has more than one device)."""
+    """The current mesh when all its axes are Auto (and it has more than one device), None
+    inside the lowering of a partitioned op (which runs the ``axis_name`` path itself)."""
+    if vma.in_lowering():
+        return None
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return None
@@ -149,6 +156,50 @@ def run_sharded(body: Callable[..., Any], lay: Layout, arrays: dict[str, tuple[s
     return jax.shard_map(inner, in_specs=specs, out_specs=out_specs)(*values)
 
 
+def _traced(kwargs: dict) -> bool:
+    """Whether a hyper-parameter is traced (the partitioned ops take only arrays, so such
+    a call is left to the partitioner)."""
+    return any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(kwargs))
+
+
+class RingLayout(NamedTuple):
+    """The contrastive ring's layout: ``ring`` the axes that split the batch."""
+
+    ring: tuple[str, ...]
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        return self.ring
+
+    @property
+    def axis_name(self) -> Any:
+        return _entry(self.ring)
+
+    def spec(self, role: str) -> P:
+        if role == "scalar":
+            return P()
+        return P(self.axis_name, None) if role == "batch_rows" else P(self.axis_name)
+
+
+def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bool,
+                     **kwargs: Any) -> Any:
+    """A contrastive loss ``fn(axis_name=..., **arrays, **kwargs)`` on batch-sharded
+    inputs (the ring), or None where nothing needs routing."""
+    x, y = arrays["x"], arrays["y"]
+    ring = ring_axes(x, y)
+    if ring is not None:
+        return run_ring(lambda axis, **a: fn(axis_name=axis, **a, **kwargs), ring, arrays,
+                        per_row)
+    if _auto_mesh() is None or _traced(kwargs):
+        return None
+    roles = {"x": "batch_rows", "y": "batch_rows", "where": "batch"}
+    return auto_partition.Call(
+        functools.partial(fn, **kwargs),
+        {n: (roles[n], None if a is None else jnp.asarray(a)) for n, a in arrays.items()},
+        ("x", "y"), "batch" if per_row else "scalar",
+        lambda specs: RingLayout(_names(_padded(specs["x"], 2)[0])), 0)()
+
+
 def ring_axes(x: Any, y: Any) -> tuple[str, ...] | None:
     """The axes of the contrastive ring: those splitting ``x``'s (or ``y``'s) batch, when
     the mesh is Explicit and one of them is sharded."""
@@ -166,7 +217,7 @@ def run_ring(body: Callable[..., Any], axes: tuple[str, ...], arrays: dict[str, 
     like the rows when ``per_row``."""
     batch = _entry(axes)
     names = [n for n, a in arrays.items() if a is not None]
-    specs = tuple(P() if jax.numpy.ndim(arrays[n]) == 0 else P(batch) for n in names)
+    specs = tuple(P() if jnp.ndim(arrays[n]) == 0 else P(batch) for n in names)
     values = tuple(jax.sharding.reshard(arrays[n], s) for n, s in zip(names, specs, strict=True))
 
     def inner(*vals):
@@ -185,7 +236,14 @@ def fused_call(fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]], reduc
     x, w = arrays["x"][1], arrays["w"][1]
     lay = explicit_layout(x, w)
     if lay is None:
-        return None
+        if _auto_mesh() is None or stats is not None or _traced(kwargs):
+            return None
+        ndim = jnp.ndim(x)
+        return auto_partition.Call(
+            functools.partial(fn, reduction=reduction, **kwargs),
+            {n: (r, None if a is None else jnp.asarray(a)) for n, (r, a) in arrays.items()},
+            ("x", "w", "b"), "scalar" if reduction != "none" else "rows",
+            lambda specs: layout(specs["x"], ndim, specs["w"]), ndim - 1)()
     out: Any = "scalar" if reduction != "none" else "rows"
     if stats is not None:
         out = (out, stats("rows"))
