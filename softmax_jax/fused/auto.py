@@ -29,6 +29,7 @@ interface there.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -62,6 +63,7 @@ class Layout(NamedTuple):
 
     tokens: tuple[Spec, ...]
     vocab: tuple[str, ...]
+    given: tuple[Spec, ...] = ()  # the token axes' entries in x's own spec
 
     @property
     def token_axes(self) -> tuple[str, ...]:
@@ -83,18 +85,31 @@ class Layout(NamedTuple):
             return P(*self.tokens, None)
         if role == "rows":
             return P(*self.tokens)
+        if role == "given_rows":
+            return P(*self.given)
         if role == "weights":
             return P(None, self.axis_name)
         return P(self.axis_name)
 
 
-def layout(x_spec: Any, x_ndim: int, w_spec: Any) -> Layout:
-    """The layout of a head from the specs of ``x`` (``[..., D]``) and ``w`` (``[D, V]``)."""
-    tokens = _padded(x_spec, x_ndim)[:-1]
+def layout(x_spec: Any, x_shape: tuple[int, ...], w_spec: Any, mesh_shape: Any) -> Layout:
+    """The layout of a head from the specs of ``x`` (``[..., D]``) and ``w`` (``[D, V]``)
+    on a mesh of axis sizes ``mesh_shape``.
+
+    Mesh axes that split neither ``x`` nor ``w`` would make each device along them repeat
+    the same work: they split the first token axis too when its size allows (a local slice,
+    no communication)."""
+    tokens = list(_padded(x_spec, len(x_shape))[:-1])
     taken = {a for e in tokens for a in _names(e)}
     w_d, w_v = _padded(w_spec, 2)
     vocab = tuple(a for a in _names(w_v) + _names(w_d) if a not in taken)
-    return Layout(tokens, vocab)
+    given = tuple(tokens)
+    idle = tuple(a for a in mesh_shape if a not in taken and a not in vocab)
+    if idle and len(x_shape) > 1:
+        first = _names(tokens[0]) + idle
+        if x_shape[0] % math.prod(mesh_shape[a] for a in first) == 0:
+            tokens[0] = _entry(first)
+    return Layout(tuple(tokens), vocab, given)
 
 
 def _explicit_spec(a: Any) -> Any:
@@ -134,7 +149,7 @@ def explicit_layout(x: Any, w: Any) -> Layout | None:
     xs, ws = _explicit_spec(x), _explicit_spec(w)
     if xs is None or ws is None or not (_sharded(xs) or _sharded(ws)):
         return None
-    return layout(xs, x.ndim, ws)
+    return layout(xs, tuple(x.shape), ws, dict(jax.typeof(x).sharding.mesh.shape))
 
 
 def run_sharded(body: Callable[..., Any], lay: Layout, arrays: dict[str, tuple[str, Any]],
@@ -153,7 +168,11 @@ def run_sharded(body: Callable[..., Any], lay: Layout, arrays: dict[str, tuple[s
         with vma.reducing_over(lay.token_axes):
             return body(**dict(zip(names, vals, strict=True)))
 
-    return jax.shard_map(inner, in_specs=specs, out_specs=out_specs)(*values)
+    out = jax.shard_map(inner, in_specs=specs, out_specs=out_specs)(*values)
+    # Per-token results come back laid out like x's tokens (a gather of [tokens] values).
+    return jax.tree.map(
+        lambda r, o: jax.sharding.reshard(o, lay.spec("given_rows")) if r == "rows" else o,
+        out_roles, out)
 
 
 def _traced(kwargs: dict) -> bool:
@@ -197,7 +216,7 @@ def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bo
         functools.partial(fn, **kwargs),
         {n: (roles[n], None if a is None else jnp.asarray(a)) for n, a in arrays.items()},
         ("x", "y"), "batch" if per_row else "scalar",
-        lambda specs: RingLayout(_names(_padded(specs["x"], 2)[0])), 0)()
+        lambda specs, mesh: RingLayout(_names(_padded(specs["x"], 2)[0])), 0)()
 
 
 def ring_axes(x: Any, y: Any) -> tuple[str, ...] | None:
@@ -238,12 +257,13 @@ def fused_call(fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]], reduc
     if lay is None:
         if _auto_mesh() is None or stats is not None or _traced(kwargs):
             return None
-        ndim = jnp.ndim(x)
+        ndim, shape = jnp.ndim(x), tuple(jnp.shape(x))
         return auto_partition.Call(
             functools.partial(fn, reduction=reduction, **kwargs),
             {n: (r, None if a is None else jnp.asarray(a)) for n, (r, a) in arrays.items()},
             ("x", "w", "b"), "scalar" if reduction != "none" else "rows",
-            lambda specs: layout(specs["x"], ndim, specs["w"]), ndim - 1)()
+            lambda specs, mesh: layout(specs["x"], shape, specs["w"], dict(mesh.shape)),
+            ndim - 1)()
     out: Any = "scalar" if reduction != "none" else "rows"
     if stats is not None:
         out = (out, stats("rows"))

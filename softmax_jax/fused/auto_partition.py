@@ -54,13 +54,13 @@ def _spec_axes(spec: P) -> set:
 class Call:
     """One automatic call: ``fn(**arrays, axis_name=...)`` with ``arrays`` by role.
 
-    ``layout_of(specs)`` maps the operands' specs (by name) to an object with
+    ``layout_of(specs, mesh)`` maps the operands' specs (by name) to an object with
     ``spec(role)``, ``token_axes`` and ``axis_name``; ``diff`` names the differentiated
     arrays; ``out_role`` is ``"scalar"`` or the per-row role of the result.
     """
 
     def __init__(self, fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]],
-                 diff: tuple[str, ...], out_role: str, layout_of: Callable[[dict], Any],
+                 diff: tuple[str, ...], out_role: str, layout_of: Callable[..., Any],
                  n_tokens: int):
         self.fn, self.layout_of, self.out_role = fn, layout_of, out_role
         self.names = [n for n, (_, a) in arrays.items() if a is not None]
@@ -69,9 +69,9 @@ class Call:
         self.values = [arrays[n][1] for n in self.names]
         self.n_tokens = n_tokens
 
-    def _layout(self, arg_shapes) -> Any:
+    def _layout(self, mesh, arg_shapes) -> Any:
         specs = {n: s.sharding.spec for n, s in zip(self.names, arg_shapes, strict=False)}
-        return self.layout_of(specs)
+        return self.layout_of(specs, mesh)
 
     def _local(self, lay: Any, arrays: list) -> Any:
         with vma.reducing_over(lay.token_axes), vma.lowering():
@@ -116,7 +116,7 @@ class Call:
             return (out, *cts)
 
         def partition(mesh, arg_shapes, result_shape):
-            lay = self._layout(arg_shapes)
+            lay = self._layout(mesh, arg_shapes)
             in_sh = tuple(NamedSharding(mesh, lay.spec(r)) for r in roles)
             out_sh = [NamedSharding(mesh, lay.spec(r)) for r in outs]
 
