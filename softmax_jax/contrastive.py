@@ -14,7 +14,7 @@ import jax
 
 from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
-from softmax_jax.fused import args, vma
+from softmax_jax.fused import args, auto, vma
 from softmax_jax.fused import contrastive as _fc
 
 __all__ = ["contrastive_loss", "sigmoid_contrastive_loss"]
@@ -42,7 +42,7 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
         if where.shape != (x.shape[0],):
             raise ValueError(f"where must be a boolean [N] mask with N = {x.shape[0]}, got"
                              f" where.shape={tuple(where.shape)}")
-    if axis_name is not None:
+    if axis_name is not None and not vma.in_lowering():
         missing = vma.axis_set(axis_name) - vma.varying(y)
         if missing:
             raise ValueError(
@@ -140,6 +140,15 @@ def contrastive_loss(
     if not diagonal and axis_name is not None:
         raise ValueError("labels cannot be combined with axis_name: the ring puts the"
                          " positives on the global diagonal (pass labels=None)")
+    if axis_name is None and diagonal:  # jit with batch-sharded inputs: the ring, for you
+        routed = auto.contrastive_call(
+            contrastive_loss, {"x": x, "y": y, "where": where}, reduction == "none",
+            logit_scale=logit_scale, bidirectional=bidirectional, reduction=reduction)
+        if routed is not None:
+            return routed
+    if axis_name is None and not diagonal and auto.ring_axes(x, y) is not None:
+        # Labels name any column: every device needs the whole of y.
+        y = jax.sharding.reshard(y, jax.sharding.PartitionSpec())
     xa, ya, mask = _pair(x, y, where, axis_name, diagonal)
     reduction = args.reduction(reduction)
     lab = None if labels is None else args.labels_for(_ce.integer_labels(labels), xa.shape[:1])
@@ -193,6 +202,12 @@ def sigmoid_contrastive_loss(
       >>> print(sj.sigmoid_contrastive_loss(x, x, logit_scale=2.0, logit_bias=-1.0))
       0.6265
     """
+    if axis_name is None:  # jit with batch-sharded inputs: the ring, laid out for you
+        routed = auto.contrastive_call(
+            sigmoid_contrastive_loss, {"x": x, "y": y, "where": where}, reduction == "none",
+            logit_scale=logit_scale, logit_bias=logit_bias, reduction=reduction)
+        if routed is not None:
+            return routed
     xa, ya, mask = _pair(x, y, where, axis_name, True)
     reduction = args.reduction(reduction)
     ct = args.compute_dtype(xa, ya)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from softmax_jax import _axes
+from softmax_jax import _axes, _sharding
 from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import Normalizer, masked_fill
@@ -49,7 +49,7 @@ def _rows(logits_shape, labels, mask, class_weights, axis, options, ct) -> _Rows
     w_y = weight_sum = None
     if class_weights is not None:
         w = class_weights.astype(ct)
-        w_y = w[safe]
+        w_y = w.at[safe].get(out_sharding=_sharding.typed_sharding(safe))
         # W, which only the smoothing term needs: one number, or one per row under a mask.
         if options.smoothing and mask is None:
             weight_sum = jnp.sum(w)
@@ -96,12 +96,16 @@ def add_at_labels(x: jax.Array, labels: jax.Array, values: jax.Array, axis: int)
     """``x`` plus ``values`` at each row's label along ``axis`` (one entry per row).
 
     A scatter-add of ``labels.size`` entries, which XLA applies in place to the freshly
-    computed ``x``. ``labels`` must already lie in ``[0, K)``.
+    computed ``x``. ``labels`` must already lie in ``[0, K)``. On an Explicit mesh the row
+    indices carry the labels' sharding, and the result ``x``'s.
     """
-    index = [jax.lax.broadcasted_iota(labels.dtype, labels.shape, d) for d in range(labels.ndim)]
+    rows = _sharding.typed_sharding(labels)
+    index = [jax.lax.broadcasted_iota(labels.dtype, labels.shape, d, out_sharding=rows)
+             for d in range(labels.ndim)]
     index.insert(axis, labels)
     return x.at[tuple(index)].add(
-        values, unique_indices=True, indices_are_sorted=axis == x.ndim - 1, mode="drop"
+        values, unique_indices=True, indices_are_sorted=axis == x.ndim - 1, mode="drop",
+        out_sharding=_sharding.typed_sharding(x),
     )
 
 
@@ -184,7 +188,8 @@ def _class_weight_cotangent(row, half_nll, norm, z, rows, mask, params, axis, op
     coef = (1.0 - params.eps) * row if options.smoothing else row
     hard = _ce.times(coef, half_nll)
     flat_labels = jnp.squeeze(rows.labels, axis).reshape(-1)
-    dw = jnp.zeros((k,), row.dtype).at[flat_labels].add(hard.reshape(-1))
+    dw = jnp.zeros((k,), row.dtype).at[flat_labels].add(
+        hard.reshape(-1), out_sharding=_sharding.replicated(z))
     if options.smoothing:
         share = jnp.expand_dims(params.eps * row, axis) / rows.k
         half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
@@ -289,6 +294,7 @@ def softmax_cross_entropy_with_integer_labels(
             label_smoothing=label_smoothing, z_loss=z_loss, ignore_index=ignore_index,
             class_weights=class_weights,
         )
+    _sharding.check_class_axis(logits, axis, "logits")
     weights = _ce.check_class_weights(class_weights, logits.shape[axis])
     params, options = _ce.hyperparameters(
         label_smoothing, z_loss, ignore_index, weights is not None)

@@ -106,6 +106,7 @@ def static(rule, axis_name, layout: BlockLayout, capped: bool, reduction_: str,
         vma_x=vma.varying(x), vma_w=vma.varying(w),
         vma_b=frozenset() if b is None else vma.varying(b),
         dtypes=(str(x.dtype), str(w.dtype), None if b is None else str(b.dtype)),
+        token_axes=vma.token_axes(),
     )
 
 

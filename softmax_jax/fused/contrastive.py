@@ -190,7 +190,7 @@ def clip(x, y, s, labels, where, bidirectional: bool, reduction: str,
                              r if bidirectional else jnp.zeros_like(r))
     pos_part = jnp.sum(jnp.where(bt.keep, bt.inv * pos, 0.0))
     if axis_name is not None:
-        pos_part = lax.psum(pos_part, axis_name)
+        pos_part = vma.total(pos_part, axis_name)
     return lse_part - pos_part
 
 

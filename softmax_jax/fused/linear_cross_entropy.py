@@ -29,7 +29,7 @@ from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
 
-from . import args, blocks, interface, vjp, vma
+from . import args, auto, blocks, interface, vjp, vma
 from .layout import BlockLayout
 
 __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
@@ -371,6 +371,17 @@ def linear_softmax_cross_entropy(
       >>> print(stats.lse, stats.argmax)
       [4.4076 2.0986] [2 0]
     """
+    if axis_name is None:  # jit with sharded inputs: the axis_name path, laid out for you
+        routed = auto.fused_call(
+            linear_softmax_cross_entropy,
+            {"x": ("tokens", x), "w": ("weights", w), "labels": ("rows", labels),
+             "b": ("classes", b), "class_weights": ("classes", class_weights)},
+            reduction, (lambda r: FusedStats(r, r)) if return_stats else None,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+            soft_cap=soft_cap, return_stats=return_stats, token_block=token_block,
+            vocab_block=vocab_block)
+        if routed is not None:
+            return routed
     x, w, b, lead = args.head(x, w, b)
     labels = args.labels_for(_ce.integer_labels(labels), lead)
     n, v = x.shape[0], w.shape[1]

@@ -34,7 +34,7 @@ from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, blocks, interface, vjp, vma
+from . import args, auto, blocks, interface, vjp, vma
 from . import linear_cross_entropy as _fce
 from .layout import BlockLayout
 
@@ -289,6 +289,17 @@ def linear_softmax_distillation(
       >>> print(sj.distillation_loss(x @ w, tx @ tw, temperature=2.0))
       [1.2806 1.0649]
     """
+    if axis_name is None:  # jit with sharded inputs: the axis_name path, laid out for you
+        routed = auto.fused_call(
+            linear_softmax_distillation,
+            {"x": ("tokens", x), "w": ("weights", w), "teacher_x": ("tokens", teacher_x),
+             "teacher_w": ("weights", teacher_w), "labels": ("rows", labels),
+             "b": ("classes", b), "teacher_b": ("classes", teacher_b)},
+            reduction, temperature=temperature, beta=beta, hard_weight=hard_weight,
+            ignore_index=ignore_index, label_smoothing=label_smoothing,
+            token_block=token_block, vocab_block=vocab_block)
+        if routed is not None:
+            return routed
     x, w, b, lead = args.head(x, w, b)
     tx, tw, tb, teacher_lead = args.head(teacher_x, teacher_w, teacher_b, "teacher_")
     args.tokens_like("teacher_x.shape[:-1]", teacher_lead, lead)

@@ -46,6 +46,7 @@ class Static(NamedTuple):
     vma_w: frozenset
     vma_b: frozenset
     dtypes: tuple[str, str, str | None]  # of x, w, b
+    token_axes: tuple = ()  # mesh axes the tokens of "mean"/"sum" are split over
 
 
 def _scale(static: Static, w: jax.Array, consts: Any) -> tuple[np.dtype, jax.Array]:
@@ -59,6 +60,11 @@ def _valid(static: Static, params: Any, cap: jax.Array) -> jax.Array:
     """Whether the traced hyper-parameters are in range (the rule's, and a soft cap > 0)."""
     ok = static.rule.valid(params)
     return ok & (cap > 0) if static.engine.capped else ok
+
+
+def _over_tokens(static: Static, value: jax.Array) -> jax.Array:
+    """A sum over this device's tokens made a sum over every device's (``token_axes``)."""
+    return jax.lax.psum(value, static.token_axes) if static.token_axes else value
 
 
 def _cast(static: Static, grads: engine.Grads, g: jax.Array, dparams: Any):
@@ -91,10 +97,10 @@ def _inverse_denominator(static: Static, consts, scale: jax.Array) -> jax.Array:
     """The factor of the summed loss: 1 for ``"sum"``, ``1 / den`` for ``"mean"``."""
     if static.reduction != "mean":
         return jnp.ones((), scale.dtype)
-    den = static.rule.denominator(consts, scale)
+    den = _over_tokens(static, static.rule.denominator(consts, scale))
     # Nothing counted: loss 0 and gradients 0 rather than 0 / 0 (PyTorch: NaN). Counted
     # tokens whose label weights add up to 0: NaN, as PyTorch's weighted mean gives.
-    kept = jnp.any(scale != 0)
+    kept = _over_tokens(static, jnp.sum(scale != 0)) > 0
     return jnp.where(den == 0, jnp.where(kept, jnp.nan, 0.0), 1.0 / jnp.where(den == 0, 1.0, den))
 
 
@@ -105,7 +111,8 @@ def _reduced_fwd(static, x, w, b, consts, params, cap):
     r = rule.weights(consts, scale, inv)
     stats, grads = _run(static, x, w, b, consts, params, cap, r=r)
     ok = _valid(static, params, cap)
-    loss = jnp.where(ok, jnp.sum(rule.row_loss(consts, scale, stats, params)) * inv, jnp.nan)
+    total = _over_tokens(static, jnp.sum(rule.row_loss(consts, scale, stats, params)))
+    loss = jnp.where(ok, total * inv, jnp.nan)
     dparams = rule.cotangents(consts, scale, stats, grads.row_sums, r, params)
     return (loss, rule.aux(stats)), (grads, dparams, ok)
 
@@ -167,5 +174,6 @@ def dispatch(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, t
     if rule.differentiable_aux():
         loss, aux = per_token(static, x, w, b, consts, params, cap)
         _, scale = _scale(static, w, consts)
-        return jnp.sum(loss) * _inverse_denominator(static, consts, scale), aux
+        total = _over_tokens(static, jnp.sum(loss))
+        return total * _inverse_denominator(static, consts, scale), aux
     return reduced(static, x, w, b, consts, params, cap)

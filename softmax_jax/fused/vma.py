@@ -9,11 +9,81 @@ each cotangent over the axes its primal does not vary over (:func:`match_varying
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import contextlib
+import contextvars
+import functools
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import jax
 from jax import lax
+
+_TOKEN_AXES: contextvars.ContextVar[tuple] = contextvars.ContextVar("token_axes", default=())
+
+
+@contextlib.contextmanager
+def reducing_over(axes: tuple) -> Iterator[None]:
+    """While tracing inside, the fused losses' ``"mean"`` and ``"sum"`` run over the tokens of
+    every device along ``axes`` (the automatic sharded paths, :mod:`.auto`, set it around
+    their ``shard_map`` body); a user's own ``shard_map`` keeps each device's own mean."""
+    token = _TOKEN_AXES.set(tuple(axes))
+    try:
+        yield
+    finally:
+        _TOKEN_AXES.reset(token)
+
+
+_LOWERING: contextvars.ContextVar[bool] = contextvars.ContextVar("lowering", default=False)
+
+
+@contextlib.contextmanager
+def lowering() -> Iterator[None]:
+    """While tracing inside, the mesh axes are bound but values carry no varying axes: the
+    lowering of a custom-partitioned op (:mod:`.auto`), which sums the cotangents itself."""
+    token = _LOWERING.set(True)
+    try:
+        yield
+    finally:
+        _LOWERING.reset(token)
+
+
+def in_lowering() -> bool:
+    """Whether a custom-partitioned op's lowering is being traced (see :func:`lowering`)."""
+    return _LOWERING.get()
+
+
+def total(x: jax.Array, axis_name: Hashable) -> jax.Array:
+    """``lax.psum(x, axis_name)`` of a per-device partial value that is differentiated.
+
+    Inside ``shard_map`` the cotangent of the (invariant) sum reaches each device's part
+    unchanged. In a partitioned op's lowering values carry no varying axes and ``psum``
+    would transpose to another ``psum`` (each part's cotangent times the device count),
+    so there the sum's cotangent is passed through as it is."""
+    if not _LOWERING.get():
+        return lax.psum(x, axis_name)
+    return _total(x, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _total(x: jax.Array, axis_name: Hashable) -> jax.Array:
+    return lax.psum(x, axis_name)
+
+
+def _total_fwd(x, axis_name):
+    return lax.psum(x, axis_name), None
+
+
+def _total_bwd(axis_name, res, g):
+    return (g,)
+
+
+_total.defvjp(_total_fwd, _total_bwd)
+
+
+def token_axes() -> tuple:
+    """The mesh axes over which the tokens of a ``"mean"``/``"sum"`` are split (see
+    :func:`reducing_over`)."""
+    return _TOKEN_AXES.get()
 
 
 def varying(x: Any) -> frozenset:
@@ -41,7 +111,7 @@ def axis_set(axis_name: Hashable | None) -> frozenset:
 def vary(x: jax.Array, axes: frozenset) -> jax.Array:
     """Marks ``x`` as varying over ``axes`` (a no-op at run time)."""
     missing = axes - varying(x)
-    if not missing:
+    if not missing or _LOWERING.get():
         return x
     pcast = getattr(lax, "pcast", None)
     if pcast is not None:
@@ -94,7 +164,7 @@ def check_vocab_axes(
                 f" vocabulary (got axis_name={axis_name!r})"
             )
     w = sharded.get("w")
-    if axes and w is not None:
+    if axes and w is not None and not _LOWERING.get():
         missing = axes - varying(w)
         if missing:
             raise ValueError(

@@ -1,0 +1,175 @@
+r"""The sharded losses on meshes with Auto axes: ops with their own partitioning rule.
+
+On an Auto mesh the shardings of traced values are not in their types; the partitioner
+chooses them, and left to itself it gathers a vocabulary-sharded ``w`` (three all-gathers of
+the whole ``[D, V]`` in the fused cross-entropy's ``value_and_grad``). Here the loss is a
+:func:`jax.experimental.custom_partitioning` op: its ``partition`` callback sees the
+operands' shardings, picks the layout (:func:`.auto.layout`, the same rule as on Explicit
+meshes) and lowers to the ``axis_name`` path on each device's shards.
+
+Gradients: a ``custom_vjp`` whose forward and backward passes are each such an op.
+
+- ``"mean"``/``"sum"``: one op returns the loss and the cotangents of the differentiated
+  arrays (the engine forms them in its forward pass anyway); the backward pass scales them.
+- ``"none"``: the forward op returns the per-token losses; the backward op takes the
+  per-token cotangent and runs the ``axis_name`` path's VJP.
+
+Inside the lowering the mesh axes are bound but values carry no varying axes, so each
+cotangent is summed here over the layout's axes that its operand is not split over (what
+:func:`.vma.match_varying` does inside ``shard_map``): ``dx`` over the vocabulary axes,
+``dW`` and ``db`` over the token axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from . import vma
+
+# Factors of the Shardy rule per role: the token axes are "t0 t1 ...", the model widths
+# "d" (student) and "e" (teacher), the vocabulary "v", the contrastive batch "n", the
+# embedding width "k".
+_FACTORS = {"tokens": "{t} d", "teacher_tokens": "{t} e", "rows": "{t}", "weights": "d v",
+            "teacher_weights": "e v", "classes": "v", "batch_rows": "n k", "batch": "n",
+            "scalar": ""}
+
+
+def _rule(roles: list[str], outs: list[str], n_tokens: int) -> str:
+    t = " ".join(f"t{i}" for i in range(n_tokens))
+    fmt = [_FACTORS[r].format(t=t) for r in roles]
+    return ", ".join(fmt) + " -> " + ", ".join(_FACTORS[r].format(t=t) for r in outs)
+
+
+def _spec_axes(spec: P) -> set:
+    return {a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))}
+
+
+class Call:
+    """One automatic call: ``fn(**arrays, axis_name=...)`` with ``arrays`` by role.
+
+    ``layout_of(specs, mesh)`` maps the operands' specs (by name) to an object with
+    ``spec(role)``, ``token_axes`` and ``axis_name``; ``diff`` names the differentiated
+    arrays; ``out_role`` is ``"scalar"`` or the per-row role of the result.
+    """
+
+    def __init__(self, fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]],
+                 diff: tuple[str, ...], out_role: str, layout_of: Callable[..., Any],
+                 n_tokens: int):
+        self.fn, self.layout_of, self.out_role = fn, layout_of, out_role
+        self.names = [n for n, (_, a) in arrays.items() if a is not None]
+        self.roles = [arrays[n][0] for n in self.names]
+        self.diff = [n for n in self.names if n in diff]
+        self.values = [arrays[n][1] for n in self.names]
+        self.n_tokens = n_tokens
+
+    def _layout(self, mesh, arg_shapes) -> Any:
+        specs = {n: s.sharding.spec for n, s in zip(self.names, arg_shapes, strict=False)}
+        return self.layout_of(specs, mesh)
+
+    def _local(self, lay: Any, arrays: list) -> Any:
+        with vma.reducing_over(lay.token_axes), vma.lowering():
+            return self.fn(**dict(zip(self.names, arrays, strict=True)),
+                           axis_name=lay.axis_name)
+
+    def _summed(self, lay: Any, cts: list) -> list:
+        """Each cotangent summed over the layout's axes its operand is not split over."""
+        used = set(lay.token_axes) | _spec_axes(P(lay.axis_name))
+        out = []
+        for n, ct in zip(self.diff, cts, strict=True):
+            missing = tuple(sorted(used - _spec_axes(lay.spec(self.roles[self.names.index(n)]))))
+            out.append(jax.lax.psum(ct, missing) if missing else ct)
+        return out
+
+    def _vjp(self, lay: Any, arrays: list, g: Any) -> tuple:
+        idx = [self.names.index(n) for n in self.diff]
+
+        def f(*diff):
+            full = list(arrays)
+            for i, d in zip(idx, diff, strict=True):
+                full[i] = d
+            return self._local(lay, full)
+
+        # The backward passes are traced by ``pull``: inside the same context.
+        with vma.reducing_over(lay.token_axes), vma.lowering():
+            out, pull = jax.vjp(f, *(arrays[i] for i in idx))
+            cts = pull(jnp.ones_like(out) if g is None else g)
+        return out, self._summed(lay, list(cts))
+
+    def op(self, with_grad: bool, with_ct: bool) -> Callable[..., Any]:
+        """The custom-partitioned op: ``(*arrays[, g]) -> out`` or ``(out, *cotangents)``."""
+        roles = self.roles + ([self.out_role] if with_ct else [])
+        outs = [self.out_role] + ([self.roles[self.names.index(n)] for n in self.diff]
+                                  if with_grad else [])
+
+        def plain(*args):  # one device, the ordinary call
+            arrays, g = list(args[:len(self.names)]), args[-1] if with_ct else None
+            if not with_grad:
+                return self._local(_NoLayout(), arrays)
+            out, cts = self._vjp(_NoLayout(), arrays, g)
+            return (out, *cts)
+
+        def partition(mesh, arg_shapes, result_shape):
+            lay = self._layout(mesh, arg_shapes)
+            in_sh = tuple(NamedSharding(mesh, lay.spec(r)) for r in roles)
+            out_sh = [NamedSharding(mesh, lay.spec(r)) for r in outs]
+
+            def lower(*args):
+                arrays, g = list(args[:len(self.names)]), args[-1] if with_ct else None
+                if not with_grad:
+                    return self._local(lay, arrays)
+                out, cts = self._vjp(lay, arrays, g)
+                return (out, *cts)
+
+            return mesh, lower, out_sh[0] if not with_grad else tuple(out_sh), in_sh
+
+        cp = custom_partitioning(plain)
+        cp.def_partition(partition=partition, sharding_rule=_rule(roles, outs, self.n_tokens))
+        return cp
+
+    def __call__(self) -> Any:
+        value_op = self.op(False, False)
+        grad_op = self.op(True, self.out_role != "scalar")
+        reduced = self.out_role == "scalar"
+        idx = [self.names.index(n) for n in self.diff]
+
+        @jax.custom_vjp
+        def loss(*arrays):
+            return value_op(*arrays)
+
+        def fwd(*arrays):
+            if reduced:
+                out, *cts = grad_op(*arrays)
+                return out, (None, tuple(cts))
+            return value_op(*arrays), (arrays, None)
+
+        def bwd(res, g):
+            arrays, cts = res
+            if reduced:
+                cts = tuple(g * c for c in cts)
+            else:
+                cts = tuple(grad_op(*arrays, g)[1:])
+            full: list = [None] * len(self.names)
+            for i, c in zip(idx, cts, strict=True):
+                full[i] = c
+            return tuple(full)
+
+        loss.defvjp(fwd, bwd)
+        return loss(*self.values)
+
+
+class _NoLayout:
+    """The layout of one device: nothing split."""
+
+    token_axes: tuple = ()
+    axis_name = None
+
+    def spec(self, role: str) -> P:
+        return P()
+
