@@ -161,6 +161,18 @@ def times(coef: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * x)
 
 
+def row_cotangent(g: jax.Array, scale: jax.Array) -> jax.Array:
+    r"""A row's weight :math:`\bar g_i\,s_i` in a backward pass: the incoming cotangent times
+    the row's scale (:func:`row_scale`), exactly 0 where either is 0.
+
+    Every custom rule takes its cotangent through here, so that a row whose cotangent is 0
+    (masked outside the loss, as in ``jnp.where(mask, loss, 0)``) gets a gradient of exactly
+    0 whatever its label or logits hold, a NaN scale (invalid label) included; and an
+    ignored row (scale 0) gets 0 whatever its cotangent holds. A NaN scale with a non-zero
+    cotangent stays NaN."""
+    return jnp.where((g == 0) | (scale == 0), 0.0, g * scale)
+
+
 def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
     r""":math:`-\tfrac12 \log a = \tfrac12 (m - z) + \tfrac12 \log s` from the
     normaliser's two parts (``m``, ``log_s``: keepdims), formed as :math:`m/2 - z/2`.

@@ -32,16 +32,6 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same embedding size D, got x.shape="
                          f"{tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    if (diagonal or where_in is not None) and x.shape[0] != y.shape[0]:
-        why = "where marks pairs" if where_in is not None else "the positives are the diagonal"
-        raise ValueError(f"x and y need the same number of rows N == M ({why}), got"
-                         f" x.shape={tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    where = None
-    if where_in is not None:
-        where = _v.check_where(where_in, (x.shape[0],), ())
-        if where.shape != (x.shape[0],):
-            raise ValueError(f"where must be a boolean [N] mask with N = {x.shape[0]}, got"
-                             f" where.shape={tuple(where.shape)}")
     if axis_name is not None:
         missing = vma.axis_set(axis_name) - vma.varying(y)
         if missing:
@@ -50,6 +40,11 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
                 f" axis {vma.sorted_axes(missing)}. Call this inside jax.shard_map with x, y"
                 " and where sharded along their first axis over axis_name"
                 f" (in_specs=P({axis_name!r})), or pass axis_name=None")
+    if (diagonal or where_in is not None) and x.shape[0] != y.shape[0]:
+        why = "where marks pairs" if where_in is not None else "the positives are the diagonal"
+        raise ValueError(f"x and y need the same number of rows N == M ({why}), got"
+                         f" x.shape={tuple(x.shape)} and y.shape={tuple(y.shape)}")
+    where = None if where_in is None else _v.boolean_mask("where", where_in, x.shape[:1])
     return x, y, where
 
 

@@ -80,7 +80,7 @@ def _dense_ce_bwd(axis, options, res, g):
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
     norm = norm.fenced()
     keep = _axes.any_unmasked(mask, z.shape, axis)
-    g = g.astype(ct) if keep is None else jnp.where(keep, g.astype(ct), 0.0)
+    g = _ce.row_cotangent(g.astype(ct), jnp.ones((), ct) if keep is None else keep.astype(ct))
     g_k = jnp.expand_dims(g, axis)
     # -log a / 2: each product below is scaled first and doubled last, so that it is finite
     # wherever its true value is, even when -log a itself overflows.
@@ -92,7 +92,7 @@ def _dense_ce_bwd(axis, options, res, g):
     coef = sum_yw
     if options.zloss:
         coef = coef + 2.0 * params.lam * _ce.finite_lse(norm.lse())
-    dz = masked_fill(g_k * (_ce.times(norm.prob(z), coef) - yw), mask, 0.0)
+    dz = masked_fill(_ce.times(g_k, _ce.times(norm.prob(z), coef) - yw), mask, 0.0)
     w = _axes.along(class_weights, z.ndim, axis)
     unit = 2.0 * ((1.0 - params.eps) * g_k if options.smoothing else g_k)
     dy = masked_fill(_ce.times(unit if w is None else unit * w, half), mask, 0.0)

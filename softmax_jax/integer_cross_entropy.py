@@ -135,7 +135,7 @@ def _int_ce_bwd(axis, options, res, g):
     # The barrier asks XLA to compute the per-row factors once rather than inside the
     # N x V pass. XLA:CPU fuses them into that pass anyway (the compiled text shows the
     # label checks there); it costs nothing measurable, the work being row-invariant.
-    row = jax.lax.optimization_barrier(_ce.times(rows.scale, g.astype(ct)))
+    row = jax.lax.optimization_barrier(_ce.row_cotangent(g.astype(ct), rows.scale))
     dz = _logit_cotangent(z, norm, rows, coef, off, _ce.label_coefficient(rows.w_y, params,
                           options), row, logits.dtype, axis, options)
     dz = masked_fill(dz, mask, 0.0)

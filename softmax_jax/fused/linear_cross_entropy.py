@@ -91,7 +91,7 @@ class Rule(NamedTuple):
         return jnp.sum(_ce.times(scale, w_y.astype(scale.dtype)))
 
     def weights(self, consts, scale, factor):
-        return _ce.times(scale, factor)
+        return _ce.row_cotangent(factor, scale)
 
     def valid(self, params):
         """Whether the traced hyper-parameters are in range (:func:`_ce.hyperparameters`

@@ -94,7 +94,7 @@ class Rule(NamedTuple):
         return jnp.sum(scale != 0).astype(scale.dtype)
 
     def weights(self, consts, scale, factor):
-        return _ce.times(scale, factor)
+        return _ce.row_cotangent(factor, scale)
 
     def valid(self, params):
         r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
