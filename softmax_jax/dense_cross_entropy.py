@@ -30,15 +30,17 @@ def _dense_ce(logits, labels, mask, class_weights, params, axis, options):
 
 
 def _dense_targets(labels, mask, class_weights, params, axis, options, ct):
-    """``(y', w y')``: the smoothed labels :math:`(1 - \\epsilon) y + \\epsilon / K` (the
-    :math:`\\epsilon / K` on unmasked classes only; label mass on a masked class is kept, and
-    makes the loss infinite) and the same times the class weights."""
-    y = labels.astype(ct)
+    """``(y, y', w y')``: the labels with the masked classes' entries dropped (``where``
+    slices them away, as in optax), the smoothed labels :math:`(1 - \\epsilon) y +
+    \\epsilon / K` (over the :math:`K` unmasked classes) and the same times the class
+    weights."""
+    y = masked_fill(labels.astype(ct), mask, 0.0)
+    smooth = y
     if options.smoothing:
         share = params.eps / _axes.class_count(y.shape, axis, mask)
-        y = (1.0 - params.eps) * y + masked_fill(share, mask, 0.0)
+        smooth = (1.0 - params.eps) * y + masked_fill(share, mask, 0.0)
     w = _axes.along(class_weights, y.ndim, axis)
-    return y, (y if w is None else w.astype(ct) * y)
+    return y, smooth, (smooth if w is None else w.astype(ct) * smooth)
 
 
 def _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
@@ -47,7 +49,7 @@ def _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
     # The barrier keeps XLA from fusing the label sums below into the normaliser's passes,
     # a fusion that materialises z - m as an N x V temporary (500 MiB more at 4096 x 32000).
     norm = Normalizer(*jax.lax.optimization_barrier(tuple(Normalizer.of(z, axis))))
-    _, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    _, _, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
     # sum_k w_k y_k (-log a_k) = sum_k w_k y_k (m - z_k) + log s * sum_k w_k y_k; weighted_gap
     # says how the first sum stays exact where a zero target meets a -inf logit.
     sum_yw = jnp.sum(yw, axis=axis, keepdims=True)
@@ -84,10 +86,8 @@ def _dense_ce_bwd(axis, options, res, g):
     g_k = jnp.expand_dims(g, axis)
     # -log a / 2: each product below is scaled first and doubled last, so that it is finite
     # wherever its true value is, even when -log a itself overflows.
-    # Unmasked for the cotangents that label mass on a masked class makes infinite (as in the
-    # integer-label loss); the labels' own gradient is 0 on masked classes.
     half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
-    y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    kept, y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
     lse = jnp.squeeze(norm.lse(), axis)
     coef = sum_yw
     if options.zloss:
@@ -104,7 +104,7 @@ def _dense_ce_bwd(axis, options, res, g):
     if options.smoothing:
         wk = jnp.ones((), ct) if w is None else w
         k = _axes.class_count(z.shape, axis, mask)
-        half_hard = jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
+        half_hard = jnp.sum(_ce.times(wk * kept, half), axis=axis)
         half_uniform = _ce.half_uniform(half, k, w, mask, axis)
     d_params = _ce.hyper_cotangents(g, half_hard, half_uniform, lse, None, params, options)
     return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
@@ -181,12 +181,10 @@ def softmax_cross_entropy(
         (NumPy broadcasting: a class mask for every row is ``where[None, :]``); any other
         rank raises. Masked classes are left out of the normaliser and of the smoothing;
         a fully masked row (an example whose flag is False) gives loss 0 and gradient 0.
-        Label mass on a masked class meets probability 0: the loss is ``+inf``, as
-        :func:`softmax_jax.softmax_cross_entropy_with_integer_labels` gives for a label on
-        a masked class (on purpose: optax leaves the masked entry out of the sum, giving
-        0 for a one-hot label there, which hides the mistake). The logits' gradient is
-        still :math:`(\sum_k w_k y'_k)\,a - w \odot y'` on the unmasked classes, and the
-        labels' gradient is 0 on masked classes.
+        ``where`` slices, labels included, as in optax: the result equals the loss of
+        ``logits[where]`` and ``labels[where]``, so label mass on a masked class is
+        dropped, and the labels' and class weights' gradients are 0 there. (The
+        integer-label loss differs on purpose: a label on a masked class gives ``+inf``.)
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: finite :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty
         that keeps the normaliser near 0 (as in PaLM). It is not weighted by

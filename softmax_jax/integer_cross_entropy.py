@@ -238,11 +238,12 @@ def softmax_cross_entropy_with_integer_labels(
         class mask for every row is ``where[None, :]``); any other rank raises. Masked
         classes are left out of the normaliser; a fully masked row (an example whose flag
         is False) gives loss 0 and gradient 0. A label on a masked class has probability
-        0: its loss is ``+inf`` (on purpose: optax gives the finite
-        :math:`\mathrm{lse} - z_y`, as if the class took part for the label only, and its
-        dense loss gives 0, either hiding the mistake) and its logits' gradient is
-        :math:`c\,a` over the unmasked classes, exactly what
-        :func:`softmax_jax.softmax_cross_entropy` gives for the one-hot label.
+        0: its loss is ``+inf`` and its logits' gradient :math:`c\,a` over the unmasked
+        classes. This is the one documented difference from optax, on purpose: optax's
+        integer-label loss gives the finite :math:`\mathrm{lse} - z_y`, as if the class
+        took part for the label only, and the dense losses (optax's and
+        :func:`softmax_jax.softmax_cross_entropy`, where ``where`` slices the labels too)
+        drop the label: each hides the mistake.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`, finite.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get
