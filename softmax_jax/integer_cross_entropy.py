@@ -272,7 +272,8 @@ def softmax_cross_entropy_with_integer_labels(
       [2.8152 1.0986]
     """
     logits = _v.as_float_array("logits", logits)
-    labels = _ce.integer_labels(labels, "; for probability targets use softmax_cross_entropy")
+    labels, ignore_index = _ce.labels_and_ignore(
+        labels, ignore_index, "; for probability targets use softmax_cross_entropy")
     axis = _axes.class_axes(axis, logits.ndim, "logits")
     classes = axis if isinstance(axis, tuple) else (axis,)
     expected = tuple(n for d, n in enumerate(logits.shape) if d not in classes)

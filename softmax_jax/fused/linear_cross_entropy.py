@@ -327,7 +327,8 @@ def linear_softmax_cross_entropy(
       [4.4076 2.0986] [2 0]
     """
     x, w, b, lead = args.head(x, w, b)
-    labels = args.labels_for(_ce.integer_labels(labels), lead)
+    label_arr, ignore_index = _ce.labels_and_ignore(labels, ignore_index)
+    labels = args.labels_for(label_arr, lead)
     n, v = x.shape[0], w.shape[1]
     reduction = args.reduction(reduction)
     weights = _ce.check_class_weights(class_weights, v)

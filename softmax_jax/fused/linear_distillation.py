@@ -298,12 +298,13 @@ def linear_softmax_distillation(
     reduction = args.reduction(reduction)
     temp, beta_arr, kind = _dt.hyperparameters(temperature, beta)
     hw, hard = _v.hyperparameter("hard_weight", hard_weight, 0.0, 1.0)
-    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
-    ignore = ce_options.ignore_index
     label_arr = None
     if labels is not None:
-        label_arr = args.labels_for(_ce.integer_labels(labels), lead)
-    elif hard or ignore is not None:
+        widened, ignore_index = _ce.labels_and_ignore(labels, ignore_index)
+        label_arr = args.labels_for(widened, lead)
+    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
+    ignore = ce_options.ignore_index
+    if labels is None and (hard or ignore is not None):
         raise ValueError("labels are required when hard_weight is nonzero (or traced) or"
                          f" ignore_index is given (hard_weight={hard_weight!r},"
                          f" ignore_index={ignore_index!r})")
