@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
+from softmax_jax import _validation as _v
 
 from . import args, engine, vjp, vma
 from .layout import BlockLayout
@@ -59,7 +60,8 @@ def _hit(blk: engine.Block, labels: jax.Array) -> jax.Array:
 
 
 class Rule(NamedTuple):
-    """The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``."""
+    """The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights, keep)``
+    (``keep``: the per-token ``where``, or None)."""
 
     options: _ce.Options
     num_classes: int  # global vocabulary size
@@ -75,14 +77,15 @@ class Rule(NamedTuple):
         return (engine.Head(x, w, b),)
 
     def rows(self, consts):
-        labels, w_y, _ = consts
+        labels, w_y = consts[:2]
         return (labels,) if w_y is None else (labels, w_y)
 
     def classes(self, consts):
         return () if consts[2] is None else (consts[2],)
 
     def scale(self, consts, num_classes, ct):
-        return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, dtype=ct)[0]
+        return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, consts[3],
+                             ct)[0]
 
     def denominator(self, consts, scale):
         w_y = consts[1]
@@ -181,6 +184,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -201,6 +205,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -220,6 +225,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -254,7 +260,9 @@ def linear_softmax_cross_entropy(
         \frac{\partial\ell}{\partial b} = \textstyle\sum_i \delta_i .
 
     The derivatives with respect to ``label_smoothing``, ``z_loss`` and ``soft_cap`` are
-    exact too; ``class_weights`` are constants (zero cotangent). Only
+    exact too; ``class_weights`` are constants: their cotangent is 0, unlike the core
+    losses' (use :func:`softmax_jax.softmax_cross_entropy_with_integer_labels` to learn
+    them). Only
     ``token_block x vocab_block`` logits exist at any time (:mod:`softmax_jax.fused.engine`).
     Reverse mode only: ``jax.jvp`` of the loss raises.
 
@@ -272,7 +280,11 @@ def linear_softmax_cross_entropy(
         the kept tokens' label weights add up to 0; 0 when no token is kept, where PyTorch
         gives NaN), ``"sum"`` or ``"none"`` (per-token losses, ``x``'s leading shape).
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose tokens get
-        loss 0 and gradient 0 and are left out of the mean.
+        loss 0 and gradient 0 and are left out of the mean; checked against the labels' own
+        dtype (``uint8`` labels with ``-100`` raise).
+      where: optional boolean mask of ``x``'s leading shape, one flag per token (as the core
+        losses take optax's ``where``): a token whose flag is False is an ignored one
+        (loss 0, gradient 0, left out of the mean), whatever its label holds.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
         vocabulary.
       z_loss: finite :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
@@ -295,7 +307,8 @@ def linear_softmax_cross_entropy(
       The loss: for ``"mean"``/``"sum"`` a scalar in the compute dtype, float32 for
       bfloat16, float16 and float32 inputs and float64 for float64 ones (under x64, as
       optax's loss of float32 inputs stays float32), accumulated in it; for ``"none"``
-      per-token losses of ``x``'s leading shape in the inputs' dtype. With ``return_stats``,
+      per-token losses of ``x``'s leading shape, in the same compute dtype (float32 for
+      bfloat16 inputs: they are weighted and summed downstream). With ``return_stats``,
       ``(loss, stats)`` (``stats`` of ``x``'s leading shape). A label outside ``[0, V)``
       that is not ``ignore_index`` gives NaN for its token, a traced hyper-parameter out of
       range NaN for the loss and every derivative. Gradients come back in each input's
@@ -348,7 +361,9 @@ def linear_softmax_cross_entropy(
     rule = Rule(options, args.num_classes(v, axis_name), bool(return_stats))
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
-    loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights), full, cap.astype(ct))
+    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights, keep), full,
+                             cap.astype(ct))
     if reduction == "none":
         loss = loss.reshape(lead)
     if not return_stats:

@@ -48,8 +48,8 @@ class Params(NamedTuple):
 
 class Rule(NamedTuple):
     """The distillation's per-block rule. consts: ``(labels, teacher_x, teacher_w,
-    teacher_b)``; ``labels`` may be None when neither the hard term nor ``ignore_index``
-    is used."""
+    teacher_b, keep)``; ``labels`` may be None when neither the hard term nor
+    ``ignore_index`` is used, ``keep`` (the per-token ``where``) when no mask is given."""
 
     kind: _dt.Kind
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
@@ -76,7 +76,7 @@ class Rule(NamedTuple):
         return 1
 
     def heads(self, x, w, b, consts):
-        return engine.Head(x, w, b), engine.Head(*consts[1:])
+        return engine.Head(x, w, b), engine.Head(*consts[1:4])
 
     def rows(self, consts):
         return () if consts[0] is None else (consts[0],)
@@ -85,10 +85,10 @@ class Rule(NamedTuple):
         return ()
 
     def scale(self, consts, num_classes, ct):
-        labels = consts[0]
+        labels, keep = consts[0], consts[4]
         if labels is None:
-            return jnp.ones(consts[1].shape[:1], ct)
-        return self.ce.scale((labels, None, None), num_classes, ct)
+            return jnp.ones(consts[1].shape[:1], ct) if keep is None else keep.astype(ct)
+        return self.ce.scale((labels, None, None, keep), num_classes, ct)
 
     def denominator(self, consts, scale):
         return jnp.sum(scale != 0).astype(scale.dtype)
@@ -216,6 +216,7 @@ def linear_softmax_distillation(
     hard_weight: float | jax.typing.ArrayLike = 0.0,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     axis_name: Hashable | None = None,
     token_block: int | None = None,
@@ -259,7 +260,10 @@ def linear_softmax_distillation(
       reduction: ``"mean"`` (over kept tokens; 0 when none is), ``"sum"`` or ``"none"``
         (``x``'s leading shape).
       ignore_index: a label value whose tokens get loss 0 and gradient 0 and are left out
-        of the mean.
+        of the mean; checked against the labels' own dtype.
+      where: optional boolean mask of ``x``'s leading shape, one flag per token: a token
+        whose flag is False is an ignored one (loss 0, gradient 0, left out of the mean),
+        with or without ``labels``.
       label_smoothing: :math:`\epsilon \in [0, 1]` of the hard-label term.
       axis_name, token_block, vocab_block: as for
         :func:`~softmax_jax.fused.linear_softmax_cross_entropy`.
@@ -267,7 +271,7 @@ def linear_softmax_distillation(
     Returns:
       ``"mean"``/``"sum"``: a scalar in the compute dtype (float32 for bfloat16, float16
       and float32 inputs, float64 for float64 ones under x64); ``"none"``: ``x``'s leading
-      shape, in the inputs' dtype. A teacher class with probability where the student has
+      shape, in the same compute dtype. A teacher class with probability where the student has
       none makes the loss infinite (its true value); a traced out-of-range hyper-parameter
       gives NaN for the loss and every derivative.
 
@@ -318,6 +322,8 @@ def linear_softmax_distillation(
     rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
-    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)))
+    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)),
+              keep)
     loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))
     return loss.reshape(lead) if reduction == "none" else loss

@@ -122,8 +122,8 @@ def _per_token_fwd(static, x, w, b, consts, params, cap):
     stats, _ = _run(static, x, w, b, consts, params, cap)
     loss = jnp.where(_valid(static, params, cap), rule.row_loss(consts, scale, stats, params),
                      jnp.nan)
-    out = jnp.result_type(*(d for d in static.dtypes if d is not None))
-    return (loss.astype(out), rule.aux(stats)), (x, w, b, consts, params, cap, stats)
+    # In the compute dtype, as "mean" and "sum" are: per-token losses are summed downstream.
+    return (loss, rule.aux(stats)), (x, w, b, consts, params, cap, stats)
 
 
 def _per_token_bwd(static, res, g):
