@@ -114,10 +114,12 @@ _dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
 _dense_ce_jit = jax.jit(_dense_ce, static_argnums=(5, 6))
 
 
-def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
+def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike,
+                  classes: tuple[int, ...]) -> jax.Array:
     """The labels as optax takes them, broadcast to ``logits``'s shape (outside the rule, so
     that autodiff sums their gradient back to their own shape): floating point, or integer
-    or boolean one-hot labels (cast to ``logits``'s dtype) of ``logits``'s rank."""
+    or boolean one-hot labels (cast to ``logits``'s dtype) of ``logits``'s rank whose class
+    axes ``classes`` have the logits' sizes."""
     arr = jnp.asarray(labels)
     exact = jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == jnp.bool_
     if not (exact or jnp.issubdtype(arr.dtype, jnp.floating)):
@@ -125,15 +127,18 @@ def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
             f"labels must be a floating-point array of probabilities or integer one-hot"
             f" labels, got dtype {arr.dtype} (shape {tuple(arr.shape)})"
         )
-    # Integer labels of a lower rank are far more often class indices than a one-hot row
+    # Integer labels that are not one-hot along the class axes (a lower rank, or a size-1
+    # class axis: (N,) or (N, 1)) are far more often class indices than a one-hot row
     # meant for every example (which optax would broadcast): refuse them.
-    fits = _v.broadcasts_to(arr.shape, logits.shape) and not (exact and arr.ndim < logits.ndim)
+    one_hot = arr.ndim == logits.ndim and all(arr.shape[a] == logits.shape[a] for a in classes)
+    fits = _v.broadcasts_to(arr.shape, logits.shape) and (one_hot or not exact)
     if not fits:
         hint = "; for class indices use softmax_cross_entropy_with_integer_labels" if exact else ""
         raise ValueError(
             f"labels.shape={tuple(arr.shape)} must equal or broadcast to"
             f" logits.shape={tuple(logits.shape)}"
-            f"{' (integer one-hot labels: with the same rank)' if exact else ''}{hint}"
+            f"{' (integer one-hot labels: of the same rank, the class axes full)' if exact else ''}"
+            f"{hint}"
         )
     if exact:
         arr = arr.astype(logits.dtype)
@@ -170,9 +175,10 @@ def softmax_cross_entropy(
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: target distributions of ``logits``'s shape or one that broadcasts to it
         (a ``[classes]`` row for every example), floating point; or integer/boolean
-        one-hot labels of ``logits``'s rank, cast to ``logits``'s dtype (as in optax; of a
-        lower rank they raise, being far more likely class indices). The labels' gradient
-        has the labels' shape.
+        one-hot labels of ``logits``'s rank, cast to ``logits``'s dtype (as in optax). Integer
+        or boolean labels of a lower rank, or with a class axis of size 1 (``(N, 1)``),
+        raise: they are far more likely class indices. The labels' gradient has the
+        labels' shape.
       axis: the class axis, a tuple of axes that together index the classes, or None for
         all axes.
       where: optional boolean mask, read as optax reads it: with one axis fewer than
@@ -210,9 +216,10 @@ def softmax_cross_entropy(
       M. Nielsen, *Neural Networks and Deep Learning*, ch. 3 (softmax and log-likelihood).
     """
     logits = _v.as_float_array("logits", logits)
-    labels = _dense_labels(logits, labels)
     axis = _axes.class_axes(axis, logits.ndim, "logits")
-    where = _v.loss_where(where, logits.shape, axis if isinstance(axis, tuple) else (axis,))
+    classes = axis if isinstance(axis, tuple) else (axis,)
+    labels = _dense_labels(logits, labels, classes)
+    where = _v.loss_where(where, logits.shape, classes)
     if isinstance(axis, tuple):
         flat = _axes.Flattening.of(logits.shape, axis)
         return softmax_cross_entropy(
