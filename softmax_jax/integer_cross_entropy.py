@@ -231,7 +231,8 @@ def softmax_cross_entropy_with_integer_labels(
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: integer class indices, ``logits``'s shape without ``axis``.
       axis: the class axis, a tuple of axes (a label is then a flat, C-order index into the
-        class axes taken in the order given, as in optax), or None for all axes.
+        class axes taken in the order given, as in optax), or None for all axes (a scalar
+        label; an extension: optax's integer-label loss refuses ``axis=None``).
       where: optional boolean mask, read as optax reads it: of ``labels``'s rank, one flag
         per example (``expand_dims(where, axis)``, whatever the shapes, square logits
         included); of ``logits``'s rank, one flag per element (NumPy broadcasting, so a
@@ -255,7 +256,11 @@ def softmax_cross_entropy_with_integer_labels(
       Per-example losses, ``labels``'s shape, in ``logits``'s dtype. A label outside
       ``[0, K)`` that is not ``ignore_index`` gives NaN for its example (so does a traced
       ``label_smoothing`` or ``z_loss`` outside its range, which cannot raise under
-      ``jit``). NumPy 64-bit labels beyond the int32 range raise ``ValueError`` without x64.
+      ``jit``), and NaN gradients wherever its cotangent is non-zero; an example whose
+      cotangent is exactly 0 gets a gradient of exactly 0, whatever its label or logits
+      hold, so that masking padding outside the loss (``jnp.where(mask, loss, 0)``, as
+      optax users write it) gives finite gradients. NumPy 64-bit labels beyond the int32
+      range raise ``ValueError`` without x64.
 
     Examples:
       >>> import jax, jax.numpy as jnp

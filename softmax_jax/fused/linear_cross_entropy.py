@@ -310,10 +310,11 @@ def linear_softmax_cross_entropy(
       per-token losses of ``x``'s leading shape, in the same compute dtype (float32 for
       bfloat16 inputs: they are weighted and summed downstream). With ``return_stats``,
       ``(loss, stats)`` (``stats`` of ``x``'s leading shape). A label outside ``[0, V)``
-      that is not ``ignore_index`` gives NaN for its token, a traced hyper-parameter out of
-      range NaN for the loss and every derivative. Gradients come back in each input's
-      dtype, accumulated in float32 (at least); with mixed dtypes (float32 ``x``, bfloat16
-      ``w``) the wider input's gradient keeps its own dtype's accuracy.
+      that is not ``ignore_index`` gives NaN for its token (and, for ``"none"``, NaN
+      gradients where its cotangent is non-zero, exactly 0 where it is 0), a traced
+      hyper-parameter out of range NaN for the loss and every derivative. Gradients come
+      back in each input's dtype, accumulated in float32 (at least); with mixed dtypes
+      (float32 ``x``, bfloat16 ``w``) the wider input's gradient keeps its own dtype's accuracy.
 
     Raises:
       TypeError: non-floating ``x``/``w``/``b``/``class_weights`` or non-integer ``labels``.
