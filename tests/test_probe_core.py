@@ -105,7 +105,9 @@ def test_kl_with_log_targets_underflowing_target_against_minus_inf():
 def test_uint64_labels_under_x64_are_invalid_not_wrapped(x64):
     z = jnp.zeros((3, 4), jnp.float32)
     labels = np.array([2**32 + 1, 1, 2**64 - 100], np.uint64)
-    got = sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    with pytest.raises(ValueError, match="outside the range of the uint64 labels"):
+        sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    got = sj.softmax_cross_entropy_with_integer_labels(z, labels)
     assert np.isnan(got[0]) and np.isnan(got[2])
     np.testing.assert_allclose(got[1], np.log(4.0), rtol=1e-6)
     got = sj.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels))
