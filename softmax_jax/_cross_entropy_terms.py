@@ -112,6 +112,34 @@ def integer_labels(labels: jax.typing.ArrayLike, hint: str = "") -> jax.Array:
     return arr.astype(jnp.int32) if arr.dtype.itemsize < 4 else arr
 
 
+def labels_and_ignore(
+    labels: jax.typing.ArrayLike, ignore_index: object, hint: str = ""
+) -> tuple[jax.Array, int | None]:
+    """``(labels, ignore_index)``: the labels widened by :func:`integer_labels`, and
+    ``ignore_index`` checked against the labels' own dtype (``ValueError`` when no label of
+    that dtype could equal it: ``uint8`` labels with ``-100``, ``int8`` labels with 300).
+
+    An unsigned label equal to an ``ignore_index`` beyond the signed range of the widened
+    labels (``uint32`` labels, ``2**32 - 1``) is mapped to -1, which then stands for
+    ``ignore_index``: widened unsigned labels are never negative otherwise.
+    """
+    ignore = check_ignore_index(ignore_index)
+    own = np.dtype(getattr(labels, "dtype", None) or jnp.asarray(labels).dtype)
+    widened = integer_labels(labels, hint)
+    if ignore is None or not np.issubdtype(own, np.integer):
+        return widened, ignore
+    info = np.iinfo(own)
+    if not info.min <= ignore <= info.max:
+        raise ValueError(
+            f"ignore_index={ignore} lies outside the range of the {own} labels"
+            f" ([{info.min}, {info.max}]), so no label could equal it"
+        )
+    if ignore <= np.iinfo(widened.dtype).max:
+        return widened, ignore
+    raw = jnp.asarray(labels)
+    return jnp.where(raw == jnp.asarray(ignore, raw.dtype), -1, widened), -1
+
+
 def check_ignore_index(ignore_index: object) -> int | None:
     """``ignore_index`` as a Python int (NumPy integers accepted) or None."""
     if ignore_index is None:
@@ -161,6 +189,18 @@ def times(coef: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(coef == 0, 0.0, coef * x)
 
 
+def row_cotangent(g: jax.Array, scale: jax.Array) -> jax.Array:
+    r"""A row's weight :math:`\bar g_i\,s_i` in a backward pass: the incoming cotangent times
+    the row's scale (:func:`row_scale`), exactly 0 where either is 0.
+
+    Every custom rule takes its cotangent through here, so that a row whose cotangent is 0
+    (masked outside the loss, as in ``jnp.where(mask, loss, 0)``) gets a gradient of exactly
+    0 whatever its label or logits hold, a NaN scale (invalid label) included; and an
+    ignored row (scale 0) gets 0 whatever its cotangent holds. A NaN scale with a non-zero
+    cotangent stays NaN."""
+    return jnp.where((g == 0) | (scale == 0), 0.0, g * scale)
+
+
 def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
     r""":math:`-\tfrac12 \log a = \tfrac12 (m - z) + \tfrac12 \log s` from the
     normaliser's two parts (``m``, ``log_s``: keepdims), formed as :math:`m/2 - z/2`.
@@ -197,14 +237,9 @@ def row_scale(
     """``(scale, valid)`` per example: ``scale`` is 1 for a counted example, 0 for an ignored
     one (or one that ``keep`` drops, such as a fully masked row) and NaN for a label outside
     ``[0, num_classes)``, so a bad label never yields a plausible loss or gradient;
-    ``valid`` says whether the label is in range."""
+    ``valid`` says whether the label is in range. ``ignore_index`` comes from
+    :func:`labels_and_ignore`, which checked it against the labels' own dtype."""
     dtype = np.dtype(np.float32) if dtype is None else dtype
-    info = np.iinfo(labels.dtype)
-    if ignore_index is not None and not info.min <= ignore_index <= info.max:
-        raise ValueError(
-            f"ignore_index={ignore_index} lies outside the range of the {labels.dtype} labels"
-            f" ([{info.min}, {info.max}]), so no label could equal it"
-        )
     valid = (labels >= 0) & (labels < num_classes)
     scale = jnp.where(valid, jnp.ones((), dtype), jnp.full((), jnp.nan, dtype))
     drop = jnp.zeros(labels.shape, bool) if ignore_index is None else labels == ignore_index

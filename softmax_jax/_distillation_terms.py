@@ -83,12 +83,8 @@ def hyperparameters(temperature: object, beta: object) -> tuple[jax.Array, jax.A
     """``(temperature, beta, kind)`` checked: a concrete :math:`T \\le 0`, an infinite
     :math:`T` or :math:`\\beta \\notin [0, 1]` raises ``ValueError`` naming the argument.
     Shared with the fused distillation, which so refuses these values too."""
-    _v.hyperparameter("temperature", temperature, 0.0, None)
-    if not isinstance(temperature, jax.core.Tracer):
-        value = float(np.asarray(temperature))
-        # z / inf is 0 or NaN (for an infinite logit), never the uniform limit: refuse it.
-        if not 0.0 < value < np.inf:
-            raise ValueError(f"temperature must be > 0 and finite, got {value}")
+    # z / inf is 0 or NaN (for an infinite logit), never the uniform limit: refuse it.
+    _v.hyperparameter("temperature", temperature, 0.0, None, finite=True, low_open=True)
     _v.hyperparameter("beta", beta, 0.0, 1.0)
     # The raw values, not hyperparameter()'s NaN-substituted ones: through that ``where`` an
     # out-of-range traced value would get gradient 0; valid_hyperparameters makes it NaN.

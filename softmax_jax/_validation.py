@@ -128,6 +128,20 @@ def check_where(
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
+def boolean_mask(name: str, x: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+    """A per-row boolean mask of exactly ``shape`` (the contrastive pairs, the fused losses'
+    tokens): ``TypeError`` for any other dtype (an integer mask is more often a list of
+    indices than flags), ``ValueError`` for another shape."""
+    mask = jnp.asarray(x)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean mask, got dtype {mask.dtype}"
+                        f" (shape {tuple(mask.shape)}); for indices, build the mask first")
+    if mask.shape != tuple(shape):
+        raise ValueError(f"{name} must be a boolean mask of shape {tuple(shape)} (one flag"
+                         f" per row), got {name}.shape={tuple(mask.shape)}")
+    return mask
+
+
 def loss_where(
     where: jax.typing.ArrayLike | None, shape: tuple[int, ...], axes: tuple[int, ...]
 ) -> jax.Array | None:
@@ -169,18 +183,32 @@ def prepare_where(
     return jnp.reshape(mask, (1,) * (len(shape) - mask.ndim) + mask.shape)
 
 
+def _allowed(low: float, high: float | None, finite: bool, low_open: bool) -> str:
+    """The allowed values, as an error message states them: ``lie in [0, 1]``, ``lie in
+    [0, inf)``, ``be > 0 and finite``, ``be a finite number``."""
+    if low == -np.inf and high is None:
+        return "be a finite number" if finite else "be a number"
+    if low_open and high is None:
+        return f"be > {low:g}" + (" and finite" if finite else "")
+    upper = f"{high:g}]" if high is not None else ("inf)" if finite else "inf]")
+    return f"lie in {'(' if low_open else '['}{low:g}, {upper}"
+
+
 def hyperparameter(
-    name: str, value: object, low: float, high: float | None, *, finite: bool = False
+    name: str, value: object, low: float, high: float | None, *, finite: bool = False,
+    low_open: bool = False,
 ) -> tuple[jax.Array, bool]:
     """Checks a scalar hyper-parameter and says whether it can be skipped at compile time.
 
     Returns the value as an array (so a traced or changing value does not recompile) and a
     static flag that is ``False`` only for a concrete zero, letting the compiled code drop
-    the term entirely. Concrete values are range-checked (``ValueError``); traced ones
-    cannot be, and are replaced by NaN where they fall outside the range. The range is
-    ``[low, high]`` (``high=None``: no upper bound, ``+inf`` included, as ``soft_cap`` needs);
-    ``finite=True`` also refuses ``+-inf``, for a weight such as ``z_loss`` whose infinite
-    value has no meaning (its loss would be a plausible-looking ``inf``, not NaN).
+    the term entirely. Concrete values are range-checked (``ValueError`` stating the
+    allowed values; NaN is never allowed); traced ones cannot be, and are replaced by NaN
+    where they fall outside the range. The range is ``[low, high]`` (``high=None``: no
+    upper bound, ``+inf`` included, as ``soft_cap`` needs; ``low_open``: ``low`` itself
+    excluded, as for a temperature); ``finite=True`` also refuses ``+-inf``, for a weight
+    such as ``z_loss`` whose infinite value has no meaning (its loss would be a
+    plausible-looking ``inf``, not NaN).
     """
     arr = jnp.asarray(value)
     if arr.ndim != 0:
@@ -192,16 +220,17 @@ def hyperparameter(
         # rather than a plausible number.
         # Added rather than selected, so that the derivative with respect to the value is
         # still 1 (a where would send it a silent 0).
-        ok = arr >= low if high is None else (arr >= low) & (arr <= high)
+        ok = arr > low if low_open else arr >= low
+        if high is not None:
+            ok = ok & (arr <= high)
         if finite:
             ok = ok & jnp.isfinite(arr)
         return arr + jnp.where(ok, 0.0, jnp.nan), True
     concrete = float(np.asarray(value))
-    upper = "inf" if high is None else f"{high:g}"
-    if not (concrete >= low and (high is None or concrete <= high)):
-        raise ValueError(f"{name} must lie in [{low:g}, {upper}], got {concrete}")
-    if finite and not np.isfinite(concrete):
-        raise ValueError(f"{name} must be finite, in [{low:g}, {upper}), got {concrete}")
+    above = concrete > low if low_open else concrete >= low
+    if not (above and (high is None or concrete <= high) and
+            (not finite or np.isfinite(concrete))):
+        raise ValueError(f"{name} must {_allowed(low, high, finite, low_open)}, got {concrete}")
     return arr, concrete != 0.0
 
 

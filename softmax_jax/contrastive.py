@@ -32,16 +32,6 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same embedding size D, got x.shape="
                          f"{tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    if (diagonal or where_in is not None) and x.shape[0] != y.shape[0]:
-        why = "where marks pairs" if where_in is not None else "the positives are the diagonal"
-        raise ValueError(f"x and y need the same number of rows N == M ({why}), got"
-                         f" x.shape={tuple(x.shape)} and y.shape={tuple(y.shape)}")
-    where = None
-    if where_in is not None:
-        where = _v.check_where(where_in, (x.shape[0],), ())
-        if where.shape != (x.shape[0],):
-            raise ValueError(f"where must be a boolean [N] mask with N = {x.shape[0]}, got"
-                             f" where.shape={tuple(where.shape)}")
     if axis_name is not None and not vma.in_lowering():
         missing = vma.axis_set(axis_name) - vma.varying(y)
         if missing:
@@ -50,6 +40,11 @@ def _pair(x_in: jax.typing.ArrayLike, y_in: jax.typing.ArrayLike,
                 f" axis {vma.sorted_axes(missing)}. Call this inside jax.shard_map with x, y"
                 " and where sharded along their first axis over axis_name"
                 f" (in_specs=P({axis_name!r})), or pass axis_name=None")
+    if (diagonal or where_in is not None) and x.shape[0] != y.shape[0]:
+        why = "where marks pairs" if where_in is not None else "the positives are the diagonal"
+        raise ValueError(f"x and y need the same number of rows N == M ({why}), got"
+                         f" x.shape={tuple(x.shape)} and y.shape={tuple(y.shape)}")
+    where = None if where_in is None else _v.boolean_mask("where", where_in, x.shape[:1])
     return x, y, where
 
 
@@ -88,12 +83,19 @@ def contrastive_loss(
         \text{per pair } \tfrac12(\ell_i + \ell'_i)
 
     (big_vision's ``bidirectional_contrastive_loss``; :math:`\ell_i` alone when
-    ``bidirectional=False``). The gradient of the mean is, per tile,
+    ``bidirectional=False``). The positive logit comes from the same tile product as the
+    log-sum-exp, and each term is formed as :math:`(m - z_+) + \log s` from the running
+    maximum and sum, so a per-pair loss is never negative and ``"mean"`` adds per-pair
+    terms (no cancellation between two batch sums). The tiles are :math:`(s\,x) y^\top`,
+    one rounded product that the maximum and the exponent both see. The gradient of the
+    mean is, per tile,
     :math:`\partial/\partial z = (\mathrm{softmax_{rows}}(z) - I)/2N +
     (\mathrm{softmax_{cols}}(z) - I)/2N`, carried to ``x``, ``y`` and ``logit_scale`` by
     :math:`\bar x = s\,\delta y`, :math:`\bar y = s\,\delta^\top x`,
-    :math:`\bar s = \sum \delta \odot x y^\top`. Two passes of ``token_block x col_block``
-    tiles (statistics, then gradients), four matrix products per tile.
+    :math:`\bar s = \sum \delta \odot x y^\top = \sum_i x_i \cdot (\delta y)_i`. Two
+    passes of ``token_block x col_block`` tiles (statistics, then gradients), four matrix
+    products per tile. bfloat16 embeddings meet :math:`s\,x` in float32, so their products
+    run in float32.
 
     Args:
       x: ``[N, D]`` embeddings (e.g. images), normalised by the caller.
@@ -103,7 +105,9 @@ def contrastive_loss(
         traced.
       labels: optional ``[N]`` integer column of each row's positive, for
         ``bidirectional=False``; None means the diagonal (``N == M``). A label outside
-        ``[0, M)`` (or naming a column ``where`` leaves out) gives NaN for its row.
+        ``[0, M)`` (or naming a column ``where`` leaves out) gives NaN for its row and NaN
+        gradients (for ``"none"``: where its cotangent is non-zero; a pair whose cotangent
+        is exactly 0 gets gradients of exactly 0).
       bidirectional: add the column term (needs the diagonal).
       where: optional boolean ``[N]``: the valid pairs of a padded batch. A pair left out is
         in no normaliser and no sum, as row or as column; its loss and gradients are 0, and

@@ -30,15 +30,17 @@ def _dense_ce(logits, labels, mask, class_weights, params, axis, options):
 
 
 def _dense_targets(labels, mask, class_weights, params, axis, options, ct):
-    """``(y', w y')``: the smoothed labels :math:`(1 - \\epsilon) y + \\epsilon / K` (the
-    :math:`\\epsilon / K` on unmasked classes only; label mass on a masked class is kept, and
-    makes the loss infinite) and the same times the class weights."""
-    y = labels.astype(ct)
+    """``(y, y', w y')``: the labels with the masked classes' entries dropped (``where``
+    slices them away, as in optax), the smoothed labels :math:`(1 - \\epsilon) y +
+    \\epsilon / K` (over the :math:`K` unmasked classes) and the same times the class
+    weights."""
+    y = masked_fill(labels.astype(ct), mask, 0.0)
+    smooth = y
     if options.smoothing:
         share = params.eps / _axes.class_count(y.shape, axis, mask)
-        y = (1.0 - params.eps) * y + masked_fill(share, mask, 0.0)
+        smooth = (1.0 - params.eps) * y + masked_fill(share, mask, 0.0)
     w = _axes.along(class_weights, y.ndim, axis)
-    return y, (y if w is None else w.astype(ct) * y)
+    return y, smooth, (smooth if w is None else w.astype(ct) * smooth)
 
 
 def _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
@@ -47,7 +49,7 @@ def _dense_ce_fwd(logits, labels, mask, class_weights, params, axis, options):
     # The barrier keeps XLA from fusing the label sums below into the normaliser's passes,
     # a fusion that materialises z - m as an N x V temporary (500 MiB more at 4096 x 32000).
     norm = Normalizer(*jax.lax.optimization_barrier(tuple(Normalizer.of(z, axis))))
-    _, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    _, _, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
     # sum_k w_k y_k (-log a_k) = sum_k w_k y_k (m - z_k) + log s * sum_k w_k y_k; weighted_gap
     # says how the first sum stays exact where a zero target meets a -inf logit.
     sum_yw = jnp.sum(yw, axis=axis, keepdims=True)
@@ -80,19 +82,17 @@ def _dense_ce_bwd(axis, options, res, g):
     z = masked_fill(logits.astype(ct), mask, -jnp.inf)
     norm = norm.fenced()
     keep = _axes.any_unmasked(mask, z.shape, axis)
-    g = g.astype(ct) if keep is None else jnp.where(keep, g.astype(ct), 0.0)
+    g = _ce.row_cotangent(g.astype(ct), jnp.ones((), ct) if keep is None else keep.astype(ct))
     g_k = jnp.expand_dims(g, axis)
     # -log a / 2: each product below is scaled first and doubled last, so that it is finite
     # wherever its true value is, even when -log a itself overflows.
-    # Unmasked for the cotangents that label mass on a masked class makes infinite (as in the
-    # integer-label loss); the labels' own gradient is 0 on masked classes.
     half = _ce.half_neg_log_prob(z, norm.m, norm.log_s)
-    y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
+    kept, y, yw = _dense_targets(labels, mask, class_weights, params, axis, options, ct)
     lse = jnp.squeeze(norm.lse(), axis)
     coef = sum_yw
     if options.zloss:
         coef = coef + 2.0 * params.lam * _ce.finite_lse(norm.lse())
-    dz = masked_fill(g_k * (_ce.times(norm.prob(z), coef) - yw), mask, 0.0)
+    dz = masked_fill(_ce.times(g_k, _ce.times(norm.prob(z), coef) - yw), mask, 0.0)
     w = _axes.along(class_weights, z.ndim, axis)
     unit = 2.0 * ((1.0 - params.eps) * g_k if options.smoothing else g_k)
     dy = masked_fill(_ce.times(unit if w is None else unit * w, half), mask, 0.0)
@@ -104,7 +104,7 @@ def _dense_ce_bwd(axis, options, res, g):
     if options.smoothing:
         wk = jnp.ones((), ct) if w is None else w
         k = _axes.class_count(z.shape, axis, mask)
-        half_hard = jnp.sum(_ce.times(wk * labels.astype(ct), half), axis=axis)
+        half_hard = jnp.sum(_ce.times(wk * kept, half), axis=axis)
         half_uniform = _ce.half_uniform(half, k, w, mask, axis)
     d_params = _ce.hyper_cotangents(g, half_hard, half_uniform, lse, None, params, options)
     return dz.astype(logits.dtype), dy.astype(labels.dtype), None, dw, d_params
@@ -114,10 +114,12 @@ _dense_ce.defvjp(_dense_ce_fwd, _dense_ce_bwd)
 _dense_ce_jit = jax.jit(_dense_ce, static_argnums=(5, 6))
 
 
-def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
+def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike,
+                  classes: tuple[int, ...]) -> jax.Array:
     """The labels as optax takes them, broadcast to ``logits``'s shape (outside the rule, so
     that autodiff sums their gradient back to their own shape): floating point, or integer
-    or boolean one-hot labels (cast to ``logits``'s dtype) of ``logits``'s rank."""
+    or boolean one-hot labels (cast to ``logits``'s dtype) of ``logits``'s rank whose class
+    axes ``classes`` have the logits' sizes."""
     arr = jnp.asarray(labels)
     exact = jnp.issubdtype(arr.dtype, jnp.integer) or arr.dtype == jnp.bool_
     if not (exact or jnp.issubdtype(arr.dtype, jnp.floating)):
@@ -125,15 +127,18 @@ def _dense_labels(logits: jax.Array, labels: jax.typing.ArrayLike) -> jax.Array:
             f"labels must be a floating-point array of probabilities or integer one-hot"
             f" labels, got dtype {arr.dtype} (shape {tuple(arr.shape)})"
         )
-    # Integer labels of a lower rank are far more often class indices than a one-hot row
+    # Integer labels that are not one-hot along the class axes (a lower rank, or a size-1
+    # class axis: (N,) or (N, 1)) are far more often class indices than a one-hot row
     # meant for every example (which optax would broadcast): refuse them.
-    fits = _v.broadcasts_to(arr.shape, logits.shape) and not (exact and arr.ndim < logits.ndim)
+    one_hot = arr.ndim == logits.ndim and all(arr.shape[a] == logits.shape[a] for a in classes)
+    fits = _v.broadcasts_to(arr.shape, logits.shape) and (one_hot or not exact)
     if not fits:
         hint = "; for class indices use softmax_cross_entropy_with_integer_labels" if exact else ""
         raise ValueError(
             f"labels.shape={tuple(arr.shape)} must equal or broadcast to"
             f" logits.shape={tuple(logits.shape)}"
-            f"{' (integer one-hot labels: with the same rank)' if exact else ''}{hint}"
+            f"{' (integer one-hot labels: of the same rank, the class axes full)' if exact else ''}"
+            f"{hint}"
         )
     if exact:
         arr = arr.astype(logits.dtype)
@@ -170,9 +175,10 @@ def softmax_cross_entropy(
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: target distributions of ``logits``'s shape or one that broadcasts to it
         (a ``[classes]`` row for every example), floating point; or integer/boolean
-        one-hot labels of ``logits``'s rank, cast to ``logits``'s dtype (as in optax; of a
-        lower rank they raise, being far more likely class indices). The labels' gradient
-        has the labels' shape.
+        one-hot labels of ``logits``'s rank, cast to ``logits``'s dtype (as in optax). Integer
+        or boolean labels of a lower rank, or with a class axis of size 1 (``(N, 1)``),
+        raise: they are far more likely class indices. The labels' gradient has the
+        labels' shape.
       axis: the class axis, a tuple of axes that together index the classes, or None for
         all axes.
       where: optional boolean mask, read as optax reads it: with one axis fewer than
@@ -181,12 +187,10 @@ def softmax_cross_entropy(
         (NumPy broadcasting: a class mask for every row is ``where[None, :]``); any other
         rank raises. Masked classes are left out of the normaliser and of the smoothing;
         a fully masked row (an example whose flag is False) gives loss 0 and gradient 0.
-        Label mass on a masked class meets probability 0: the loss is ``+inf``, as
-        :func:`softmax_jax.softmax_cross_entropy_with_integer_labels` gives for a label on
-        a masked class (on purpose: optax leaves the masked entry out of the sum, giving
-        0 for a one-hot label there, which hides the mistake). The logits' gradient is
-        still :math:`(\sum_k w_k y'_k)\,a - w \odot y'` on the unmasked classes, and the
-        labels' gradient is 0 on masked classes.
+        ``where`` slices, labels included, as in optax: the result equals the loss of
+        ``logits[where]`` and ``labels[where]``, so label mass on a masked class is
+        dropped, and the labels' and class weights' gradients are 0 there. (The
+        integer-label loss differs on purpose: a label on a masked class gives ``+inf``.)
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: finite :math:`\lambda \ge 0`, the weight of the :math:`\mathrm{lse}^2` penalty
         that keeps the normaliser near 0 (as in PaLM). It is not weighted by
@@ -212,9 +216,10 @@ def softmax_cross_entropy(
       M. Nielsen, *Neural Networks and Deep Learning*, ch. 3 (softmax and log-likelihood).
     """
     logits = _v.as_float_array("logits", logits)
-    labels = _dense_labels(logits, labels)
     axis = _axes.class_axes(axis, logits.ndim, "logits")
-    where = _v.loss_where(where, logits.shape, axis if isinstance(axis, tuple) else (axis,))
+    classes = axis if isinstance(axis, tuple) else (axis,)
+    labels = _dense_labels(logits, labels, classes)
+    where = _v.loss_where(where, logits.shape, classes)
     if isinstance(axis, tuple):
         flat = _axes.Flattening.of(logits.shape, axis)
         return softmax_cross_entropy(

@@ -139,7 +139,7 @@ def _int_ce_bwd(axis, options, res, g):
     # The barrier asks XLA to compute the per-row factors once rather than inside the
     # N x V pass. XLA:CPU fuses them into that pass anyway (the compiled text shows the
     # label checks there); it costs nothing measurable, the work being row-invariant.
-    row = jax.lax.optimization_barrier(_ce.times(rows.scale, g.astype(ct)))
+    row = jax.lax.optimization_barrier(_ce.row_cotangent(g.astype(ct), rows.scale))
     dz = _logit_cotangent(z, norm, rows, coef, off, _ce.label_coefficient(rows.w_y, params,
                           options), row, logits.dtype, axis, options)
     dz = masked_fill(dz, mask, 0.0)
@@ -236,18 +236,20 @@ def softmax_cross_entropy_with_integer_labels(
       logits: floating-point logits, e.g. ``[batch, classes]``.
       labels: integer class indices, ``logits``'s shape without ``axis``.
       axis: the class axis, a tuple of axes (a label is then a flat, C-order index into the
-        class axes taken in the order given, as in optax), or None for all axes.
+        class axes taken in the order given, as in optax), or None for all axes (a scalar
+        label; an extension: optax's integer-label loss refuses ``axis=None``).
       where: optional boolean mask, read as optax reads it: of ``labels``'s rank, one flag
         per example (``expand_dims(where, axis)``, whatever the shapes, square logits
         included); of ``logits``'s rank, one flag per element (NumPy broadcasting, so a
         class mask for every row is ``where[None, :]``); any other rank raises. Masked
         classes are left out of the normaliser; a fully masked row (an example whose flag
         is False) gives loss 0 and gradient 0. A label on a masked class has probability
-        0: its loss is ``+inf`` (on purpose: optax gives the finite
-        :math:`\mathrm{lse} - z_y`, as if the class took part for the label only, and its
-        dense loss gives 0, either hiding the mistake) and its logits' gradient is
-        :math:`c\,a` over the unmasked classes, exactly what
-        :func:`softmax_jax.softmax_cross_entropy` gives for the one-hot label.
+        0: its loss is ``+inf`` and its logits' gradient :math:`c\,a` over the unmasked
+        classes. This is the one documented difference from optax, on purpose: optax's
+        integer-label loss gives the finite :math:`\mathrm{lse} - z_y`, as if the class
+        took part for the label only, and the dense losses (optax's and
+        :func:`softmax_jax.softmax_cross_entropy`, where ``where`` slices the labels too)
+        drop the label: each hides the mistake.
       label_smoothing: :math:`\epsilon \in [0, 1]`.
       z_loss: :math:`\lambda \ge 0`, finite.
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose examples get
@@ -259,7 +261,11 @@ def softmax_cross_entropy_with_integer_labels(
       Per-example losses, ``labels``'s shape, in ``logits``'s dtype. A label outside
       ``[0, K)`` that is not ``ignore_index`` gives NaN for its example (so does a traced
       ``label_smoothing`` or ``z_loss`` outside its range, which cannot raise under
-      ``jit``). NumPy 64-bit labels beyond the int32 range raise ``ValueError`` without x64.
+      ``jit``), and NaN gradients wherever its cotangent is non-zero; an example whose
+      cotangent is exactly 0 gets a gradient of exactly 0, whatever its label or logits
+      hold, so that masking padding outside the loss (``jnp.where(mask, loss, 0)``, as
+      optax users write it) gives finite gradients. NumPy 64-bit labels beyond the int32
+      range raise ``ValueError`` without x64.
 
     Examples:
       >>> import jax, jax.numpy as jnp
@@ -276,7 +282,8 @@ def softmax_cross_entropy_with_integer_labels(
       [2.8152 1.0986]
     """
     logits = _v.as_float_array("logits", logits)
-    labels = _ce.integer_labels(labels, "; for probability targets use softmax_cross_entropy")
+    labels, ignore_index = _ce.labels_and_ignore(
+        labels, ignore_index, "; for probability targets use softmax_cross_entropy")
     axis = _axes.class_axes(axis, logits.ndim, "logits")
     classes = axis if isinstance(axis, tuple) else (axis,)
     expected = tuple(n for d, n in enumerate(logits.shape) if d not in classes)

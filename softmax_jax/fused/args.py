@@ -88,13 +88,10 @@ def soft_cap(value: object) -> tuple[jax.Array, bool]:
     ``cap > 0``, as for the temperature)."""
     if value is None:
         return jnp.ones((), jnp.float32), False
+    cap, _ = _v.hyperparameter("soft_cap", value, 0.0, None, low_open=True)
     if isinstance(value, jax.core.Tracer):
-        return _v.hyperparameter("soft_cap", value, 0.0, None)[0], True
-    cap, _ = _v.hyperparameter("soft_cap", value, -math.inf, None)  # a real scalar
-    concrete = float(np.asarray(value))
-    if not concrete > 0:
-        raise ValueError(f"soft_cap must be > 0 (or None), got {value!r}")
-    return cap, not math.isinf(concrete)
+        return cap, True
+    return cap, not math.isinf(float(np.asarray(value)))
 
 
 def static(rule, axis_name, layout: BlockLayout, capped: bool, reduction_: str,

@@ -4,29 +4,39 @@ CLIP's bidirectional softmax cross-entropy and SigLIP's pairwise sigmoid loss.
 Both are rules of the column-statistics engine (:mod:`.columns`), run around a device ring
 (:mod:`.ring`) under ``axis_name``, with the ``custom_vjp`` of :mod:`.pairs`.
 
-CLIP's terms per row :math:`i` and column :math:`j` are the two log-sum-exps
-:math:`L_i = \mathrm{lse}_j z_{ij}` and :math:`L'_j = \mathrm{lse}_i z_{ij}`; the positive
-logit :math:`z_{i,\ell_i}` is an O(ND) dot product outside the tiles, differentiated
-directly. With weights :math:`r_i` (rows) and :math:`r'_j` (columns) the tile's logit
-gradient is
+CLIP's terms per row :math:`i` and column :math:`j` are the two log-sum-exps less the
+positive logit, :math:`\mathrm{lse}_j z_{ij} - z_{i\ell_i}` and
+:math:`\mathrm{lse}_i z_{ij} - z_{jj}`. The positive is read from the same tile product as
+the log-sum-exp (a per-row sum of the statistics pass) and each term is formed as
+:math:`(m - z_{i\ell_i}) + \log s` from the running maximum :math:`m` and sum :math:`s`:
+both parts are :math:`\ge 0` in floating point, so a per-pair loss is never negative, and
+a batch mean adds non-negative terms (no cancellation of two large sums). With weights
+:math:`r_i` (rows) and :math:`r'_j` (columns) the tile's logit gradient is
 
 .. math::
-    \delta_{ij} = r_i\,e^{z_{ij} - L_i} + r'_j\,e^{z_{ij} - L'_j},
+    \delta_{ij} = r_i\,(e^{z_{ij} - L_i} - [j = \ell_i])
+                + r'_j\,(e^{z_{ij} - L'_j} - [i = j]),
 
-(:math:`r = r' = 1/(2N)` for the mean), and the positives add :math:`-(r_i + r'_i)` on the
-diagonal through the dot products. SigLIP, with :math:`t_{ij} = 2[i = j] - 1`, has no
+(:math:`r = r' = 1/(2N)` for the mean). SigLIP, with :math:`t_{ij} = 2[i = j] - 1`, has no
 normaliser: its term is :math:`\sum_j \log(1 + e^{-t_{ij} z_{ij}})` and
 :math:`\delta_{ij} = r_i\,t_{ij}(\sigma(t_{ij} z_{ij}) - 1)`.
+
+A pair's weight is its cotangent times its scale (:func:`softmax_jax._cross_entropy_terms.
+row_cotangent`): 0 for a pair left out, NaN for an invalid label, so that the value and
+every gradient are NaN there, and exactly 0 for a pair whose cotangent is 0.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from softmax_jax import _cross_entropy_terms as _ce
 
 from . import args, pairs, vma
 from .blocks import Tokens, finished_shift
@@ -44,10 +54,20 @@ def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
     return jnp.where(s == 0, 0.0, finished_shift(m) + jnp.log(jnp.where(s == 0, 1.0, s)))
 
 
+def _term(m: jax.Array, s: jax.Array, pos: jax.Array) -> jax.Array:
+    r""":math:`\mathrm{lse} - z_+ = (m - z_+) + \log s`, with :math:`z_+` one of the row's
+    own logits: :math:`m - z_+ \ge 0` and :math:`s \ge 1`, so the term is never negative,
+    and it keeps its digits when it is much smaller than the logits. 0 for an empty row."""
+    gap = finished_shift(m) - pos
+    return jnp.where(s == 0, 0.0, gap + jnp.log(jnp.where(s == 0, 1.0, s)))
+
+
 class ClipRule(NamedTuple):
-    """CLIP's rule: the row log-sum-exp, and the column one when ``bidirectional``."""
+    """CLIP's rule: the row log-sum-exp, and the column one when ``bidirectional``; the
+    statistics pass also adds up each row's positive logit (``positives``)."""
 
     bidirectional: bool
+    positives: bool = True  # False in a gradient pass, where the terms are known
 
     @property
     def normalisers(self) -> tuple[bool, bool]:
@@ -56,38 +76,45 @@ class ClipRule(NamedTuple):
 
     @property
     def row_sums(self) -> int:
-        return 0
+        return 1 if self.positives else 0
 
     def gradient_only(self) -> ClipRule:
-        return self
+        return self._replace(positives=False)
 
     def sums(self, tile: Tile) -> tuple[jax.Array, ...]:
-        return ()
+        if not self.positives:
+            return ()
+        return (jnp.sum(kept(tile, jnp.where(tile.pos, tile.z, 0.0), 0.0), axis=1),)
 
-    def outputs(self, st: Stats) -> tuple[jax.Array, ...]:
-        """``(L, L')``: rows as ``[tb, nt]`` views, columns ``[M_b]``."""
-        cols = (_lse(st.col_m, st.col_s),) if self.bidirectional else ()
-        return (_lse(st.row_m, st.row_s), *cols)
+    def outputs(self, st: Stats, tokens: Tokens) -> tuple[jax.Array, ...]:
+        """``(L, terms, L', terms')``: rows as ``[tb, nt]`` views, columns ``[M_b]`` (the
+        column :math:`j`'s positive is row :math:`j`'s, on this device)."""
+        pos = st.sums[0]
+        rows = (_lse(st.row_m, st.row_s), _term(st.row_m, st.row_s, pos))
+        if not self.bidirectional:
+            return rows
+        return rows + (_lse(st.col_m, st.col_s),
+                       _term(st.col_m, st.col_s, tokens.unview(pos)))
 
     def terms(self, outs: tuple, unview) -> tuple[jax.Array, ...]:
-        return (unview(outs[0]), *outs[1:])
+        return (unview(outs[1]), *outs[3:])
 
     def aux(self, outs: tuple, r_row: jax.Array, r_col: jax.Array) -> tuple[tuple, tuple]:
-        cols = (outs[1], r_col) if self.bidirectional else ()
+        cols = (outs[2], r_col) if self.bidirectional else ()
         return (outs[0], r_row), cols
 
     def value(self, outs: tuple, sums: tuple, r_row: jax.Array, r_col: jax.Array):
-        value = jnp.sum(jnp.where(r_row == 0, 0.0, r_row * outs[0]))
+        value = jnp.sum(_ce.times(r_row, outs[1]))
         if self.bidirectional:
-            value = value + jnp.sum(jnp.where(r_col == 0, 0.0, r_col * outs[1]))
+            value = value + jnp.sum(_ce.times(r_col, outs[3]))
         return value
 
     def dlogits(self, tile: Tile, rows: tuple, cols: tuple) -> jax.Array:
         lse, r = rows
-        dz = r[:, None] * jnp.exp(tile.z - lse[:, None])
+        dz = _ce.times(r[:, None], jnp.exp(tile.z - lse[:, None]) - tile.pos)
         if self.bidirectional:
             lse_c, r_c = cols
-            dz = dz + r_c[None, :] * jnp.exp(tile.z - lse_c[None, :])
+            dz = dz + _ce.times(r_c[None, :], jnp.exp(tile.z - lse_c[None, :]) - tile.pos)
         return dz
 
 
@@ -113,11 +140,11 @@ class SigmoidRule(NamedTuple):
         return (r_row,), ()
 
     def value(self, outs: Any, sums: tuple, r_row: jax.Array, r_col: jax.Array):
-        return jnp.sum(jnp.where(r_row == 0, 0.0, r_row * sums[0]))
+        return jnp.sum(_ce.times(r_row, sums[0]))
 
     def dlogits(self, tile: Tile, rows: tuple, cols: tuple) -> jax.Array:
         t = jnp.where(tile.pos, 1.0, -1.0)
-        return -(rows[0][:, None] * t) * jax.nn.sigmoid(-t * tile.z)
+        return _ce.times(rows[0][:, None], -t * jax.nn.sigmoid(-t * tile.z))
 
 
 class Batch(NamedTuple):
@@ -157,19 +184,16 @@ def _static(rule, bt: Batch, s, b, axis_name, blocks) -> pairs.Static:
                         tuple(vma.varying(a) for a in (bt.x, bt.y, s, b)))  # type: ignore[arg-type]
 
 
-def positives(bt: Batch, s: jax.Array, labels: jax.Array | None) -> jax.Array:
-    r"""The positive logits :math:`z_{i,\ell_i} = s\,x_i \cdot y_{\ell_i}` (the diagonal
-    without labels), 0 for a pair left out; NaN for a label outside ``[0, M)`` or naming a
-    column left out."""
-    x, y = bt.x.astype(bt.ct), bt.y.astype(bt.ct)
+def pair_scale(bt: Batch, labels: jax.Array | None) -> jax.Array:
+    """Each pair's scale (:func:`softmax_jax._cross_entropy_terms.row_scale`): 1 kept, 0
+    left out, NaN for a label outside ``[0, M)`` or naming a column left out."""
     if labels is None:
-        pos = s * jnp.sum(x * y, axis=1)
-    else:
-        inside = (labels >= 0) & (labels < y.shape[0])
-        lab = jnp.where(inside, labels, 0)
-        pos = s * jnp.sum(x * y[lab], axis=1)
-        pos = jnp.where(inside & bt.keep[lab], pos, jnp.nan)
-    return jnp.where(bt.keep, pos, 0.0)
+        return bt.keep.astype(bt.ct)
+    m = bt.y.shape[0]
+    inside = (labels >= 0) & (labels < m)
+    named_out = inside & ~bt.keep[jnp.where(inside, labels, 0)]
+    scale, _ = _ce.row_scale(jnp.where(named_out, -1, labels), m, None, bt.keep, bt.ct)
+    return scale
 
 
 def clip(x, y, s, labels, where, bidirectional: bool, reduction: str,
@@ -179,19 +203,14 @@ def clip(x, y, s, labels, where, bidirectional: bool, reduction: str,
     bt = batch(x, y, where, reduction, axis_name)
     zero = jnp.zeros((), bt.ct)
     static = _static(ClipRule(bidirectional), bt, s, zero, axis_name, blocks)
-    pos = positives(bt, s, labels)
+    scale = pair_scale(bt, labels)
     half = 0.5 if bidirectional else 1.0
     if reduction == "none":
-        terms = pairs.per_token(static, bt.x, bt.y, s, zero, bt.keep)
-        loss = half * sum(terms) - pos
-        return jnp.where(bt.keep, loss, 0.0)
-    r = jnp.where(bt.keep, half * bt.inv, 0.0)
-    lse_part = pairs.reduced(static, bt.x, bt.y, s, zero, bt.keep, r,
-                             r if bidirectional else jnp.zeros_like(r))
-    pos_part = jnp.sum(jnp.where(bt.keep, bt.inv * pos, 0.0))
-    if axis_name is not None:
-        pos_part = vma.total(pos_part, axis_name)
-    return lse_part - pos_part
+        terms = pairs.per_token(static, bt.x, bt.y, s, zero, bt.keep, labels, scale)
+        return half * functools.reduce(jnp.add, terms)
+    r = _ce.row_cotangent(half * bt.inv, scale)
+    return pairs.reduced(static, bt.x, bt.y, s, zero, bt.keep, labels, r,
+                         r if bidirectional else jnp.zeros_like(r))
 
 
 def sigmoid(x, y, s, b, where, reduction: str, axis_name: Hashable | None,
@@ -199,8 +218,9 @@ def sigmoid(x, y, s, b, where, reduction: str, axis_name: Hashable | None,
     """SigLIP on checked arguments; see :func:`softmax_jax.sigmoid_contrastive_loss`."""
     bt = batch(x, y, where, reduction, axis_name)
     static = _static(SigmoidRule(), bt, s, b, axis_name, blocks)
+    scale = pair_scale(bt, None)
     if reduction == "none":
-        (nll,) = pairs.per_token(static, bt.x, bt.y, s, b, bt.keep)
-        return jnp.where(bt.keep, nll, 0.0)
-    r = jnp.where(bt.keep, bt.inv, 0.0)
-    return pairs.reduced(static, bt.x, bt.y, s, b, bt.keep, r, jnp.zeros_like(r))
+        (nll,) = pairs.per_token(static, bt.x, bt.y, s, b, bt.keep, None, scale)
+        return nll
+    r = _ce.row_cotangent(bt.inv, scale)
+    return pairs.reduced(static, bt.x, bt.y, s, b, bt.keep, None, r, jnp.zeros_like(r))

@@ -116,6 +116,15 @@ class _Outs(NamedTuple):
     stats: RowStats | None = None
 
 
+def soft_capped(z: jax.Array, cap: jax.Array) -> jax.Array:
+    r""":math:`\mathrm{cap}\tanh(z/\mathrm{cap})`, exactly :math:`z` where
+    :math:`|z/\mathrm{cap}| < 2^{-12}` (there :math:`z(1 - u^2/3)` rounds to :math:`z`) and
+    for an infinite cap. A cap far above the logits (``1e38``) then changes nothing: else
+    :math:`z/\mathrm{cap}` is subnormal, flushed to 0, and every logit becomes 0."""
+    u = z / cap
+    return jnp.where(jnp.isinf(cap) | (jnp.abs(u) < 2.0**-12), z, cap * jnp.tanh(u))
+
+
 def _logits(call: _Call, xs: tuple[jax.Array, ...], start: Any, width: int):
     """Per-head logits of columns ``start:start+width`` and head 0's uncapped logits."""
     out, raw = [], None
@@ -125,8 +134,7 @@ def _logits(call: _Call, xs: tuple[jax.Array, ...], start: Any, width: int):
             z = z + cols(head.b, start, width).astype(call.ct)
         if i == 0 and call.opt.capped:
             raw = z
-            cap = call.cap
-            z = jnp.where(jnp.isinf(cap), z, cap * jnp.tanh(z / cap))
+            z = soft_capped(z, call.cap)
         out.append(z)
     return tuple(out), raw
 

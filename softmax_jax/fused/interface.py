@@ -195,8 +195,8 @@ class Rule(Protocol):
     def weights(self, consts: Tree, scale: jax.Array, factor: jax.Array) -> jax.Array:
         """The gradient's per-row factor ``r`` from the row scale and ``factor`` (``1 /
         den``, or the incoming per-row cotangent). Default: ``scale * factor``, exactly 0
-        where the scale is 0."""
-        return _ce.times(scale, factor)
+        where either is 0 (:func:`~softmax_jax._cross_entropy_terms.row_cotangent`)."""
+        return _ce.row_cotangent(factor, scale)
 
     def valid(self, params: Tree) -> jax.Array:
         """Whether the traced hyper-parameters are in range (a scalar bool); when not, the
@@ -205,7 +205,9 @@ class Rule(Protocol):
 
     def row_loss(self, consts: Tree, scale: jax.Array, stats: RowStats,
                  params: Tree) -> jax.Array:
-        """Each row's loss ``[N]``, times its scale, from the finished statistics."""
+        """Each row's loss ``[N]``, times its scale, from the finished statistics, in the
+        compute dtype. A rule with several outputs per row returns ``[N, k]`` and gets one
+        cotangent column each in ``r``."""
         ...
 
     def cotangents(self, consts: Tree, scale: jax.Array, stats: RowStats,
@@ -232,9 +234,3 @@ class Rule(Protocol):
         ``r``."""
         return r
 
-    def compute_dtype_outputs(self) -> bool:
-        """Whether per-token outputs stay in the compute dtype (float32 for narrower
-        inputs) rather than the inputs' dtype. A rule whose :meth:`row_loss` is ``[N, k]``
-        (several outputs per row) gets one cotangent column each in ``r``. Default:
-        False."""
-        return False

@@ -28,6 +28,7 @@ import numpy as np
 from jax import lax
 
 from softmax_jax import _cross_entropy_terms as _ce
+from softmax_jax import _validation as _v
 
 from . import args, auto, blocks, interface, vjp, vma
 from .layout import BlockLayout
@@ -35,7 +36,7 @@ from .layout import BlockLayout
 __all__ = ["FusedStats", "linear_softmax_cross_entropy"]
 
 # labels [N], the label's class weight w_y [N] and the class weights [V] (both None unweighted)
-Consts = tuple[jax.Array, jax.Array | None, jax.Array | None]
+Consts = tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]
 
 
 class FusedStats(NamedTuple):
@@ -90,7 +91,8 @@ def label_logit(blk: interface.Block, z: jax.Array, labels: jax.Array) -> jax.Ar
 
 @dataclasses.dataclass(frozen=True)
 class Rule(interface.Rule):
-    r"""The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights)``; its
+    r"""The cross-entropy's per-block rule. consts: ``(labels, w_y, class_weights, keep)``
+    (``keep``: the per-token ``where``, or None); its
     stream 0 is head 0's logits, its first sums :math:`z_y` and, under smoothing,
     :math:`\sum_c w_c z_c / V`."""
 
@@ -115,14 +117,15 @@ class Rule(interface.Rule):
         return jnp.stack([r, g_aux[0].astype(r.dtype)], axis=1)
 
     def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
-        labels, w_y, _ = consts
+        labels, w_y = consts[:2]
         return (labels,) if w_y is None else (labels, w_y)
 
     def classes(self, consts: Consts) -> tuple[jax.Array, ...]:
         return () if consts[2] is None else (consts[2],)
 
     def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
-        return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, dtype=ct)[0]
+        return _ce.row_scale(consts[0], num_classes, self.options.ignore_index, consts[3],
+                             ct)[0]
 
     def denominator(self, consts: Consts, scale: jax.Array) -> jax.Array:
         w_y = consts[1]
@@ -225,6 +228,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -245,6 +249,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -264,6 +269,7 @@ def linear_softmax_cross_entropy(
     *,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     z_loss: float | jax.typing.ArrayLike = 0.0,
     soft_cap: float | jax.typing.ArrayLike | None = None,
@@ -298,7 +304,9 @@ def linear_softmax_cross_entropy(
         \frac{\partial\ell}{\partial b} = \textstyle\sum_i \delta_i .
 
     The derivatives with respect to ``label_smoothing``, ``z_loss`` and ``soft_cap`` are
-    exact too; ``class_weights`` are constants (zero cotangent). Only
+    exact too; ``class_weights`` are constants: their cotangent is 0, unlike the core
+    losses' (use :func:`softmax_jax.softmax_cross_entropy_with_integer_labels` to learn
+    them). Only
     ``token_block x vocab_block`` logits exist at any time (:mod:`softmax_jax.fused.engine`).
     Reverse mode only: ``jax.jvp`` of the loss raises.
 
@@ -316,7 +324,11 @@ def linear_softmax_cross_entropy(
         the kept tokens' label weights add up to 0; 0 when no token is kept, where PyTorch
         gives NaN), ``"sum"`` or ``"none"`` (per-token losses, ``x``'s leading shape).
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose tokens get
-        loss 0 and gradient 0 and are left out of the mean.
+        loss 0 and gradient 0 and are left out of the mean; checked against the labels' own
+        dtype (``uint8`` labels with ``-100`` raise).
+      where: optional boolean mask of ``x``'s leading shape, one flag per token (as the core
+        losses take optax's ``where``): a token whose flag is False is an ignored one
+        (loss 0, gradient 0, left out of the mean), whatever its label holds.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
         vocabulary.
       z_loss: finite :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
@@ -340,12 +352,14 @@ def linear_softmax_cross_entropy(
       The loss: for ``"mean"``/``"sum"`` a scalar in the compute dtype, float32 for
       bfloat16, float16 and float32 inputs and float64 for float64 ones (under x64, as
       optax's loss of float32 inputs stays float32), accumulated in it; for ``"none"``
-      per-token losses of ``x``'s leading shape in the inputs' dtype. With ``return_stats``,
+      per-token losses of ``x``'s leading shape, in the same compute dtype (float32 for
+      bfloat16 inputs: they are weighted and summed downstream). With ``return_stats``,
       ``(loss, stats)`` (``stats`` of ``x``'s leading shape). A label outside ``[0, V)``
-      that is not ``ignore_index`` gives NaN for its token, a traced hyper-parameter out of
-      range NaN for the loss and every derivative. Gradients come back in each input's
-      dtype, accumulated in float32 (at least); with mixed dtypes (float32 ``x``, bfloat16
-      ``w``) the wider input's gradient keeps its own dtype's accuracy.
+      that is not ``ignore_index`` gives NaN for its token (and, for ``"none"``, NaN
+      gradients where its cotangent is non-zero, exactly 0 where it is 0), a traced
+      hyper-parameter out of range NaN for the loss and every derivative. Gradients come
+      back in each input's dtype, accumulated in float32 (at least); with mixed dtypes
+      (float32 ``x``, bfloat16 ``w``) the wider input's gradient keeps its own dtype's accuracy.
 
     Raises:
       TypeError: non-floating ``x``/``w``/``b``/``class_weights`` or non-integer ``labels``.
@@ -383,7 +397,8 @@ def linear_softmax_cross_entropy(
         if routed is not None:
             return routed
     x, w, b, lead = args.head(x, w, b)
-    labels = args.labels_for(_ce.integer_labels(labels), lead)
+    label_arr, ignore_index = _ce.labels_and_ignore(labels, ignore_index)
+    labels = args.labels_for(label_arr, lead)
     n, v = x.shape[0], w.shape[1]
     reduction = args.reduction(reduction)
     weights = _ce.check_class_weights(class_weights, v)
@@ -403,7 +418,9 @@ def linear_softmax_cross_entropy(
     rule = Rule(options, blocks.num_classes(v, axis_name), bool(return_stats))
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
-    loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights), full, cap.astype(ct))
+    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights, keep), full,
+                             cap.astype(ct))
     if reduction == "none":
         loss = loss.reshape(lead)
     if not return_stats:

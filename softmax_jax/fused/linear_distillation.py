@@ -48,16 +48,19 @@ class Params(NamedTuple):
     ce: _ce.Params
 
 
-# labels [N] (None when neither the hard term nor ignore_index is used), and the teacher's
-# head: teacher_x [N, D_t], teacher_w [D_t, V], teacher_b [V] or None
-Consts = tuple[jax.Array | None, jax.Array, jax.Array, jax.Array | None]
+# labels [N] (None when neither the hard term nor ignore_index is used), the teacher's
+# head: teacher_x [N, D_t], teacher_w [D_t, V], teacher_b [V] or None, and keep [N] (the
+# per-token where) or None
+Consts = tuple[jax.Array | None, jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule(interface.Rule):
     """The distillation's per-block rule. consts: ``(labels, teacher_x, teacher_w,
-    teacher_b)``. Streams: the student's and the teacher's logits over :math:`T`, and with
-    the hard term the student's logits (the cross-entropy rule's stream 0)."""
+    teacher_b, keep)``; ``labels`` may be None when neither the hard term nor
+    ``ignore_index`` is used, ``keep`` (the per-token ``where``) when no mask is given.
+    Streams: the student's and the teacher's logits over :math:`T`, and with the hard term
+    the student's logits (the cross-entropy rule's stream 0)."""
 
     kind: _dt.Kind
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
@@ -85,16 +88,16 @@ class Rule(interface.Rule):
 
     def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
               consts: Consts) -> tuple[interface.Head, ...]:
-        return interface.Head(x, w, b), interface.Head(*consts[1:])
+        return interface.Head(x, w, b), interface.Head(*consts[1:4])
 
     def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
         return () if consts[0] is None else (consts[0],)
 
     def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
-        labels = consts[0]
+        labels, keep = consts[0], consts[4]
         if labels is None:
-            return jnp.ones(consts[1].shape[:1], ct)
-        return self.ce.scale((labels, None, None), num_classes, ct)
+            return jnp.ones(consts[1].shape[:1], ct) if keep is None else keep.astype(ct)
+        return self.ce.scale((labels, None, None, keep), num_classes, ct)
 
     def valid(self, params: Params) -> jax.Array:
         r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
@@ -212,6 +215,7 @@ def linear_softmax_distillation(
     hard_weight: float | jax.typing.ArrayLike = 0.0,
     reduction: str = "mean",
     ignore_index: int | None = None,
+    where: jax.typing.ArrayLike | None = None,
     label_smoothing: float | jax.typing.ArrayLike = 0.0,
     axis_name: Hashable | None = None,
     token_block: int | None = None,
@@ -261,7 +265,10 @@ def linear_softmax_distillation(
       reduction: ``"mean"`` (over kept tokens; 0 when none is), ``"sum"`` or ``"none"``
         (``x``'s leading shape).
       ignore_index: a label value whose tokens get loss 0 and gradient 0 and are left out
-        of the mean.
+        of the mean; checked against the labels' own dtype.
+      where: optional boolean mask of ``x``'s leading shape, one flag per token: a token
+        whose flag is False is an ignored one (loss 0, gradient 0, left out of the mean),
+        with or without ``labels``.
       label_smoothing: :math:`\epsilon \in [0, 1]` of the hard-label term.
       axis_name, token_block, vocab_block: as for
         :func:`~softmax_jax.fused.linear_softmax_cross_entropy`.
@@ -269,7 +276,7 @@ def linear_softmax_distillation(
     Returns:
       ``"mean"``/``"sum"``: a scalar in the compute dtype (float32 for bfloat16, float16
       and float32 inputs, float64 for float64 ones under x64); ``"none"``: ``x``'s leading
-      shape, in the inputs' dtype. A teacher class with probability where the student has
+      shape, in the same compute dtype. A teacher class with probability where the student has
       none makes the loss infinite (its true value); a traced out-of-range hyper-parameter
       gives NaN for the loss and every derivative.
 
@@ -311,12 +318,13 @@ def linear_softmax_distillation(
     reduction = args.reduction(reduction)
     temp, beta_arr, kind = _dt.hyperparameters(temperature, beta)
     hw, hard = _v.hyperparameter("hard_weight", hard_weight, 0.0, 1.0)
-    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
-    ignore = ce_options.ignore_index
     label_arr = None
     if labels is not None:
-        label_arr = args.labels_for(_ce.integer_labels(labels), lead)
-    elif hard or ignore is not None:
+        widened, ignore_index = _ce.labels_and_ignore(labels, ignore_index)
+        label_arr = args.labels_for(widened, lead)
+    ce_params, ce_options = _ce.hyperparameters(label_smoothing, 0.0, ignore_index, False)
+    ignore = ce_options.ignore_index
+    if labels is None and (hard or ignore is not None):
         raise ValueError("labels are required when hard_weight is nonzero (or traced) or"
                          f" ignore_index is given (hard_weight={hard_weight!r},"
                          f" ignore_index={ignore_index!r})")
@@ -330,6 +338,8 @@ def linear_softmax_distillation(
     rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
-    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)))
+    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)),
+              keep)
     loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))
     return loss.reshape(lead) if reduction == "none" else loss

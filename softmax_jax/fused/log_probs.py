@@ -81,10 +81,6 @@ class Rule(interface.Rule):
     def grad_sizes(self) -> int:
         return 1 if self.temperature_grad else 0
 
-    def compute_dtype_outputs(self) -> bool:
-        """Ratios of probabilities are taken from the outputs: float32 whatever the inputs."""
-        return True
-
     def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
               consts: Consts) -> tuple[interface.Head, ...]:
         return (interface.Head(x, w, b),)

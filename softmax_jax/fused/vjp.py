@@ -163,14 +163,11 @@ per_token.defvjp(_per_token_fwd, _per_token_bwd)
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def dispatch(static: Static, x, w, b, consts, params, cap) -> tuple[jax.Array, tuple]:
-    """``(loss, aux)``. Per-token losses come back in the inputs' dtype, unless the rule
-    keeps its outputs in the compute dtype (:meth:`~.interface.Rule.compute_dtype_outputs`)."""
+    """``(loss, aux)``, in the compute dtype for every reduction (float32 for narrower
+    inputs): per-token losses are weighted, summed and ratioed downstream."""
     rule = static.rule
     if static.reduction == "none":
-        loss, aux = per_token(static, x, w, b, consts, params, cap)
-        if not rule.compute_dtype_outputs():
-            loss = loss.astype(jnp.result_type(*(d for d in static.dtypes if d is not None)))
-        return loss, aux
+        return per_token(static, x, w, b, consts, params, cap)
     if rule.differentiable_aux():
         loss, aux = per_token(static, x, w, b, consts, params, cap)
         _, scale = _scale(static, w, consts)

@@ -178,7 +178,9 @@ def test_numpy_integer_labels_and_ignore_index():
 def test_uint64_labels_under_x64_are_invalid_not_wrapped(x64):
     z = jnp.zeros((3, 4), jnp.float32)
     labels = np.array([2**32 + 1, 1, 2**64 - 100], np.uint64)
-    got = sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    with pytest.raises(ValueError, match="outside the range of the uint64 labels"):
+        sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    got = sj.softmax_cross_entropy_with_integer_labels(z, labels)
     assert np.isnan(got[0]) and np.isnan(got[2])
     np.testing.assert_allclose(got[1], np.log(4.0), rtol=1e-6)
     got = sj.softmax_cross_entropy_with_integer_labels(z, jnp.asarray(labels))
@@ -192,7 +194,9 @@ def test_uint64_labels_under_x64_are_invalid_not_wrapped(x64):
 def test_uint32_labels_never_wrap_onto_ignore_index():
     z = jnp.zeros((2, 4), jnp.float32)
     labels = np.array([2**32 - 100, 3], np.uint32)  # as int32: -100
-    got = sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    with pytest.raises(ValueError, match="outside the range of the uint32 labels"):
+        sj.softmax_cross_entropy_with_integer_labels(z, labels, ignore_index=-100)
+    got = sj.softmax_cross_entropy_with_integer_labels(z, labels)
     assert np.isnan(got[0])
     np.testing.assert_allclose(got[1], np.log(4.0), rtol=1e-6)
 

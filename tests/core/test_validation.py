@@ -47,7 +47,7 @@ P = jnp.full((4, 5), 0.2)
         (lambda: sj.softmax_cross_entropy_with_integer_labels(Z, Y, label_smoothing=-0.1),
          ValueError, r"label_smoothing"),
         (lambda: sj.softmax_cross_entropy_with_integer_labels(Z, Y, z_loss=-1.0),
-         ValueError, r"z_loss must lie in \[0, inf\]"),
+         ValueError, r"z_loss must lie in \[0, inf\)"),
         (lambda: sj.softmax_cross_entropy_with_integer_labels(Z, Y, ignore_index=1.0),
          TypeError, r"ignore_index must be an int"),
         (lambda: sj.softmax_cross_entropy_with_integer_labels(Z, Y, label_smoothing=jnp.ones(2)),
