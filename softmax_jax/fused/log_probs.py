@@ -266,7 +266,8 @@ def linear_log_probs(
       [-1.4076 -1.0986] [0.8323 1.0986]
     """
     x, w, b, lead = args.head(x, w, b)
-    ids = args.labels_for(_ce.integer_labels(tokens), lead)
+    token_arr, ignore_index = _ce.labels_and_ignore(tokens, ignore_index)
+    ids = args.labels_for(token_arr, lead)
     n, v = x.shape[0], w.shape[1]
     temp = _dt.hyperparameters(temperature, 0.0)[0]
     cap, capped = args.soft_cap(soft_cap)

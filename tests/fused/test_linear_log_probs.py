@@ -292,3 +292,14 @@ def test_dpo_objective_values_and_gradients():
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, e in zip(dgot, dwant, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
+
+
+def test_ignore_index_is_checked_against_the_tokens_own_dtype():
+    x = jnp.ones((2, 3))
+    w = jnp.ones((3, 4))
+    with pytest.raises(ValueError, match="outside the range of the uint8 labels"):
+        sj.linear_log_probs(x, w, np.array([1, 2], np.uint8), ignore_index=-100)
+    tokens = np.array([2**32 - 1, 3], np.uint32)
+    got = sj.linear_log_probs(x, w, tokens, ignore_index=2**32 - 1)
+    assert got[0] == 0.0
+    np.testing.assert_allclose(got[1], np.log(0.25), rtol=1e-6)
