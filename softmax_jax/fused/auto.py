@@ -246,26 +246,33 @@ def run_ring(body: Callable[..., Any], axes: tuple[str, ...], arrays: dict[str, 
         *values)
 
 
-def fused_call(fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]], reduction: str,
-               stats: Callable[[Any], Any] | None = None, **kwargs: Any) -> Any:
+def fused_call(fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]],
+               reduction: str | None, stats: Callable[[Any], Any] | None = None,
+               **kwargs: Any) -> Any:
     """A fused loss ``fn`` on sharded inputs, or None where nothing needs routing (no mesh,
     a user's ``shard_map``, or nothing sharded): ``arrays`` maps keyword names to
     ``(role, array)`` (``x`` and ``w`` required), ``kwargs`` are the other arguments,
-    ``stats`` builds the per-token statistics' container from its roles (or None)."""
+    ``stats`` builds the per-token statistics' container from its roles (or None).
+    ``reduction=None``: ``fn`` takes no ``reduction`` and returns per-token rows (with
+    ``stats``, the pair of the rows and the statistics)."""
     x, w = arrays["x"][1], arrays["w"][1]
+    if reduction is not None:
+        kwargs = dict(kwargs, reduction=reduction)
+    out: Any = "rows" if reduction in (None, "none") else "scalar"
+    if stats is not None:
+        out = (out, stats("rows"))
     lay = explicit_layout(x, w)
     if lay is None:
-        if _auto_mesh() is None or stats is not None or _traced(kwargs):
+        # A reduced loss's statistics hold integers (no cotangent): left to the partitioner.
+        if _auto_mesh() is None or (stats is not None and reduction is not None) \
+                or _traced(kwargs):
             return None
         ndim, shape = jnp.ndim(x), tuple(jnp.shape(x))
         return auto_partition.Call(
-            functools.partial(fn, reduction=reduction, **kwargs),
+            functools.partial(fn, **kwargs),
             {n: (r, None if a is None else jnp.asarray(a)) for n, (r, a) in arrays.items()},
-            ("x", "w", "b"), "scalar" if reduction != "none" else "rows",
+            ("x", "w", "b"), out,
             lambda specs, mesh: layout(specs["x"], shape, specs["w"], dict(mesh.shape)),
             ndim - 1)()
-    out: Any = "scalar" if reduction != "none" else "rows"
-    if stats is not None:
-        out = (out, stats("rows"))
-    body = functools.partial(fn, reduction=reduction, axis_name=lay.axis_name, **kwargs)
+    body = functools.partial(fn, axis_name=lay.axis_name, **kwargs)
     return run_sharded(body, lay, arrays, out)

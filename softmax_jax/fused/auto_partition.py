@@ -56,13 +56,15 @@ class Call:
 
     ``layout_of(specs, mesh)`` maps the operands' specs (by name) to an object with
     ``spec(role)``, ``token_axes`` and ``axis_name``; ``diff`` names the differentiated
-    arrays; ``out_role`` is ``"scalar"`` or the per-row role of the result.
+    arrays; ``out_role`` is ``"scalar"`` or the per-row role of the result, or a pytree of
+    per-row roles for a result of several per-row arrays of that structure.
     """
 
     def __init__(self, fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]],
-                 diff: tuple[str, ...], out_role: str, layout_of: Callable[..., Any],
+                 diff: tuple[str, ...], out_role: Any, layout_of: Callable[..., Any],
                  n_tokens: int):
-        self.fn, self.layout_of, self.out_role = fn, layout_of, out_role
+        self.fn, self.layout_of = fn, layout_of
+        self.out_roles, self.out_tree = jax.tree.flatten(out_role)
         self.names = [n for n, (_, a) in arrays.items() if a is not None]
         self.roles = [arrays[n][0] for n in self.names]
         self.diff = [n for n in self.names if n in diff]
@@ -73,10 +75,11 @@ class Call:
         specs = {n: s.sharding.spec for n, s in zip(self.names, arg_shapes, strict=False)}
         return self.layout_of(specs, mesh)
 
-    def _local(self, lay: Any, arrays: list) -> Any:
+    def _local(self, lay: Any, arrays: list) -> tuple:
+        """The result's leaves."""
         with vma.reducing_over(lay.token_axes), vma.lowering():
-            return self.fn(**dict(zip(self.names, arrays, strict=True)),
-                           axis_name=lay.axis_name)
+            return tuple(jax.tree.leaves(self.fn(**dict(zip(self.names, arrays, strict=True)),
+                                                 axis_name=lay.axis_name)))
 
     def _summed(self, lay: Any, cts: list) -> list:
         """Each cotangent summed over the layout's axes its operand is not split over."""
@@ -99,21 +102,27 @@ class Call:
         # The backward passes are traced by ``pull``: inside the same context.
         with vma.reducing_over(lay.token_axes), vma.lowering():
             out, pull = jax.vjp(f, *(arrays[i] for i in idx))
-            cts = pull(jnp.ones_like(out) if g is None else g)
+            cts = pull(tuple(jnp.ones_like(o) for o in out) if g is None else g)
         return out, self._summed(lay, list(cts))
 
     def op(self, with_grad: bool, with_ct: bool) -> Callable[..., Any]:
         """The custom-partitioned op: ``(*arrays[, g]) -> out`` or ``(out, *cotangents)``."""
-        roles = self.roles + ([self.out_role] if with_ct else [])
-        outs = [self.out_role] + ([self.roles[self.names.index(n)] for n in self.diff]
-                                  if with_grad else [])
+        roles = self.roles + (self.out_roles if with_ct else [])
+        outs = self.out_roles + ([self.roles[self.names.index(n)] for n in self.diff]
+                                 if with_grad else [])
+        single = not with_grad and len(self.out_roles) == 1
+
+        def run(lay, args):
+            k = len(self.names)
+            arrays, g = list(args[:k]), tuple(args[k:]) if with_ct else None
+            if not with_grad:
+                out = self._local(lay, arrays)
+                return out[0] if single else out
+            out, cts = self._vjp(lay, arrays, g)
+            return (*out, *cts)
 
         def plain(*args):  # one device, the ordinary call
-            arrays, g = list(args[:len(self.names)]), args[-1] if with_ct else None
-            if not with_grad:
-                return self._local(_NoLayout(), arrays)
-            out, cts = self._vjp(_NoLayout(), arrays, g)
-            return (out, *cts)
+            return run(_NoLayout(), args)
 
         def partition(mesh, arg_shapes, result_shape):
             lay = self._layout(mesh, arg_shapes)
@@ -121,13 +130,9 @@ class Call:
             out_sh = [NamedSharding(mesh, lay.spec(r)) for r in outs]
 
             def lower(*args):
-                arrays, g = list(args[:len(self.names)]), args[-1] if with_ct else None
-                if not with_grad:
-                    return self._local(lay, arrays)
-                out, cts = self._vjp(lay, arrays, g)
-                return (out, *cts)
+                return run(lay, args)
 
-            return mesh, lower, out_sh[0] if not with_grad else tuple(out_sh), in_sh
+            return mesh, lower, out_sh[0] if single else tuple(out_sh), in_sh
 
         cp = custom_partitioning(plain)
         cp.def_partition(partition=partition, sharding_rule=_rule(roles, outs, self.n_tokens))
@@ -135,9 +140,10 @@ class Call:
 
     def __call__(self) -> Any:
         value_op = self.op(False, False)
-        grad_op = self.op(True, self.out_role != "scalar")
-        reduced = self.out_role == "scalar"
+        reduced = self.out_roles == ["scalar"]
+        grad_op = self.op(True, not reduced)
         idx = [self.names.index(n) for n in self.diff]
+        k = len(self.out_roles)
 
         @jax.custom_vjp
         def loss(*arrays):
@@ -154,14 +160,15 @@ class Call:
             if reduced:
                 cts = tuple(g * c for c in cts)
             else:
-                cts = tuple(grad_op(*arrays, g)[1:])
+                cts = tuple(grad_op(*arrays, *(g if k > 1 else (g,)))[k:])
             full: list = [None] * len(self.names)
             for i, c in zip(idx, cts, strict=True):
                 full[i] = c
             return tuple(full)
 
         loss.defvjp(fwd, bwd)
-        return loss(*self.values)
+        out = loss(*self.values)
+        return jax.tree.unflatten(self.out_tree, out if k > 1 else (out,))
 
 
 class _NoLayout:

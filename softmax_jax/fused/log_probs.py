@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
-from typing import Literal, NamedTuple, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,7 @@ from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _distillation_terms as _dt
 from softmax_jax import _validation as _v
 
-from . import args, blocks, interface, vjp, vma
+from . import args, auto, blocks, interface, vjp, vma
 from .layout import BlockLayout
 from .linear_cross_entropy import label_hit, label_logit
 
@@ -142,6 +142,18 @@ class Rule(interface.Rule):
         if not self.temperature_grad:
             return Params(jnp.zeros_like(params.temperature))
         return Params(-jnp.sum(row_sums[0]) / params.temperature)
+
+
+def _token_shaped(where: jax.typing.ArrayLike | None, tokens: jax.typing.ArrayLike) -> Any:
+    """``where`` broadcast to the tokens' shape (to be split like them), as given where it
+    does not broadcast (the checks below raise)."""
+    if where is None or jnp.shape(where) == jnp.shape(tokens):
+        return where
+    try:
+        np.broadcast_shapes(jnp.shape(where), jnp.shape(tokens))
+    except ValueError:
+        return where
+    return jnp.broadcast_to(where, jnp.shape(tokens))
 
 
 @overload
@@ -265,6 +277,16 @@ def linear_log_probs(
       >>> print(sj.log_softmax(x @ w)[jnp.arange(2), tokens], sj.softmax_entropy(x @ w))
       [-1.4076 -1.0986] [0.8323 1.0986]
     """
+    if axis_name is None:  # jit with sharded inputs: the axis_name path, laid out for you
+        routed = auto.fused_call(
+            linear_log_probs,
+            {"x": ("tokens", x), "w": ("weights", w), "tokens": ("rows", tokens),
+             "b": ("classes", b), "where": ("rows", _token_shaped(where, tokens))},
+            None, (lambda r: r) if return_entropy else None, temperature=temperature,
+            return_entropy=return_entropy, ignore_index=ignore_index, soft_cap=soft_cap,
+            token_block=token_block, vocab_block=vocab_block)
+        if routed is not None:
+            return routed
     x, w, b, lead = args.head(x, w, b)
     token_arr, ignore_index = _ce.labels_and_ignore(tokens, ignore_index)
     ids = args.labels_for(token_arr, lead)
