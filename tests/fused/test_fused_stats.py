@@ -75,14 +75,14 @@ def test_loss_and_lse_cotangents_add_up(reduction):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
-def test_stats_keep_float32_and_the_loss_its_reduction_dtype():
+def test_stats_and_per_token_losses_of_bf16_inputs_are_float32():
     x, w, b, labels, _ = (a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a
                           for a in _inputs(jnp.float32))
     loss, stats = linear_softmax_cross_entropy(x, w, labels, b, return_stats=True)
     assert loss.dtype == jnp.float32 and stats.lse.dtype == jnp.float32
     per, stats = linear_softmax_cross_entropy(x, w, labels, b, reduction="none",
                                               return_stats=True)
-    assert per.dtype == jnp.bfloat16 and stats.lse.dtype == jnp.float32
+    assert per.dtype == jnp.float32 and stats.lse.dtype == jnp.float32
     dx = jax.grad(lambda x: jnp.sum(linear_softmax_cross_entropy(
         x, w, labels, b, return_stats=True)[1].lse))(x)
     assert dx.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(dx, np.float32)))

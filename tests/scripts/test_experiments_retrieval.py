@@ -250,7 +250,8 @@ print(json.dumps(out))
 
 
 def _env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(ROOT), str(ROOT / "scripts"),
+                                       os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu", MPLBACKEND="Agg", **extra)
 
 
