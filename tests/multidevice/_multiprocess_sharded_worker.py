@@ -78,14 +78,13 @@ def _whole(fn, argnums, mesh):
 
 def main(argv: list[str]) -> int:
     process_id, port, out_dir = int(argv[0]), int(argv[1]), Path(argv[2])
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import _multiprocess_check as base  # noqa: PLC0415
     import jax  # noqa: PLC0415
+    from _gloo import gloo_on_loopback  # noqa: PLC0415
 
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    base._gloo_on_loopback()
+    gloo_on_loopback()
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                coordinator_bind_address=f"127.0.0.1:{port}",
                                num_processes=2, process_id=process_id,
