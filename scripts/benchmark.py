@@ -65,6 +65,8 @@ DOC_TABLES = {
     "contrastive-time": ("contrastive", r"^Contrastive time"),
     "contrastive-ring": ("contrastive", r"^Contrastive ring"),
     "contrastive-scale": ("contrastive", r"^Contrastive scale"),
+    "rl-memory": ("rl", r"^Memory: one GRPO step"),
+    "rl-speed": ("rl", r"^Speed: value and grads of x and w"),
 }
 
 
