@@ -21,6 +21,20 @@ N, D, V = 32, 8, 64  # V divisible by 8 shards, N by 2 data shards
 IGNORE = -100
 
 
+def _over_data(out, labels, ct, reduction, data_axis):
+    """One device's loss made the global one: ``"none"`` weighted by the cotangents ``ct``
+    and summed, then summed over the data shards; ``"mean"`` is over the local tokens, so it
+    is combined with the local counts into the global mean."""
+    if reduction == "none":
+        out = jnp.sum(out * ct)
+    if data_axis is None:
+        return out
+    if reduction == "mean":
+        count = jnp.sum(labels != IGNORE).astype(out.dtype)
+        return jax.lax.psum(out * count, data_axis) / jax.lax.psum(count, data_axis)
+    return jax.lax.psum(out, data_axis)
+
+
 def _inputs(dtype=jnp.float32):
     kx, kw, kb, ky = jax.random.split(jax.random.PRNGKey(42), 4)
     x = jax.random.normal(kx, (N, D), dtype)
@@ -66,17 +80,7 @@ def _check_vocab_parallel(mesh: Mesh, data_axis: str | None, options: dict, redu
         out = linear_softmax_cross_entropy(
             x, w, labels, b, reduction=reduction, axis_name="vocab", **kw, **blocks
         )
-        if reduction == "none":
-            out = jnp.sum(out * ct)
-        # Sum over data shards; "mean" is over the local tokens, so combine with the local
-        # counts to get the global mean.
-        if data_axis is not None:
-            if reduction == "mean":
-                count = jnp.sum(labels != IGNORE).astype(out.dtype)
-                out = jax.lax.psum(out * count, data_axis) / jax.lax.psum(count, data_axis)
-            else:
-                out = jax.lax.psum(out, data_axis)
-        return out
+        return _over_data(out, labels, ct, reduction, data_axis)
 
     tok = P(data_axis) if data_axis else P()
     sharded = jax.shard_map(
@@ -250,15 +254,7 @@ def _check_distillation(mesh: Mesh, data_axis: str | None, beta: float, hard_wei
     def local(x, w, b, temp, tx, tw, tb, labels, ct):
         out = linear_softmax_distillation(x, w, tx, tw, labels=labels, b=b, teacher_b=tb,
                                           temperature=temp, axis_name="vocab", **kw, **blocks)
-        if reduction == "none":
-            out = jnp.sum(out * ct)
-        if data_axis is not None:
-            if reduction == "mean":
-                count = jnp.sum(labels != IGNORE).astype(out.dtype)
-                out = jax.lax.psum(out * count, data_axis) / jax.lax.psum(count, data_axis)
-            else:
-                out = jax.lax.psum(out, data_axis)
-        return out
+        return _over_data(out, labels, ct, reduction, data_axis)
 
     tok = P(data_axis) if data_axis else P()
     rows = P(data_axis, None)
