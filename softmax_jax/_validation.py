@@ -128,18 +128,47 @@ def check_where(
     return mask if mask.dtype == jnp.bool_ else mask != 0
 
 
-def boolean_mask(name: str, x: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
-    """A per-row boolean mask of exactly ``shape`` (the contrastive pairs, the fused losses'
-    tokens): ``TypeError`` for any other dtype (an integer mask is more often a list of
-    indices than flags), ``ValueError`` for another shape."""
+def _boolean(name: str, x: jax.typing.ArrayLike) -> jax.Array:
+    """``x`` as an array, raising ``TypeError`` unless it is boolean (an integer mask is more
+    often a list of indices than flags)."""
     mask = jnp.asarray(x)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean mask, got dtype {mask.dtype}"
                         f" (shape {tuple(mask.shape)}); for indices, build the mask first")
+    return mask
+
+
+def boolean_mask(name: str, x: jax.typing.ArrayLike, shape: tuple[int, ...]) -> jax.Array:
+    """A per-row boolean mask of exactly ``shape`` (the contrastive pairs):
+    ``TypeError`` for any other dtype, ``ValueError`` for another shape."""
+    mask = _boolean(name, x)
     if mask.shape != tuple(shape):
         raise ValueError(f"{name} must be a boolean mask of shape {tuple(shape)} (one flag"
                          f" per row), got {name}.shape={tuple(mask.shape)}")
     return mask
+
+
+def token_where(where: jax.typing.ArrayLike | None, lead: tuple[int, ...]) -> Mask:
+    """The fused losses' ``where``, one flag per token: a boolean mask of ``x``'s leading
+    shape ``lead`` or one that broadcasts to it (NumPy broadcasting, as optax's masks),
+    returned broadcast and flattened to ``[prod(lead)]`` (None stays None). ``TypeError``
+    for any other dtype, ``ValueError`` for a shape that does not broadcast to ``lead``."""
+    if where is None:
+        return None
+    mask = _boolean("where", where)
+    if not broadcasts_to(mask.shape, tuple(lead)):
+        raise ValueError(f"where must be a boolean mask of shape {tuple(lead)} (x's leading"
+                         f" shape, one flag per token) or one that broadcasts to it, got"
+                         f" where.shape={tuple(mask.shape)}")
+    return jnp.broadcast_to(mask, tuple(lead)).reshape(-1)
+
+
+def where_like(where: jax.typing.ArrayLike | None, lead: tuple[int, ...]) -> object:
+    """``where`` broadcast to ``lead`` where it is an array that broadcasts to it, as given
+    otherwise (for laying it out like the tokens before :func:`token_where` checks it)."""
+    if where is None or not broadcasts_to(jnp.shape(where), tuple(lead)):
+        return where
+    return jnp.broadcast_to(where, tuple(lead))
 
 
 def loss_where(

@@ -326,9 +326,11 @@ def linear_softmax_cross_entropy(
       ignore_index: a label value (e.g. ``-100``, a Python or NumPy int) whose tokens get
         loss 0 and gradient 0 and are left out of the mean; checked against the labels' own
         dtype (``uint8`` labels with ``-100`` raise).
-      where: optional boolean mask of ``x``'s leading shape, one flag per token (as the core
-        losses take optax's ``where``): a token whose flag is False is an ignored one
-        (loss 0, gradient 0, left out of the mean), whatever its label holds.
+      where: optional boolean mask of ``x``'s leading shape, or one that broadcasts to it
+        (NumPy broadcasting: ``[T]`` for the same positions of every sequence, ``[B, 1]``
+        for whole sequences), one flag per token: a token whose flag is False is an ignored
+        one (loss 0, gradient 0, left out of the mean), whatever its label holds. Another
+        dtype raises ``TypeError``, another shape ``ValueError``.
       label_smoothing: :math:`\epsilon \in [0, 1]`, PyTorch's convention, over the global
         vocabulary.
       z_loss: finite :math:`\lambda \ge 0`, weight of the :math:`\mathrm{lse}^2` penalty.
@@ -389,7 +391,8 @@ def linear_softmax_cross_entropy(
         routed = auto.fused_call(
             linear_softmax_cross_entropy,
             {"x": ("tokens", x), "w": ("weights", w), "labels": ("rows", labels),
-             "b": ("classes", b), "class_weights": ("classes", class_weights)},
+             "b": ("classes", b), "class_weights": ("classes", class_weights),
+             "where": ("rows", _v.where_like(where, jnp.shape(x)[:-1]))},
             reduction, (lambda r: FusedStats(r, r)) if return_stats else None,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             soft_cap=soft_cap, return_stats=return_stats, token_block=token_block,
@@ -418,7 +421,7 @@ def linear_softmax_cross_entropy(
     rule = Rule(options, blocks.num_classes(v, axis_name), bool(return_stats))
     static = args.static(rule, axis_name, layout, capped, reduction, bool(return_stats), x, w, b)
     full = Params(params.astype(ct), jnp.zeros((), ct) if weight_sum is None else weight_sum)
-    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    keep = _v.token_where(where, lead)
     loss, aux = vjp.dispatch(static, x, w, b, (labels, w_y, weights, keep), full,
                              cap.astype(ct))
     if reduction == "none":

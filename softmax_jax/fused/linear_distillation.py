@@ -266,9 +266,11 @@ def linear_softmax_distillation(
         (``x``'s leading shape).
       ignore_index: a label value whose tokens get loss 0 and gradient 0 and are left out
         of the mean; checked against the labels' own dtype.
-      where: optional boolean mask of ``x``'s leading shape, one flag per token: a token
-        whose flag is False is an ignored one (loss 0, gradient 0, left out of the mean),
-        with or without ``labels``.
+      where: optional boolean mask of ``x``'s leading shape, or one that broadcasts to it
+        (NumPy broadcasting), one flag per token, as for
+        :func:`~softmax_jax.fused.linear_softmax_cross_entropy`: a token whose flag is False
+        is an ignored one (loss 0, gradient 0, left out of the mean), with or without
+        ``labels``.
       label_smoothing: :math:`\epsilon \in [0, 1]` of the hard-label term.
       axis_name, token_block, vocab_block: as for
         :func:`~softmax_jax.fused.linear_softmax_cross_entropy`.
@@ -301,7 +303,8 @@ def linear_softmax_distillation(
             linear_softmax_distillation,
             {"x": ("tokens", x), "w": ("weights", w), "teacher_x": ("tokens", teacher_x),
              "teacher_w": ("weights", teacher_w), "labels": ("rows", labels),
-             "b": ("classes", b), "teacher_b": ("classes", teacher_b)},
+             "b": ("classes", b), "teacher_b": ("classes", teacher_b),
+             "where": ("rows", _v.where_like(where, jnp.shape(x)[:-1]))},
             reduction, temperature=temperature, beta=beta, hard_weight=hard_weight,
             ignore_index=ignore_index, label_smoothing=label_smoothing,
             token_block=token_block, vocab_block=vocab_block)
@@ -338,7 +341,7 @@ def linear_softmax_distillation(
     rule = Rule(kind, hard, ce_rule, isinstance(temperature, jax.core.Tracer))
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
-    keep = None if where is None else _v.boolean_mask("where", where, lead).reshape(-1)
+    keep = _v.token_where(where, lead)
     consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)),
               keep)
     loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))

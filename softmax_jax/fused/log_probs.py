@@ -295,7 +295,7 @@ def linear_log_probs(
     cap, capped = args.soft_cap(soft_cap)
     keep = None
     if where is not None:
-        keep = jnp.broadcast_to(_v.check_where(where, lead, ()), lead).reshape(-1)
+        keep = _v.token_where(where, lead)
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b})
     layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block)
     ct = args.compute_dtype(x, w)
