@@ -14,7 +14,7 @@ their block sizes from :class:`BlockLayout`.
 """
 
 from .layout import BlockLayout
-from .linear_cross_entropy import FusedStats, linear_softmax_cross_entropy
+from .linear_cross_entropy_api import FusedStats, linear_softmax_cross_entropy
 from .linear_distillation import linear_softmax_distillation
 from .log_probs import linear_log_probs
 

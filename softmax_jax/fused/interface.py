@@ -33,7 +33,9 @@ A fused loss is a rule on the engine. To add one (read this module and one rule 
    with :func:`softmax_jax._validation.hyperparameter`), build the rule (the global
    vocabulary size is :func:`.blocks.num_classes`) and ``args.static(...)``, and call
    ``vjp.dispatch(static, x, w, b, consts, params, cap)``; it returns ``(loss, aux)``.
-   Export the function from :mod:`softmax_jax.fused` and :mod:`softmax_jax`.
+   Export the function from :mod:`softmax_jax.fused` and :mod:`softmax_jax`. (Where the
+   rule and the function together would make a long module, the function goes beside it,
+   as the cross-entropy's in :mod:`.linear_cross_entropy_api`.)
 7. Test it against the unfused loss (values and ``jax.grad``, every reduction, both
    layouts of :class:`~.layout.BlockLayout`, and a vocabulary sharded under ``shard_map``),
    and derive its gradient in ``docs/derivations.md``.

@@ -48,19 +48,21 @@ class Params(NamedTuple):
     ce: _ce.Params
 
 
-# labels [N] (None when neither the hard term nor ignore_index is used), the teacher's
-# head: teacher_x [N, D_t], teacher_w [D_t, V], teacher_b [V] or None, and keep [N] (the
-# per-token where) or None
-Consts = tuple[jax.Array | None, jax.Array, jax.Array, jax.Array | None, jax.Array | None]
+class Consts(NamedTuple):
+    """The rule's constant inputs: the labels and the teacher's head."""
+
+    labels: jax.Array | None  # [N]; None when neither the hard term nor ignore_index is used
+    teacher_x: jax.Array  # [N, D_t]
+    teacher_w: jax.Array  # [D_t, V]
+    teacher_b: jax.Array | None  # [V]
+    keep: jax.Array | None  # [N] the per-token where (None: every token)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule(interface.Rule):
-    """The distillation's per-block rule. consts: ``(labels, teacher_x, teacher_w,
-    teacher_b, keep)``; ``labels`` may be None when neither the hard term nor
-    ``ignore_index`` is used, ``keep`` (the per-token ``where``) when no mask is given.
-    Streams: the student's and the teacher's logits over :math:`T`, and with the hard term
-    the student's logits (the cross-entropy rule's stream 0)."""
+    """The distillation's per-block rule, on :class:`Consts`. Streams: the student's and the
+    teacher's logits over :math:`T`, and with the hard term the student's logits (the
+    cross-entropy rule's stream 0)."""
 
     kind: _dt.Kind
     hard: bool  # the hard-label term is on (hard_weight traced or nonzero)
@@ -88,16 +90,17 @@ class Rule(interface.Rule):
 
     def heads(self, x: jax.Array, w: jax.Array, b: jax.Array | None,
               consts: Consts) -> tuple[interface.Head, ...]:
-        return interface.Head(x, w, b), interface.Head(*consts[1:4])
+        teacher = interface.Head(consts.teacher_x, consts.teacher_w, consts.teacher_b)
+        return interface.Head(x, w, b), teacher
 
     def rows(self, consts: Consts) -> tuple[jax.Array, ...]:
-        return () if consts[0] is None else (consts[0],)
+        return () if consts.labels is None else (consts.labels,)
 
     def scale(self, consts: Consts, num_classes: int | jax.Array, ct: np.dtype) -> jax.Array:
-        labels, keep = consts[0], consts[4]
+        labels, keep = consts.labels, consts.keep
         if labels is None:
-            return jnp.ones(consts[1].shape[:1], ct) if keep is None else keep.astype(ct)
-        return self.ce.scale((labels, None, None, keep), num_classes, ct)
+            return jnp.ones(consts.teacher_x.shape[:1], ct) if keep is None else keep.astype(ct)
+        return self.ce.scale(_fce.Consts(labels, None, None, keep), num_classes, ct)
 
     def valid(self, params: Params) -> jax.Array:
         r"""Whether the traced hyper-parameters are in range: the unfused loss's check of
@@ -342,7 +345,7 @@ def linear_softmax_distillation(
     static = args.static(rule, axis_name, layout, False, reduction, False, x, w, b)
     params = Params(temp.astype(ct), beta_arr.astype(ct), hw.astype(ct), ce_params.astype(ct))
     keep = _v.token_where(where, lead)
-    consts = (label_arr, *(lax.stop_gradient(a) if a is not None else None for a in (tx, tw, tb)),
-              keep)
+    consts = Consts(label_arr, lax.stop_gradient(tx), lax.stop_gradient(tw),
+                    None if tb is None else lax.stop_gradient(tb), keep)
     loss, _ = vjp.dispatch(static, x, w, b, consts, params, jnp.ones((), ct))
     return loss.reshape(lead) if reduction == "none" else loss
