@@ -25,11 +25,10 @@ The gradient pass recomputes each tile once, asks the rule for :math:`\delta = r
 the factor :math:`s` of :math:`\bar x, \bar y` applied once at the end. A pair that is not
 kept (``where``) is :math:`-\infty` in every normaliser and has :math:`\delta = 0`.
 
-A rule (``contrastive.ClipRule``, ``contrastive.SigmoidRule``) is a hashable NamedTuple
-with ``normalisers`` (whether it needs the rows' and the columns' log-sum-exp),
-``row_sums`` (how many additive per-row sums the pass keeps), ``sums(tile)`` and
-``dlogits(tile, rows, cols)``. The functions here work on one block of columns;
-:mod:`softmax_jax.fused.ring` moves the blocks of ``y`` around a device axis.
+A rule is a :class:`~.pair_interface.PairRule` (:mod:`.pair_interface`, which also declares
+the :class:`~.pair_interface.Tile` it sees and the :class:`~.pair_interface.Stats` it reads).
+The functions here work on one block of columns; :mod:`softmax_jax.fused.ring` moves the
+blocks of ``y`` around a device axis.
 """
 
 from __future__ import annotations
@@ -53,20 +52,13 @@ from .blocks import (
     token_loop,
     transposed,
 )
-
-
-class Tile(NamedTuple):
-    """What a pair rule sees of one ``[tokens, width]`` tile."""
-
-    z: jax.Array  # logits s * x y^T + b, compute dtype
-    keep: jax.Array | None  # both the row and the column are kept (None: all are)
-    pos: jax.Array  # the pair is a positive (global row id == global column id)
+from .pair_interface import GradInputs, PairRule, Stats, Tile
 
 
 class Call(NamedTuple):
     """Everything one pass closes over."""
 
-    rule: Any
+    rule: PairRule
     ct: np.dtype
     scale: jax.Array
     bias: jax.Array
@@ -90,16 +82,6 @@ class Cols(NamedTuple):
     y: jax.Array  # [M_b, D]
     keep: jax.Array  # [M_b] bool
     first: Any  # global id of column 0
-
-
-class Stats(NamedTuple):
-    """Online statistics: rows ``[tb, nt]`` (views), columns ``[M_b]``."""
-
-    row_m: jax.Array
-    row_s: jax.Array
-    sums: tuple[jax.Array, ...]
-    col_m: jax.Array
-    col_s: jax.Array
 
 
 class Acc(NamedTuple):
@@ -143,21 +125,22 @@ def empty_stats(call: Call, rows: Rows, m_cols: int) -> Stats:
     tb, nt = rows.tokens.tb, rows.tokens.nt
     row = jnp.zeros((tb, nt), call.ct)
     col = jnp.zeros((m_cols,), call.ct)
-    return vma.vary_all(Stats(row - jnp.inf, row, (row,) * call.rule.row_sums, col - jnp.inf,
+    return vma.vary_all(Stats(row - jnp.inf, row, (row,) * call.rule.sizes().sums, col - jnp.inf,
                               col), call.axes)
 
 
 def stats_pass(call: Call, rows: Rows, blk: Cols, stats: Stats) -> Stats:
     """Adds the tiles of ``rows`` x ``blk`` to the online statistics."""
     rule, toks = call.rule, rows.tokens
+    sizes = rule.sizes()
 
     def col_step(acc, start, width):
         rm, rs, sums, cm, cs, k = acc
         tile, _, _, _ = _tile(call, rows, k, blk, start, width)
         zk = kept(tile, tile.z, -jnp.inf)
-        if rule.normalisers[0]:
+        if sizes.row_lse:
             _, rm, rs, _ = online_lse(zk, rm, rs, 1)
-        if rule.normalisers[1]:
+        if sizes.col_lse:
             _, m_c, s_c, _ = online_lse(zk, cols(cm, start, width), cols(cs, start, width), 0)
             cm, cs = put_cols(cm, start, m_c, False), put_cols(cs, start, s_c, False)
         sums = tuple(a + b for a, b in zip(sums, rule.sums(tile), strict=True))
@@ -178,25 +161,26 @@ def empty_acc(call: Call, rows: Rows, m_cols: int) -> Acc:
     tb, nt, d = rows.x.shape
     zero = jnp.zeros((), call.ct)
     return vma.vary_all(Acc(jnp.zeros((tb, nt, d), call.ct), zero, zero,
-                            (jnp.zeros((tb, nt), call.ct),) * call.rule.row_sums), call.axes)
+                            (jnp.zeros((tb, nt), call.ct),) * call.rule.sizes().sums), call.axes)
 
 
 def empty_dyt(call: Call, rows: Rows, m_cols: int) -> jax.Array:
     return vma.vary_all(jnp.zeros((rows.x.shape[2], m_cols), call.ct), call.axes)
 
 
-def grad_pass(call: Call, rows: Rows, blk: Cols, row_aux: tuple, col_aux: tuple,
-              acc: Acc, dyt: jax.Array) -> tuple[Acc, jax.Array]:
+def grad_pass(call: Call, rows: Rows, blk: Cols, row_aux: tuple[jax.Array, ...],
+              col_aux: tuple[jax.Array, ...], acc: Acc, dyt: jax.Array) -> tuple[Acc, jax.Array]:
     """Adds the gradient of the tiles ``rows`` x ``blk`` to ``acc`` (this device's rows) and
-    ``dyt`` (the block's columns); ``row_aux``/``col_aux`` are the rule's per-row
-    (``[tb, nt]`` views) and per-column (``[M_b]``) inputs, e.g. ``(lse, r)``."""
+    ``dyt`` (the block's columns); ``row_aux``/``col_aux`` are the rule's
+    :class:`~.pair_interface.GradInputs`, per row (``[tb, nt]`` views) and per column
+    (``[M_b]``, the block's)."""
     rule, toks, ct = call.rule, rows.tokens, call.ct
 
     def col_step(c, start, width):
         dx, dyt, ds, db, sums, k, r_aux = c
         tile, x_k, y_c, p = _tile(call, rows, k, blk, start, width)
         c_aux = tuple(cols(a, start, width) for a in col_aux)
-        dz = kept(tile, rule.dlogits(tile, r_aux, c_aux), 0.0)
+        dz = kept(tile, rule.dlogits(tile, GradInputs(r_aux, c_aux)), 0.0)
         dx = dx + grad_matmul(dz, y_c, (1, 0), ct, True, x_k.dtype)
         dyt = put_cols(dyt, start, grad_matmul(dz, transposed(x_k), (1, 0), ct, False, y_c.dtype),
                        True)

@@ -39,112 +39,12 @@ from jax import lax
 from softmax_jax import _cross_entropy_terms as _ce
 
 from . import args, pairs, vma
-from .blocks import Tokens, finished_shift
-from .columns import Stats, Tile, kept
+from .blocks import Tokens
+from .contrastive_rules import ClipRule, SigmoidRule
 
 # Tile of the similarity matrix: rows of x per token block, columns of y per column block.
 TOKEN_BLOCK = 1024
 COL_BLOCK = 2048
-
-
-def _lse(m: jax.Array, s: jax.Array) -> jax.Array:
-    """The finished log-sum-exp: 0 for a row with nothing kept (``s = 0``; its weight is 0),
-    NaN for a row holding +inf (:func:`.blocks.finished_shift`), whose running sum may be
-    +inf or NaN: neither may read as an empty row."""
-    return jnp.where(s == 0, 0.0, finished_shift(m) + jnp.log(jnp.where(s == 0, 1.0, s)))
-
-
-def _term(m: jax.Array, s: jax.Array, pos: jax.Array) -> jax.Array:
-    r""":math:`\mathrm{lse} - z_+ = (m - z_+) + \log s`, with :math:`z_+` one of the row's
-    own logits: :math:`m - z_+ \ge 0` and :math:`s \ge 1`, so the term is never negative,
-    and it keeps its digits when it is much smaller than the logits. 0 for an empty row."""
-    gap = finished_shift(m) - pos
-    return jnp.where(s == 0, 0.0, gap + jnp.log(jnp.where(s == 0, 1.0, s)))
-
-
-class ClipRule(NamedTuple):
-    """CLIP's rule: the row log-sum-exp, and the column one when ``bidirectional``; the
-    statistics pass also adds up each row's positive logit (``positives``)."""
-
-    bidirectional: bool
-    positives: bool = True  # False in a gradient pass, where the terms are known
-
-    @property
-    def normalisers(self) -> tuple[bool, bool]:
-        """Whether the pass keeps the rows' and the columns' log-sum-exp."""
-        return True, self.bidirectional
-
-    @property
-    def row_sums(self) -> int:
-        return 1 if self.positives else 0
-
-    def gradient_only(self) -> ClipRule:
-        return self._replace(positives=False)
-
-    def sums(self, tile: Tile) -> tuple[jax.Array, ...]:
-        if not self.positives:
-            return ()
-        return (jnp.sum(kept(tile, jnp.where(tile.pos, tile.z, 0.0), 0.0), axis=1),)
-
-    def outputs(self, st: Stats, tokens: Tokens) -> tuple[jax.Array, ...]:
-        """``(L, terms, L', terms')``: rows as ``[tb, nt]`` views, columns ``[M_b]`` (the
-        column :math:`j`'s positive is row :math:`j`'s, on this device)."""
-        pos = st.sums[0]
-        rows = (_lse(st.row_m, st.row_s), _term(st.row_m, st.row_s, pos))
-        if not self.bidirectional:
-            return rows
-        return rows + (_lse(st.col_m, st.col_s),
-                       _term(st.col_m, st.col_s, tokens.unview(pos)))
-
-    def terms(self, outs: tuple, unview) -> tuple[jax.Array, ...]:
-        return (unview(outs[1]), *outs[3:])
-
-    def aux(self, outs: tuple, r_row: jax.Array, r_col: jax.Array) -> tuple[tuple, tuple]:
-        cols = (outs[2], r_col) if self.bidirectional else ()
-        return (outs[0], r_row), cols
-
-    def value(self, outs: tuple, sums: tuple, r_row: jax.Array, r_col: jax.Array):
-        value = jnp.sum(_ce.times(r_row, outs[1]))
-        if self.bidirectional:
-            value = value + jnp.sum(_ce.times(r_col, outs[3]))
-        return value
-
-    def dlogits(self, tile: Tile, rows: tuple, cols: tuple) -> jax.Array:
-        lse, r = rows
-        dz = _ce.times(r[:, None], jnp.exp(tile.z - lse[:, None]) - tile.pos)
-        if self.bidirectional:
-            lse_c, r_c = cols
-            dz = dz + _ce.times(r_c[None, :], jnp.exp(tile.z - lse_c[None, :]) - tile.pos)
-        return dz
-
-
-class SigmoidRule(NamedTuple):
-    """SigLIP's rule: no normaliser; the pass's row sums are the per-row losses."""
-
-    row_sums: int = 1  # 0 in a backward pass, where the losses are known
-
-    @property
-    def normalisers(self) -> tuple[bool, bool]:
-        return False, False
-
-    def gradient_only(self) -> SigmoidRule:
-        return self._replace(row_sums=0)
-
-    def sums(self, tile: Tile) -> tuple[jax.Array, ...]:
-        if not self.row_sums:
-            return ()
-        t = jnp.where(tile.pos, 1.0, -1.0)
-        return (jnp.sum(kept(tile, jax.nn.softplus(-t * tile.z), 0.0), axis=1),)
-
-    def aux(self, outs: Any, r_row: jax.Array, r_col: jax.Array) -> tuple[tuple, tuple]:
-        return (r_row,), ()
-
-    def value(self, outs: Any, sums: tuple, r_row: jax.Array, r_col: jax.Array):
-        return jnp.sum(_ce.times(r_row, sums[0]))
-
-    def dlogits(self, tile: Tile, rows: tuple, cols: tuple) -> jax.Array:
-        t = jnp.where(tile.pos, 1.0, -1.0)
-        return _ce.times(rows[0][:, None], -t * jax.nn.sigmoid(-t * tile.z))
 
 
 class Batch(NamedTuple):

@@ -40,6 +40,9 @@ A fused loss is a rule on the engine. To add one (read this module and one rule 
    layouts of :class:`~.layout.BlockLayout`, and a vocabulary sharded under ``shard_map``),
    and derive its gradient in ``docs/derivations.md``.
 
+The losses over a similarity matrix (CLIP, SigLIP) are rules of the pair engine instead,
+declared the same way in :mod:`.pair_interface`.
+
 To use another rule's terms (distillation's hard-label term is the cross-entropy), hold that
 rule as a field and call its methods, or the public functions of its module
 (:func:`.linear_cross_entropy.label_terms`).

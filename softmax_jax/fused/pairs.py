@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +33,13 @@ from softmax_jax import _validation as _v
 from . import ring, vma
 from .blocks import shard_start
 from .columns import Call, Rows, rows_of
+from .pair_interface import Outputs, PairRule
 
 
 class Static(NamedTuple):
-    rule: Any
+    """The static settings of one call (a ``jax.jit`` static argument)."""
+
+    rule: PairRule
     axis_name: Hashable | None
     blocks: tuple[int, int]  # (token_block, col_block)
     masked: bool  # where was given
@@ -67,8 +70,8 @@ def _grads(static: Static, call: Call, rows: Rows, x, s, y, keep, outs, r_row, r
     r"""One gradient pass: ``(cotangents of x, y, s, b, row sums as views)``. The pass
     accumulates :math:`\delta y` and :math:`(s x)^\top \delta`; :math:`\bar s =
     \sum \delta \odot x y^\top = \sum_i x_i \cdot (\delta y)_i`, an O(ND) sum."""
-    row_aux, col_aux = static.rule.aux(outs, rows.tokens.view(r_row), r_col)
-    acc, dyt = ring.gradients(call, static.axis_name, rows, y, keep, row_aux, col_aux)
+    inputs = static.rule.grad_inputs(outs, rows.tokens.view(r_row), r_col)
+    acc, dyt = ring.gradients(call, static.axis_name, rows, y, keep, inputs.rows, inputs.cols)
     dx = rows.tokens.unview(acc.dx)
     raw = (s * dx, dyt.T, jnp.sum(x.astype(call.ct) * dx), acc.db)
     cts = tuple(vma.match_varying(c, v).astype(d)
@@ -76,11 +79,10 @@ def _grads(static: Static, call: Call, rows: Rows, x, s, y, keep, outs, r_row, r
     return cts, acc.sums
 
 
-def _outputs(static: Static, call: Call, rows: Rows, y, keep):
-    if not any(static.rule.normalisers):
-        return None
-    stats = ring.statistics(call, static.axis_name, rows, y, keep)
-    return static.rule.outputs(stats, rows.tokens)
+def _normalised(rule: PairRule) -> bool:
+    """Whether the rule keeps a log-sum-exp (then its terms need a statistics pass)."""
+    sizes = rule.sizes()
+    return sizes.row_lse or sizes.col_lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -92,8 +94,10 @@ def reduced(static: Static, x, y, s, b, keep, targets, r_row, r_col) -> jax.Arra
 
 def _reduced_fwd(static, x, y, s, b, keep, targets, r_row, r_col):
     call, rows, s_ct = _setup(static, x, y, s, b, keep, targets, r_row, r_col)
-    outs = _outputs(static, call, rows, y, keep)
-    if outs is not None:  # the statistics pass gave the terms
+    outs = Outputs((), ())
+    if _normalised(static.rule):  # a statistics pass gives the terms
+        stats = ring.statistics(call, static.axis_name, rows, y, keep)
+        outs = static.rule.outputs(stats, rows.tokens)
         call = call._replace(rule=static.rule.gradient_only())
     cts, sums = _grads(static, call, rows, x, s_ct, y, keep, outs, r_row, r_col)
     value = static.rule.value(outs, sums, rows.tokens.view(r_row.astype(call.ct)),
@@ -119,13 +123,9 @@ def per_token(static: Static, x, y, s, b, keep, targets, scale) -> tuple[jax.Arr
 
 def _per_token_fwd(static, x, y, s, b, keep, targets, scale):
     call, rows, _ = _setup(static, x, y, s, b, keep, targets, scale)
-    outs = _outputs(static, call, rows, y, keep)
-    if outs is None:  # a rule without normalisers: its terms are the pass's row sums
-        stats = ring.statistics(call, static.axis_name, rows, y, keep)
-        terms = tuple(rows.tokens.unview(a) for a in stats.sums)
-    else:
-        terms = static.rule.terms(outs, rows.tokens.unview)
-    terms = tuple(_ce.times(scale, t) for t in terms)
+    stats = ring.statistics(call, static.axis_name, rows, y, keep)
+    outs = static.rule.outputs(stats, rows.tokens)
+    terms = tuple(_ce.times(scale, t) for t in static.rule.terms(stats, outs, rows.tokens))
     return terms, (x, y, s, b, keep, targets, scale, outs)
 
 
