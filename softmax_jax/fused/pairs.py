@@ -1,8 +1,9 @@
 r"""The ``custom_vjp`` of the losses over a similarity matrix (:mod:`.columns`, :mod:`.ring`).
 
 The differentiable part of each loss is a weighted sum of per-row (and per-column) terms
-of :math:`z = s\,x y^\top + b`, the rule's ``outputs``: the two log-sum-exps of CLIP, the
-row sums of SigLIP. Two strategies, as for the vocabulary losses (:mod:`.vjp`):
+of :math:`z = s\,x y^\top + b`, the terms of the rule (:class:`.pair_interface.PairRule`,
+which says how the strategies below call it): the two log-sum-exps of CLIP, the row sums
+of SigLIP. Two strategies, as for the vocabulary losses (:mod:`.vjp`):
 
 - :func:`reduced`: the weights :math:`r` are known in the forward pass (``"mean"``,
   ``"sum"``), so the gradients are formed there and are the only residuals;
