@@ -213,7 +213,9 @@ class RingLayout(NamedTuple):
     def spec(self, role: str) -> P:
         if role == "scalar":
             return P()
-        return P(self.axis_name, None) if role == "batch_rows" else P(self.axis_name)
+        if role in ("batch_rows", "columns"):
+            return P(self.axis_name, None)
+        return P(self.axis_name)
 
 
 def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bool,
@@ -232,27 +234,33 @@ def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bo
         # Per-row results come back laid out like x's rows (a gather of [N] values).
         given = _padded(_explicit_spec(x), 2)[0]
         return jax.sharding.reshard(out, P(given)) if per_row else out
-    if _auto_mesh() is None:
+    mesh = _auto_mesh()
+    rows = (jnp.shape(x)[0], jnp.shape(y)[0])
+    if mesh is None or any(r % mesh.size for r in rows):
         return None
-    n = jnp.shape(x)[0]
-    roles = dict({"x": "batch_rows", "y": "batch_rows", "where": "batch"},
-                 **dict.fromkeys(traced, "scalar"))
+    # With labels, y's rows are their own factor (M may differ from N).
+    roles = dict({"x": "batch_rows", "y": "batch_rows" if rows[0] == rows[1] else "columns",
+                  "where": "batch", "labels": "batch"}, **dict.fromkeys(traced, "scalar"))
     return auto_partition.Call(
         functools.partial(fn, **kwargs),
         {n: (roles[n], None if a is None else jnp.asarray(a)) for n, a in arrays.items()},
         ("x", "y", *_differentiable(traced)), "batch" if per_row else "scalar",
-        lambda specs, mesh: RingLayout(ring_of(specs["x"], specs["y"], n, dict(mesh.shape))),
-        0)()
+        lambda specs, mesh: RingLayout(ring_of(specs["x"], specs["y"], rows,
+                                               dict(mesh.shape)) or ()), 0)()
 
 
-def ring_of(xs: Any, ys: Any, n: int, mesh_shape: Any) -> tuple[str, ...]:
-    """The axes of the contrastive ring from the specs of ``x`` and ``y`` (``[N, D]``): those
-    splitting ``x``'s (or ``y``'s) batch, then the mesh axes that split neither (each device
-    along them would repeat the others' tiles) when ``N`` divides evenly."""
+def ring_of(xs: Any, ys: Any, rows: tuple[int, ...], mesh_shape: Any
+            ) -> tuple[str, ...] | None:
+    """The axes of the contrastive ring from the specs of ``x`` (``[N, D]``) and ``y``
+    (``[M, D]``): those splitting ``x``'s (or ``y``'s) batch, then the mesh axes that split
+    neither (each device along them would repeat the others' tiles), as far as ``rows``
+    (``N`` and ``M``) divide evenly; None when even the first do not."""
     first = _names(_padded(xs, 2)[0] if _sharded(xs) else _padded(ys, 2)[0])
     taken = {a for e in (*_padded(xs, 2), *_padded(ys, 2)) for a in _names(e)}
-    ring = first + tuple(a for a in mesh_shape if a not in taken)
-    return ring if n % math.prod(mesh_shape[a] for a in ring) == 0 else first
+    for ring in (first + tuple(a for a in mesh_shape if a not in taken), first):
+        if all(r % math.prod(mesh_shape[a] for a in ring) == 0 for r in rows):
+            return ring
+    return None
 
 
 def ring_axes(x: Any, y: Any) -> tuple[str, ...] | None:
@@ -261,7 +269,13 @@ def ring_axes(x: Any, y: Any) -> tuple[str, ...] | None:
     xs, ys = _explicit_spec(x), _explicit_spec(y)
     if xs is None or ys is None or not (_sharded(xs) or _sharded(ys)):
         return None
-    return ring_of(xs, ys, x.shape[0], dict(jax.typeof(x).sharding.mesh.shape))
+    return ring_of(xs, ys, (x.shape[0], y.shape[0]), dict(jax.typeof(x).sharding.mesh.shape))
+
+
+def whole(a: Any) -> Any:
+    """``a`` replicated on every device when its sharding is Explicit (a batch that cannot
+    go round the ring), else as it is."""
+    return a if a is None or _explicit_spec(a) is None else jax.sharding.reshard(a, P())
 
 
 def run_ring(body: Callable[..., Any], axes: tuple[str, ...], arrays: dict[str, Any],

@@ -35,10 +35,11 @@ from jax.sharding import PartitionSpec as P
 from . import vma
 
 # Factors of the Shardy rule per role: the token axes are "t0 t1 ...", the model widths
-# "d" (student) and "e" (teacher), the vocabulary "v", the contrastive batch "n", the
-# embedding width "k".
+# "d" (student) and "e" (teacher), the vocabulary "v", the contrastive batch "n" (and "m"
+# for y's rows when they are not x's), the embedding width "k".
 _FACTORS = {"tokens": "{t} d", "teacher_tokens": "{t} e", "rows": "{t}", "weights": "d v",
             "teacher_weights": "e v", "classes": "v", "batch_rows": "n k", "batch": "n",
+            "columns": "m k",
             "scalar": ""}
 
 
