@@ -9,7 +9,7 @@ collective-permutes by result shape in ``compile().as_text()``:
   V on ``model`` or along D on ``model`` (FSDP), with Explicit and Auto axis types, against
   the hand-written ``jax.shard_map`` + ``axis_name`` path;
 - CLIP and SigLIP at global ``N=16384, D=256`` batch-sharded on 8 devices, against the
-  hand-written ring.
+  hand-written ring, and CLIP on the 2 x 4 mesh with the batch on ``data`` only.
 
 Run: ``python scripts/bench_sharding.py [--small]`` (``--small`` for a quick check).
 """
@@ -35,12 +35,14 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import softmax_jax as sj  # noqa: E402
 
 _COLLECTIVE = re.compile(
-    r"=\s*(\([^)]*\)|\S+)\s+(all-gather|collective-permute|all-to-all)(?:-start)?\(")
+    r"=\s*(\([^)]*\)|\S+)\s+(all-gather|collective-permute|all-to-all|all-reduce)"
+    r"(?:-start)?\(")
 
 
 def collectives(hlo: str) -> dict[str, collections.Counter]:
-    """Per kind (``all-gather``, ``collective-permute``, ``all-to-all``), the result shapes
-    of the compiled program's collectives and how often each occurs."""
+    """Per kind (``all-gather``, ``collective-permute``, ``all-to-all``, ``all-reduce``), the
+    result shapes of the compiled program's collectives and how often each occurs (a
+    collective inside a loop counts once)."""
     out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for shape, kind in _COLLECTIVE.findall(hlo):
         out[kind][re.sub(r"\{[^}]*\}", "", shape)] += 1
@@ -115,6 +117,12 @@ def contrastive_rows(n: int, d: int) -> list[tuple[str, float, dict]]:
         exe = compiled(jax.value_and_grad(by_hand, argnums=(0, 1)), mesh,
                        [((n, d), P("data"), f32)] * 2)
         rows.append((f"{name}, ring by hand", *figures(exe)))
+    # A mesh axis that splits neither x nor y (model) joins the ring.
+    grad = jax.value_and_grad(lambda x, y: sj.contrastive_loss(x, y), argnums=(0, 1))
+    for kind in (AxisType.Explicit, AxisType.Auto):
+        exe = compiled(grad, _mesh((2, 4), ("data", "model"), kind),
+                       [((n, d), P("data"), f32)] * 2)
+        rows.append((f"CLIP, 2 x 4 mesh, batch on data, {kind.name}", *figures(exe)))
     return rows
 
 
@@ -125,11 +133,11 @@ def main(argv: list[str]) -> None:
     print(f"fused CE: N={n}, D={d}, V={v}, float32, 2 x 4 ('data', 'model'), x on data")
     print(f"CLIP/SigLIP: N={cn}, D={cd}, float32, 8 devices, batch-sharded")
     print("| program | temp MiB / device | all-gathers (result shape x count) |"
-          " collective-permutes | all-to-alls |")
-    print("|---|---:|---|---|---|")
+          " collective-permutes | all-to-alls | all-reduces |")
+    print("|---|---:|---|---|---|---|")
     for label, temp, coll in fused_rows(n, d, v) + contrastive_rows(cn, cd):
         cells = [", ".join(f"{s} x{c}" for s, c in sorted(coll.get(k, {}).items())) or "none"
-                 for k in ("all-gather", "collective-permute", "all-to-all")]
+                 for k in ("all-gather", "collective-permute", "all-to-all", "all-reduce")]
         print(f"| {label} | {temp:.1f} | " + " | ".join(cells) + " |", flush=True)
 
 

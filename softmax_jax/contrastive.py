@@ -144,16 +144,22 @@ def contrastive_loss(
     if not diagonal and axis_name is not None:
         raise ValueError("labels cannot be combined with axis_name: the ring puts the"
                          " positives on the global diagonal (pass labels=None)")
-    if axis_name is None and diagonal:  # jit with batch-sharded inputs: the ring, for you
+    if axis_name is None:  # jit with batch-sharded inputs: the ring, for you
         routed = auto.contrastive_call(
-            contrastive_loss, {"x": x, "y": y, "where": where}, reduction == "none",
+            _clip, {"x": x, "y": y, "where": where, "labels": labels}, reduction == "none",
             logit_scale=logit_scale, bidirectional=bidirectional, reduction=reduction)
         if routed is not None:
             return routed
-    if axis_name is None and not diagonal and auto.ring_axes(x, y) is not None:
-        # Labels name any column: every device needs the whole of y.
-        y = jax.sharding.reshard(y, jax.sharding.PartitionSpec())
-    xa, ya, mask = _pair(x, y, where, axis_name, diagonal)
+        if labels is not None:  # rows that do not divide over the ring: the whole batch
+            x, y, labels, where = (auto.whole(a) for a in (x, y, labels, where))
+    return _clip(x, y, labels=labels, where=where, logit_scale=logit_scale,
+                 bidirectional=bidirectional, reduction=reduction, axis_name=axis_name)
+
+
+def _clip(x, y, *, logit_scale, bidirectional, reduction, axis_name, labels=None, where=None):
+    """:func:`contrastive_loss` once routed: under ``axis_name`` (the ring) ``labels`` are
+    global column ids."""
+    xa, ya, mask = _pair(x, y, where, axis_name, labels is None)
     reduction = args.reduction(reduction)
     lab = None if labels is None else args.labels_for(_ce.integer_labels(labels), xa.shape[:1])
     s = _scalar("logit_scale", logit_scale, args.compute_dtype(xa, ya))

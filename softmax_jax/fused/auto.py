@@ -11,13 +11,18 @@ The shardings of the inputs choose the layout:
   array is ever gathered. A ``D``-sharded ``w`` is moved to that layout by an all-to-all;
   a ``w`` split along an axis that also splits the tokens is gathered over that axis;
 - for the contrastive losses, the axes that split the batch carry the ring
-  (:mod:`.ring`).
+  (:mod:`.ring`), joined by the mesh axes that split neither ``x`` nor ``y``;
+- traced hyper-parameters (a learned temperature) are replicated operands of the sharded
+  call, differentiated like the arrays.
 
 Two mechanisms, one engine:
 
 - **Explicit mesh axes** (the default of :func:`jax.make_mesh`): the shardings are part of
   the types (``jax.typeof(x).sharding``), so the layout is read while tracing and the
-  ``axis_name`` path runs inside :func:`jax.shard_map` over the current mesh;
+  ``axis_name`` path runs inside :func:`jax.shard_map` over the current mesh. A fused loss
+  reduced to ``"mean"``/``"sum"`` takes the passes of :mod:`.auto_partition` as
+  ``shard_map``\ s (their ``dW`` is summed over the token axes in place, which
+  ``shard_map``'s varying-axes types cannot express);
 - **Auto mesh axes**: the partitioner decides, so the loss is an op with its own
   partitioning rule (:mod:`jax.experimental.custom_partitioning`, :mod:`.auto_partition`),
   whose lowering is the same ``axis_name`` path.
@@ -175,10 +180,21 @@ def run_sharded(body: Callable[..., Any], lay: Layout, arrays: dict[str, tuple[s
         out_roles, out)
 
 
-def _traced(kwargs: dict) -> bool:
-    """Whether a hyper-parameter is traced (the partitioned ops take only arrays, so such
-    a call is left to the partitioner)."""
-    return any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(kwargs))
+def _split_traced(kwargs: dict) -> tuple[dict, dict | None]:
+    """``(static, traced)``: the keyword arguments that are traced (a learned temperature,
+    a scheduled smoothing) become replicated operands of the sharded call (a ``shard_map``
+    cannot close over an Explicit-typed value, a partitioned op takes only operands); the
+    others stay Python values. ``traced`` is None when one is not a scalar (the unrouted
+    call raises its error)."""
+    traced = {k: v for k, v in kwargs.items() if isinstance(v, jax.core.Tracer)}
+    if any(jnp.ndim(v) != 0 for v in traced.values()):
+        return kwargs, None
+    return {k: v for k, v in kwargs.items() if k not in traced}, traced
+
+
+def _differentiable(traced: dict) -> tuple[str, ...]:
+    """The traced hyper-parameters that get a cotangent (the floating ones)."""
+    return tuple(k for k, v in traced.items() if jnp.issubdtype(jnp.result_type(v), jnp.inexact))
 
 
 class RingLayout(NamedTuple):
@@ -197,7 +213,9 @@ class RingLayout(NamedTuple):
     def spec(self, role: str) -> P:
         if role == "scalar":
             return P()
-        return P(self.axis_name, None) if role == "batch_rows" else P(self.axis_name)
+        if role in ("batch_rows", "columns"):
+            return P(self.axis_name, None)
+        return P(self.axis_name)
 
 
 def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bool,
@@ -205,28 +223,59 @@ def contrastive_call(fn: Callable[..., Any], arrays: dict[str, Any], per_row: bo
     """A contrastive loss ``fn(axis_name=..., **arrays, **kwargs)`` on batch-sharded
     inputs (the ring), or None where nothing needs routing."""
     x, y = arrays["x"], arrays["y"]
+    kwargs, traced = _split_traced(kwargs)
+    if traced is None:
+        return None
+    arrays = dict(arrays, **traced)
     ring = ring_axes(x, y)
     if ring is not None:
-        return run_ring(lambda axis, **a: fn(axis_name=axis, **a, **kwargs), ring, arrays,
-                        per_row)
-    if _auto_mesh() is None or _traced(kwargs):
+        out = run_ring(lambda axis, **a: fn(axis_name=axis, **a, **kwargs), ring, arrays,
+                       per_row)
+        # Per-row results come back laid out like x's rows (a gather of [N] values).
+        given = _padded(_explicit_spec(x), 2)[0]
+        return jax.sharding.reshard(out, P(given)) if per_row else out
+    mesh = _auto_mesh()
+    rows = (jnp.shape(x)[0], jnp.shape(y)[0])
+    if mesh is None or any(r % mesh.size for r in rows):
         return None
-    roles = {"x": "batch_rows", "y": "batch_rows", "where": "batch"}
+    # With labels, y's rows are their own factor (M may differ from N).
+    roles = dict({"x": "batch_rows", "y": "batch_rows" if rows[0] == rows[1] else "columns",
+                  "where": "batch", "labels": "batch"}, **dict.fromkeys(traced, "scalar"))
     return auto_partition.Call(
         functools.partial(fn, **kwargs),
         {n: (roles[n], None if a is None else jnp.asarray(a)) for n, a in arrays.items()},
-        ("x", "y"), "batch" if per_row else "scalar",
-        lambda specs, mesh: RingLayout(_names(_padded(specs["x"], 2)[0])), 0)()
+        ("x", "y", *_differentiable(traced)), "batch" if per_row else "scalar",
+        lambda specs, mesh: RingLayout(ring_of(specs["x"], specs["y"], rows,
+                                               dict(mesh.shape)) or ()), 0)()
+
+
+def ring_of(xs: Any, ys: Any, rows: tuple[int, ...], mesh_shape: Any
+            ) -> tuple[str, ...] | None:
+    """The axes of the contrastive ring from the specs of ``x`` (``[N, D]``) and ``y``
+    (``[M, D]``): those splitting ``x``'s (or ``y``'s) batch, then the mesh axes that split
+    neither (each device along them would repeat the others' tiles), as far as ``rows``
+    (``N`` and ``M``) divide evenly; None when even the first do not."""
+    first = _names(_padded(xs, 2)[0] if _sharded(xs) else _padded(ys, 2)[0])
+    taken = {a for e in (*_padded(xs, 2), *_padded(ys, 2)) for a in _names(e)}
+    for ring in (first + tuple(a for a in mesh_shape if a not in taken), first):
+        if all(r % math.prod(mesh_shape[a] for a in ring) == 0 for r in rows):
+            return ring
+    return None
 
 
 def ring_axes(x: Any, y: Any) -> tuple[str, ...] | None:
-    """The axes of the contrastive ring: those splitting ``x``'s (or ``y``'s) batch, when
-    the mesh is Explicit and one of them is sharded."""
+    """The axes of the contrastive ring (:func:`ring_of`), when the mesh is Explicit and
+    ``x`` or ``y`` is sharded."""
     xs, ys = _explicit_spec(x), _explicit_spec(y)
     if xs is None or ys is None or not (_sharded(xs) or _sharded(ys)):
         return None
-    first = _padded(xs, 2)[0] if _sharded(xs) else _padded(ys, 2)[0]
-    return _names(first)
+    return ring_of(xs, ys, (x.shape[0], y.shape[0]), dict(jax.typeof(x).sharding.mesh.shape))
+
+
+def whole(a: Any) -> Any:
+    """``a`` replicated on every device when its sharding is Explicit (a batch that cannot
+    go round the ring), else as it is."""
+    return a if a is None or _explicit_spec(a) is None else jax.sharding.reshard(a, P())
 
 
 def run_ring(body: Callable[..., Any], axes: tuple[str, ...], arrays: dict[str, Any],
@@ -258,21 +307,33 @@ def fused_call(fn: Callable[..., Any], arrays: dict[str, tuple[str, Any]],
     x, w = arrays["x"][1], arrays["w"][1]
     if reduction is not None:
         kwargs = dict(kwargs, reduction=reduction)
+    kwargs, traced = _split_traced(kwargs)
+    if traced is None:
+        return None
+    arrays = dict(arrays, **{k: ("scalar", v) for k, v in traced.items()})
     out: Any = "rows" if reduction in (None, "none") else "scalar"
     if stats is not None:
         out = (out, stats("rows"))
     lay = explicit_layout(x, w)
     if lay is None:
-        # A reduced loss's statistics hold integers (no cotangent): left to the partitioner.
-        if _auto_mesh() is None or (stats is not None and reduction is not None) \
-                or _traced(kwargs):
+        if _auto_mesh() is None:
             return None
         ndim, shape = jnp.ndim(x), tuple(jnp.shape(x))
         return auto_partition.Call(
             functools.partial(fn, **kwargs),
             {n: (r, None if a is None else jnp.asarray(a)) for n, (r, a) in arrays.items()},
-            ("x", "w", "b"), out,
+            ("x", "w", "b", *_differentiable(traced)), out,
             lambda specs, mesh: layout(specs["x"], shape, specs["w"], dict(mesh.shape)),
             ndim - 1)()
-    body = functools.partial(fn, axis_name=lay.axis_name, **kwargs)
-    return run_sharded(body, lay, arrays, out)
+    if out != "scalar":
+        # Per-token results: inside shard_map the backward pass reuses the forward pass's
+        # per-token statistics (the partitioned passes would recompute them).
+        return run_sharded(functools.partial(fn, axis_name=lay.axis_name, **kwargs), lay,
+                           arrays, out)
+    # A reduced loss forms its gradients in the forward pass: the same passes as on an Auto
+    # mesh, whose dW is summed over the token axes in place.
+    placed = {n: (r, jax.sharding.reshard(a, lay.spec(r)))
+              for n, (r, a) in arrays.items() if a is not None}
+    return auto_partition.Call(
+        functools.partial(fn, **kwargs), placed, ("x", "w", "b", *_differentiable(traced)),
+        out, lambda specs, mesh: lay, jnp.ndim(x) - 1, fixed=lay)()

@@ -84,15 +84,21 @@ def _static(rule, bt: Batch, s, b, axis_name, blocks) -> pairs.Static:
                         tuple(vma.varying(a) for a in (bt.x, bt.y, s, b)))  # type: ignore[arg-type]
 
 
-def pair_scale(bt: Batch, labels: jax.Array | None) -> jax.Array:
+def pair_scale(bt: Batch, labels: jax.Array | None, axis_name: Hashable | None = None
+               ) -> jax.Array:
     """Each pair's scale (:func:`softmax_jax._cross_entropy_terms.row_scale`): 1 kept, 0
-    left out, NaN for a label outside ``[0, M)`` or naming a column left out."""
+    left out, NaN for a label outside ``[0, M)`` or naming a column left out. Under
+    ``axis_name`` (the ring) labels are global column ids: ``M`` is the global count and,
+    with ``where``, the kept flags of every device's columns are gathered (``[M]``
+    booleans). Without ``where`` every column is kept."""
     if labels is None:
         return bt.keep.astype(bt.ct)
-    m = bt.y.shape[0]
-    inside = (labels >= 0) & (labels < m)
-    named_out = inside & ~bt.keep[jnp.where(inside, labels, 0)]
-    scale, _ = _ce.row_scale(jnp.where(named_out, -1, labels), m, None, bt.keep, bt.ct)
+    m = bt.y.shape[0] * (1 if axis_name is None else lax.axis_size(axis_name))
+    if bt.masked:
+        cols = bt.keep if axis_name is None else lax.all_gather(bt.keep, axis_name, tiled=True)
+        inside = (labels >= 0) & (labels < m)
+        labels = jnp.where(inside & ~cols[jnp.where(inside, labels, 0)], -1, labels)
+    scale, _ = _ce.row_scale(labels, m, None, bt.keep, bt.ct)
     return scale
 
 
@@ -103,7 +109,7 @@ def clip(x, y, s, labels, where, bidirectional: bool, reduction: str,
     bt = batch(x, y, where, reduction, axis_name)
     zero = jnp.zeros((), bt.ct)
     static = _static(ClipRule(bidirectional), bt, s, zero, axis_name, blocks)
-    scale = pair_scale(bt, labels)
+    scale = pair_scale(bt, labels, axis_name)
     half = 0.5 if bidirectional else 1.0
     if reduction == "none":
         terms = pairs.per_token(static, bt.x, bt.y, s, zero, bt.keep, labels, scale)

@@ -64,7 +64,7 @@ def _valid(static: Static, params: Any, cap: jax.Array) -> jax.Array:
 
 def _over_tokens(static: Static, value: jax.Array) -> jax.Array:
     """A sum over this device's tokens made a sum over every device's (``token_axes``)."""
-    return jax.lax.psum(value, static.token_axes) if static.token_axes else value
+    return vma.total(value, static.token_axes) if static.token_axes else value
 
 
 def _cast(static: Static, grads: engine.Grads, g: jax.Array, dparams: Any):

@@ -80,6 +80,34 @@ def _total_bwd(axis_name, res, g):
 _total.defvjp(_total_fwd, _total_bwd)
 
 
+# Chunk of an in-place sum over devices (:func:`psum_in_place`), in bytes.
+PSUM_CHUNK = 4 << 20
+
+
+def psum_in_place(x: jax.Array, axes: tuple) -> jax.Array:
+    """``lax.psum(x, axes)`` of a per-device partial sum that is dead afterwards, written
+    back into ``x`` chunk by chunk along its first axis.
+
+    An all-reduce does not write into its operand's buffer (XLA gives it a new one), so
+    ``lax.psum`` of a ``[D, V]`` ``dW`` holds two of them; reduced in chunks of
+    ``PSUM_CHUNK`` bytes, each written back with ``dynamic_update_slice`` (in place), the
+    sum lives in ``x``'s buffer and only a chunk is added. The data moved is the same. For
+    values without varying mesh axes (a partitioned op's lowering, :func:`lowering`): the
+    chunks would vary while the whole does not."""
+    rows = x.shape[0] if x.ndim else 1
+    size = x.size * x.dtype.itemsize
+    n = next((k for k in range(-(-size // PSUM_CHUNK), rows + 1) if rows % k == 0), rows)
+    if x.ndim == 0 or n <= 1:
+        return lax.psum(x, axes)
+    step = rows // n
+
+    def body(k, acc):
+        part = lax.psum(lax.dynamic_slice_in_dim(acc, k * step, step), axes)
+        return lax.dynamic_update_slice_in_dim(acc, part, k * step, 0)
+
+    return lax.fori_loop(0, n, body, x)
+
+
 def token_axes() -> tuple:
     """The mesh axes over which the tokens of a ``"mean"``/``"sum"`` are split (see
     :func:`reducing_over`)."""

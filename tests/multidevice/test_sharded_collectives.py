@@ -81,3 +81,16 @@ def test_batch_sharded_contrastive_goes_round_the_ring(loss, kind):
     assert not coll["all-gather"], f"gathered: {dict(coll['all-gather'])}"
     # y's block of CN / 8 rows moves round the ring
     assert coll["collective-permute"][(CN // 8, CD)] >= 1, dict(coll["collective-permute"])
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=lambda k: k.name)
+def test_contrastive_ring_spans_the_mesh_axes_that_split_nothing(kind):
+    """On a 2 x 4 mesh with the batch split over ``data`` only, the ring runs over all 8
+    devices (blocks of ``CN / 8`` rows), so that no device along ``model`` repeats another's
+    tiles."""
+    coll = _collectives(jax.value_and_grad(lambda x, y: sj.contrastive_loss(x, y),
+                                           argnums=(0, 1)),
+                        _mesh((2, 4), ("data", "model"), kind),
+                        [((CN, CD), P("data"), jnp.float32)] * 2)
+    permutes = coll["collective-permute"]
+    assert permutes[(CN // 8, CD)] >= 1 and not permutes[(CN // 2, CD)], dict(permutes)
