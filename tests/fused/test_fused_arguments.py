@@ -4,6 +4,8 @@ batch axes, and the result dtype under x64."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,9 +49,9 @@ def test_kl_of_heads_offset_by_a_constant_keeps_float32_accuracy(offset, beta, b
 
 def test_kl_offset_gradient_keeps_float32_accuracy():
     x, w, b = _offset_heads(1000.0, n=16, v=700)
-    grad = jax.grad(lambda x: linear_softmax_distillation(x, w, x, w, b=b))(x)
-    ref = jax.grad(lambda x: sj.distillation_loss(
-        x @ w + b, jax.lax.stop_gradient(x @ w)).mean())(x)
+    grad = jax.jit(jax.grad(lambda x: linear_softmax_distillation(x, w, x, w, b=b)))(x)
+    ref = jax.jit(jax.grad(lambda x: sj.distillation_loss(
+        x @ w + b, jax.lax.stop_gradient(x @ w)).mean()))(x)
     np.testing.assert_allclose(grad, ref, atol=1e-5)
 
 
@@ -89,14 +91,20 @@ CASES = {
 }
 
 
+@functools.partial(jax.jit, static_argnames=("maker", "name", "kw", "reduction"))
+def _value_and_derivative(h, *, maker, name, kw, reduction):
+    """One compiled program per loss and traced hyper-parameter, whatever its value."""
+    return jax.value_and_grad(maker(name, reduction=reduction, **dict(kw)))(h)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_traced_out_of_range_hyperparameter_gives_nan_value_and_derivative(case, reduction):
     # Neither d/dcap = 0.0 for soft_cap=-1, nor a finite dT for temperature=-1, nor a finite
     # derivative for hard_weight=1.5, nor a finite value for label_smoothing=2, hard_weight=0.
     maker, name, bad, kw = case
-    loss = maker(name, reduction=reduction, **kw)
-    val, grad = jax.jit(jax.value_and_grad(loss))(jnp.float32(bad))
+    val, grad = _value_and_derivative(jnp.float32(bad), maker=maker, name=name,
+                                      kw=tuple(sorted(kw.items())), reduction=reduction)
     assert np.isnan(val) and np.isnan(grad)
 
 
@@ -123,7 +131,7 @@ def test_traced_in_range_hyperparameters_match_the_plain_derivatives():
 
     args = (jnp.float32(1.7), jnp.float32(0.3), jnp.float32(0.2))
     got = jax.jit(jax.grad(fused, argnums=(0, 1, 2)))(*args)
-    ref = jax.grad(plain, argnums=(0, 1, 2))(*args)
+    ref = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(*args)
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6)
 
 
@@ -134,8 +142,9 @@ def test_weighted_mean_over_zero_label_weights_is_nan_as_pytorch(smoothing):
     labels = jnp.array([0, 0, -100, 0, 0, -100])
     cw = jnp.array([0.0, 1.0, 2.0, 3.0, 4.0])
     kw = dict(class_weights=cw, label_smoothing=smoothing, ignore_index=-100)
-    loss, (dx, dw) = jax.value_and_grad(
-        lambda x, w: linear_softmax_cross_entropy(x, w, labels, **kw), argnums=(0, 1))(x, w)
+    (loss, (dx, dw)), total = jax.jit(lambda x, w: (jax.value_and_grad(
+        lambda x, w: linear_softmax_cross_entropy(x, w, labels, **kw), argnums=(0, 1))(x, w),
+        linear_softmax_cross_entropy(x, w, labels, reduction="sum", **kw)))(x, w)
     xt = torch.tensor(np.asarray(x), dtype=torch.float64, requires_grad=True)
     z = xt @ torch.tensor(np.asarray(w), dtype=torch.float64)
     y_t = torch.tensor(np.asarray(labels), dtype=torch.long)
@@ -147,7 +156,6 @@ def test_weighted_mean_over_zero_label_weights_is_nan_as_pytorch(smoothing):
     np.testing.assert_array_equal(np.isnan(dx), np.isnan(ref_dx))  # NaN on kept rows only
     np.testing.assert_array_equal(np.asarray(dx)[~np.isnan(ref_dx)], 0.0)
     assert np.all(np.isnan(dw))
-    total = linear_softmax_cross_entropy(x, w, labels, reduction="sum", **kw)
     ref_sum = torch.nn.functional.cross_entropy(
         z.detach(), y_t, weight=w_t, label_smoothing=smoothing, reduction="sum")
     np.testing.assert_allclose(total, ref_sum.item(), rtol=1e-5, atol=1e-6)
@@ -158,8 +166,8 @@ def test_mean_with_no_kept_token_stays_zero():
     x, w, _, _ = _small(v=5)
     labels = jnp.full((6,), -100)
     for cw in (None, jnp.arange(5.0)):
-        loss, dx = jax.value_and_grad(lambda x, cw=cw: linear_softmax_cross_entropy(
-            x, w, labels, ignore_index=-100, class_weights=cw, label_smoothing=0.2))(x)
+        loss, dx = jax.jit(jax.value_and_grad(lambda x, cw=cw: linear_softmax_cross_entropy(
+            x, w, labels, ignore_index=-100, class_weights=cw, label_smoothing=0.2)))(x)
         assert float(loss) == 0.0 and not np.any(dx)
 
 
@@ -175,6 +183,12 @@ def _mixed_inputs(x_dtype, w_dtype, n=64, d=32, v=300, seed=0):
     return x, w, jnp.asarray(rng.integers(0, v, n))
 
 
+@jax.jit
+def _plain_grads64(x, w, labels):
+    return jax.grad(lambda x, w: sj.softmax_cross_entropy_with_integer_labels(
+        x @ w, labels).mean(), argnums=(0, 1))(x, w)
+
+
 @pytest.mark.parametrize("blocks", BLOCKS.values(), ids=BLOCKS.keys())
 @pytest.mark.parametrize("dtypes", [(jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32)],
                          ids=["f32 x, bf16 w", "bf16 x, f32 w"])
@@ -183,11 +197,10 @@ def test_mixed_precision_gradient_of_the_wider_input_keeps_its_accuracy(x64, dty
     # relative error 1.6e-3; the unfused loss gives 6.5e-7.
     x, w, labels = _mixed_inputs(*dtypes)
     wide = 0 if dtypes[0] == jnp.float32 else 1
-    grads = jax.grad(lambda x, w: linear_softmax_cross_entropy(
+    grads = jax.jit(jax.grad(lambda x, w: linear_softmax_cross_entropy(
         x, w, labels, vocab_block=blocks.get("vocab_block"),
-        token_block=blocks.get("token_block")), argnums=(0, 1))(x, w)
-    ref = jax.grad(lambda x, w: sj.softmax_cross_entropy_with_integer_labels(
-        x @ w, labels).mean(), argnums=(0, 1))(x.astype(jnp.float64), w.astype(jnp.float64))
+        token_block=blocks.get("token_block")), argnums=(0, 1)))(x, w)
+    ref = _plain_grads64(x.astype(jnp.float64), w.astype(jnp.float64), labels)
     assert grads[wide].dtype == jnp.float32
     assert _rel(grads[wide], ref[wide]) < 1e-5
     assert _rel(grads[1 - wide], ref[1 - wide]) < 1e-2  # bf16 accuracy for the narrow one
@@ -196,10 +209,11 @@ def test_mixed_precision_gradient_of_the_wider_input_keeps_its_accuracy(x64, dty
 def test_distillation_mixed_precision_dx_keeps_float32_accuracy(x64):
     x, w, _ = _mixed_inputs(jnp.float32, jnp.bfloat16)
     tw = (w.astype(jnp.float32) * 1.3).astype(jnp.bfloat16)
-    dx = jax.grad(lambda x: linear_softmax_distillation(x, w, x, tw, temperature=2.0))(x)
+    dx = jax.jit(jax.grad(lambda x: linear_softmax_distillation(
+        x, w, x, tw, temperature=2.0)))(x)
     x64_, w64, tw64 = (a.astype(jnp.float64) for a in (x, w, tw))
-    ref = jax.grad(lambda x: sj.distillation_loss(
-        x @ w64, x64_ @ tw64, temperature=2.0).mean())(x64_)
+    ref = jax.jit(jax.grad(lambda x: sj.distillation_loss(
+        x @ w64, x64_ @ tw64, temperature=2.0).mean()))(x64_)
     assert _rel(dx, ref) < 1e-5
 
 
@@ -208,18 +222,21 @@ def test_cross_entropy_accepts_leading_batch_axes():
     x3, y3 = x.reshape(2, 2, 3, 4), labels.reshape(2, 2, 3)
     y3 = y3.at[0, 1, 2].set(-100)
     kw = dict(ignore_index=-100, label_smoothing=0.1)
-    per = linear_softmax_cross_entropy(x3, w, y3, reduction="none", **kw)
-    ref = sj.softmax_cross_entropy_with_integer_labels(x3 @ w, y3, **kw)
+    per, dx, (_, stats) = jax.jit(lambda x: (
+        linear_softmax_cross_entropy(x, w, y3, reduction="none", **kw),
+        jax.grad(lambda x: linear_softmax_cross_entropy(x, w, y3, **kw))(x),
+        linear_softmax_cross_entropy(x, w, y3, return_stats=True, **kw)))(x3)
+    ref, ref_dx, argmax = jax.jit(lambda x: (
+        sj.softmax_cross_entropy_with_integer_labels(x @ w, y3, **kw),
+        jax.grad(lambda x: sj.softmax_cross_entropy_with_integer_labels(
+            x @ w, y3, **kw).sum() / jnp.sum(y3 != -100))(x),
+        jnp.argmax(x @ w, axis=-1)))(x3)
     assert per.shape == (2, 2, 3)
     np.testing.assert_allclose(per, ref, rtol=1e-5, atol=1e-6)
-    dx = jax.grad(lambda x: linear_softmax_cross_entropy(x, w, y3, **kw))(x3)
-    ref_dx = jax.grad(lambda x: sj.softmax_cross_entropy_with_integer_labels(
-        x @ w, y3, **kw).sum() / jnp.sum(y3 != -100))(x3)
     assert dx.shape == x3.shape
     np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-6)
-    _, stats = linear_softmax_cross_entropy(x3, w, y3, return_stats=True, **kw)
     assert stats.lse.shape == stats.argmax.shape == (2, 2, 3)
-    np.testing.assert_array_equal(stats.argmax, jnp.argmax(x3 @ w, axis=-1))
+    np.testing.assert_array_equal(stats.argmax, argmax)
 
 
 def test_distillation_accepts_leading_batch_axes():
@@ -227,11 +244,13 @@ def test_distillation_accepts_leading_batch_axes():
     tx = jnp.flip(x, axis=0) * 0.5
     x3, tx3, y3 = x.reshape(3, 4, 4), tx.reshape(3, 4, 4), labels.reshape(3, 4)
     kw = dict(temperature=2.0, hard_weight=0.25)
-    per = linear_softmax_distillation(x3, w, tx3, tw, labels=y3, reduction="none", **kw)
-    ref = linear_softmax_distillation(x, w, tx, tw, labels=labels, reduction="none", **kw)
+    per, ref, dx = jax.jit(lambda x3: (
+        linear_softmax_distillation(x3, w, tx3, tw, labels=y3, reduction="none", **kw),
+        linear_softmax_distillation(x, w, tx, tw, labels=labels, reduction="none", **kw),
+        jax.grad(lambda x: linear_softmax_distillation(x, w, tx3, tw, labels=y3, **kw))(x3)
+    ))(x3)
     assert per.shape == (3, 4)
     np.testing.assert_allclose(per, ref.reshape(3, 4), rtol=1e-6)
-    dx = jax.grad(lambda x: linear_softmax_distillation(x, w, tx3, tw, labels=y3, **kw))(x3)
     assert dx.shape == x3.shape
 
 
@@ -259,15 +278,21 @@ def test_concrete_infinite_temperature_raises():
         linear_softmax_distillation(x, w, x, tw, temperature=float("inf"))
 
 
+@functools.partial(jax.jit, static_argnames=("reduction",))
+def _both_losses_and_dx(x, w, tw, labels, *, reduction):
+    ce = linear_softmax_cross_entropy(x, w, labels, reduction=reduction)
+    kd = linear_softmax_distillation(x, w, x, tw, reduction=reduction)
+    dx = jax.grad(lambda x: jnp.sum(linear_softmax_cross_entropy(
+        x, w, labels, reduction=reduction)).astype(jnp.float32))(x)
+    return ce, kd, dx
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float64])
 def test_result_dtype_under_x64(x64, dtype, reduction):
     x, w, tw, labels = _small()
     x, w, tw = (a.astype(dtype) for a in (x, w, tw))
-    ce = linear_softmax_cross_entropy(x, w, labels, reduction=reduction)
-    kd = linear_softmax_distillation(x, w, x, tw, reduction=reduction)
+    ce, kd, dx = _both_losses_and_dx(x, w, tw, labels, reduction=reduction)
     expected = jnp.promote_types(dtype, jnp.float32)
     assert ce.dtype == expected and kd.dtype == expected
-    dx = jax.grad(lambda x: jnp.sum(linear_softmax_cross_entropy(
-        x, w, labels, reduction=reduction)).astype(jnp.float32))(x)
     assert dx.dtype == dtype

@@ -4,6 +4,8 @@ row stays 0."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,21 +33,27 @@ def _fused_ce(x, w=W_BIG, labels=Y_ROWS, **kw):
                                                  **kw)
 
 
+@functools.partial(jax.jit, static_argnames=("kw",))
+def _fused_ce_and_dx(x, *, kw):
+    """The per-row losses and the gradient of their sum for x."""
+    return _fused_ce(x, **dict(kw)), jax.grad(lambda x: _fused_ce(x, **dict(kw)).sum())(x)
+
+
 @pytest.mark.parametrize("blocks", FUSED_BLOCKS.values(), ids=FUSED_BLOCKS.keys())
 @pytest.mark.parametrize("terms", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}],
                          ids=["plain", "smoothing, z-loss"])
 def test_fused_cross_entropy_plus_inf_row_is_nan(blocks, terms):
     # The row's value is NaN, as in the core loss, never +inf.
-    loss = _fused_ce(X_ROWS, **blocks, **terms)
+    kw = tuple(sorted({**blocks, **terms}.items()))
+    loss, dx = _fused_ce_and_dx(X_ROWS, kw=kw)
     core = sj.softmax_cross_entropy_with_integer_labels(X_ROWS @ W_BIG, Y_ROWS, **terms)
     assert np.isnan(loss[0]) and np.isnan(core[0])
     # the other rows: bitwise what they give alone, and the core loss of their logits
-    np.testing.assert_array_equal(loss[1:], _fused_ce(X_ROWS[1:], **blocks, **terms))
+    alone, dx_alone = _fused_ce_and_dx(X_ROWS[1:], kw=kw)
+    np.testing.assert_array_equal(loss[1:], alone)
     np.testing.assert_allclose(loss[1:], core[1:], rtol=1e-6)
-    dx = jax.grad(lambda x: _fused_ce(x, **blocks, **terms).sum())(X_ROWS)
     assert np.all(np.isnan(dx[0]))
-    np.testing.assert_array_equal(
-        dx[1:], jax.grad(lambda x: _fused_ce(x, **blocks, **terms).sum())(X_ROWS[1:]))
+    np.testing.assert_array_equal(dx[1:], dx_alone)
 
 
 def test_fused_plus_inf_weight_makes_every_row_nan():
@@ -64,10 +72,10 @@ def test_fused_ignored_plus_inf_row_stays_zero():
     def loss(x, w):
         return _fused_ce(x, w, labels, ignore_index=-100)
 
-    got = loss(X_ROWS, W_BIG)
+    got, (dx, dw) = jax.jit(lambda x, w: (
+        loss(x, w), jax.grad(lambda x, w: loss(x, w).sum(), (0, 1))(x, w)))(X_ROWS, W_BIG)
     assert got[0] == 0.0
     np.testing.assert_array_equal(got[1:], _fused_ce(X_ROWS[1:], W_BIG, labels))
-    dx, dw = jax.grad(lambda x, w: loss(x, w).sum(), (0, 1))(X_ROWS, W_BIG)
     np.testing.assert_array_equal(dx[0], 0.0)
     assert np.isfinite(dx).all() and np.isfinite(dw).all()
 

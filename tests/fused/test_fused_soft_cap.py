@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import normal
 
 import softmax_jax as sj
 from softmax_jax.fused import linear_softmax_cross_entropy
 
-_X = jax.random.normal(jax.random.PRNGKey(0), (6, 5))
-_W = jax.random.normal(jax.random.PRNGKey(1), (5, 9))
+_X = normal(0, (6, 5))
+_W = normal(1, (5, 9))
 _LABELS = jnp.array([1, 0, 8, 3, 3, 7])
 
 

@@ -41,8 +41,8 @@ def test_selective_log_softmax_from_the_stats_has_the_true_gradient(layout):
     def plain(x, w, b):
         return jnp.sum(coef * ref.log_probs(ref.linear_logits(x, w, b), labels))
 
-    got, dgot = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, w, b)
-    want, dwant = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, w, b)
+    got, dgot = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, w, b)
+    want, dwant = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(x, w, b)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, r in zip(dgot, dwant, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
@@ -68,21 +68,26 @@ def test_loss_and_lse_cotangents_add_up(reduction):
         loss = jnp.sum(per) / jnp.sum(kept) if reduction == "mean" else jnp.sum(per)
         return loss + jnp.sum(coef * ref.logsumexp(z) ** 2)
 
-    got, dgot = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, w, b)
-    want, dwant = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, w, b)
+    got, dgot = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, w, b)
+    want, dwant = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(x, w, b)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, r in zip(dgot, dwant, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-10, atol=1e-12)
 
 
 def test_stats_and_per_token_losses_of_bf16_inputs_are_float32():
-    x, w, b, labels, _ = (a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a
-                          for a in _inputs(jnp.float32))
-    loss, stats = linear_softmax_cross_entropy(x, w, labels, b, return_stats=True)
+    x, w, b, labels, _ = _inputs(jnp.bfloat16)
+
+    @jax.jit
+    def losses_stats_and_dx(x):
+        def loss(x, reduction):
+            return linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction,
+                                                return_stats=True)
+
+        return loss(x, "mean"), loss(x, "none"), jax.grad(
+            lambda x: jnp.sum(loss(x, "mean")[1].lse))(x)
+
+    (loss, stats), (per, per_stats), dx = losses_stats_and_dx(x)
     assert loss.dtype == jnp.float32 and stats.lse.dtype == jnp.float32
-    per, stats = linear_softmax_cross_entropy(x, w, labels, b, reduction="none",
-                                              return_stats=True)
-    assert per.dtype == jnp.float32 and stats.lse.dtype == jnp.float32
-    dx = jax.grad(lambda x: jnp.sum(linear_softmax_cross_entropy(
-        x, w, labels, b, return_stats=True)[1].lse))(x)
+    assert per.dtype == jnp.float32 and per_stats.lse.dtype == jnp.float32
     assert dx.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(dx, np.float32)))

@@ -3,19 +3,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import normal
 
 from softmax_jax.fused import linear_softmax_cross_entropy, linear_softmax_distillation
 
 _B, _T, _D, _V = 2, 3, 4, 7
-_X = jax.random.normal(jax.random.PRNGKey(0), (_B, _T, _D))
-_W = jax.random.normal(jax.random.PRNGKey(1), (_D, _V))
-_BIAS = jax.random.normal(jax.random.PRNGKey(2), (_V,))
-_TX = jax.random.normal(jax.random.PRNGKey(3), (_B, _T, 3))
-_TW = jax.random.normal(jax.random.PRNGKey(4), (3, _V))
+_X = normal(0, (_B, _T, _D))
+_W = normal(1, (_D, _V))
+_BIAS = normal(2, _V)
+_TX = normal(3, (_B, _T, 3))
+_TW = normal(4, (3, _V))
 _LABELS = jnp.array([[1, 6, 99], [0, 3, -5]])  # 99 and -5 invalid, but masked
 _WHERE = jnp.array([[True, True, False], [True, False, False]])
 _IGNORED = jnp.where(_WHERE, _LABELS, -100)
@@ -33,27 +36,36 @@ def _distill(where, labels, ignore_index, reduction, x, w, b, eps):
         reduction=reduction, hard_weight=0.3, label_smoothing=eps, temperature=2.0, beta=0.5)
 
 
+@functools.partial(jax.jit, static_argnames=("loss", "reduction"))
+def _masked_and_ignored(x, w, b, *, loss, reduction, eps=0.1):
+    """The loss (with a constant ``eps``) and the gradients of its sum for (x, w, b, eps),
+    with the tokens masked by ``where`` and with the same tokens labelled ``ignore_index``."""
+    args = (x, w, b, jnp.float32(eps))
+
+    def value_and_grads(where, labels, ignore_index):
+        value = loss(where, labels, ignore_index, reduction, x, w, b, eps)
+        grads = jax.grad(lambda *a: jnp.sum(loss(where, labels, ignore_index, reduction, *a)),
+                         argnums=(0, 1, 2, 3))(*args)
+        return value, grads
+
+    return value_and_grads(_WHERE, _LABELS, None), value_and_grads(None, _IGNORED, -100)
+
+
 @pytest.mark.parametrize("loss", [_ce, _distill])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_fused_where_equals_ignore_index_on_the_masked_tokens(loss, reduction):
-    def total(fn_args, x, w, b, eps):
-        return jnp.sum(loss(*fn_args, reduction, x, w, b, eps))
-
-    masked = (_WHERE, _LABELS, None)
-    ignored = (None, _IGNORED, -100)
-    args = (_X, _W, _BIAS, 0.1)
-    np.testing.assert_array_equal(loss(*masked, reduction, *args),
-                                  loss(*ignored, reduction, *args))
-    got = jax.grad(lambda *a: total(masked, *a), argnums=(0, 1, 2, 3))(*args)
-    want = jax.grad(lambda *a: total(ignored, *a), argnums=(0, 1, 2, 3))(*args)
+    (value, got), (value_ignored, want) = _masked_and_ignored(
+        _X, _W, _BIAS, loss=loss, reduction=reduction)
+    np.testing.assert_array_equal(value, value_ignored)
     for g, h in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, h)
     assert np.all(np.asarray(got[0])[~np.asarray(_WHERE)] == 0.0)
 
 
 def test_fused_distillation_where_without_labels_is_the_mean_over_kept_tokens():
-    got = linear_softmax_distillation(_X, _W, _TX, _TW, where=_WHERE)
-    per = linear_softmax_distillation(_X, _W, _TX, _TW, reduction="none")
+    got, per = jax.jit(lambda x: (
+        linear_softmax_distillation(x, _W, _TX, _TW, where=_WHERE),
+        linear_softmax_distillation(x, _W, _TX, _TW, reduction="none")))(_X)
     np.testing.assert_allclose(got, per[_WHERE].mean(), rtol=1e-6)
 
 

@@ -3,6 +3,8 @@ hyper-parameter derivatives, and non-finite logits inside a vocabulary block."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,14 +61,15 @@ def test_all_negative_infinite_vocabulary_block_is_not_nan():
     x, w = jnp.eye(2, 4), jnp.ones((4, 10))
     b = jnp.zeros(10).at[8:].set(-jnp.inf)
     labels = jnp.array([0, 1])
-    expected = optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean()
+    expected, ref = jax.jit(jax.value_and_grad(
+        lambda x, w, b: optax.softmax_cross_entropy_with_integer_labels(x @ w + b, labels).mean(),
+        argnums=(0, 1, 2)))(x, w, b)
     for blocks in ({"vocab_block": 4}, {"vocab_block": 4, "token_block": 1}, {}):
-        loss, grads = jax.value_and_grad(linear_softmax_cross_entropy, argnums=(0, 1, 3))(
-            x, w, labels, b, **blocks)
+        loss, grads = jax.jit(jax.value_and_grad(
+            functools.partial(linear_softmax_cross_entropy, **blocks), argnums=(0, 1, 3)))(
+            x, w, labels, b)
         np.testing.assert_allclose(loss, expected, rtol=1e-6)
         np.testing.assert_allclose(loss, 2.0794, atol=1e-4)
-        ref = jax.grad(lambda x, w, b: optax.softmax_cross_entropy_with_integer_labels(
-            x @ w + b, labels).mean(), argnums=(0, 1, 2))(x, w, b)
         for got, want in zip(grads, ref, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6)
 
@@ -84,11 +87,25 @@ def test_traced_zero_smoothing_with_negative_infinite_logits_is_not_nan():
 def test_z_loss_with_overflowing_lse_gives_inf_not_nan():
     x, w = jnp.ones((1, 1)), jnp.ones((1, 3))
     b = jnp.array([3e38, 0.0, -1.0])
-    dx, db = jax.grad(lambda x, b: linear_softmax_cross_entropy(
-        x, w, jnp.array([0]), b, z_loss=1.0), argnums=(0, 1))(x, b)
+    dx, db = jax.jit(jax.grad(lambda x, b: linear_softmax_cross_entropy(
+        x, w, jnp.array([0]), b, z_loss=1.0), argnums=(0, 1)))(x, b)
     assert np.isposinf(db[0])
     np.testing.assert_array_equal(db[1:], 0.0)
     assert not np.isnan(dx).any()
+
+
+@functools.partial(jax.jit, static_argnames=("fused", "reduction", "blocks"))
+def _hyper_grads(x, w, b, labels, weight, eps, lam, cap, *, fused, reduction, blocks=None):
+    def loss(eps, lam, cap):
+        kw = {"label_smoothing": eps, "z_loss": lam, "soft_cap": cap}
+        if fused:
+            out = linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction,
+                                               ignore_index=IGNORE, **kw, **BLOCKS[blocks])
+        else:
+            out = _unfused(x, w, labels, b, reduction, **kw)
+        return jnp.sum(out * weight) if reduction == "none" else out
+
+    return jax.grad(loss, argnums=(0, 1, 2))(eps, lam, cap)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -96,19 +113,10 @@ def test_z_loss_with_overflowing_lse_gives_inf_not_nan():
 def test_hyperparameter_gradients_are_exact(x64, reduction, blocks):
     x, w, b, labels = _inputs()
     weight = jnp.linspace(0.5, 1.5, N)
-
-    def loss(fn, eps, lam, cap):
-        kw = {"label_smoothing": eps, "z_loss": lam, "soft_cap": cap}
-        if fn is linear_softmax_cross_entropy:
-            kw.update(BLOCKS[blocks], ignore_index=IGNORE)
-            out = fn(x, w, labels, b, reduction=reduction, **kw)
-        else:
-            out = fn(x, w, labels, b, reduction, **kw)
-        return jnp.sum(out * weight) if reduction == "none" else out
-
-    got = jax.grad(lambda *h: loss(linear_softmax_cross_entropy, *h), argnums=(0, 1, 2))(
-        0.1, 0.02, 2.5)
-    want = jax.grad(lambda *h: loss(_unfused, *h), argnums=(0, 1, 2))(0.1, 0.02, 2.5)
+    hyper = (np.float64(0.1), np.float64(0.02), np.float64(2.5))
+    got = _hyper_grads(x, w, b, labels, weight, *hyper, fused=True, reduction=reduction,
+                       blocks=blocks)
+    want = _hyper_grads(x, w, b, labels, weight, *hyper, fused=False, reduction=reduction)
     assert all(abs(float(g)) > 1e-4 for g in got)
     np.testing.assert_allclose(got, want, rtol=1e-9)
 
@@ -128,9 +136,17 @@ def test_numpy_integer_ignore_index_behaves_as_the_core():
     x, w, b, labels = _inputs(dtype=jnp.float32)
     got = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=np.int64(IGNORE),
                                        reduction="none")
-    want = sj.softmax_cross_entropy_with_integer_labels(x @ w + b, labels,
-                                                        ignore_index=np.int64(IGNORE))
+    want = jax.jit(lambda x, w, b: sj.softmax_cross_entropy_with_integer_labels(
+        x @ w + b, labels, ignore_index=np.int64(IGNORE)))(x, w, b)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "smoothing", "blocks"))
+def _class_weighted_value_and_grads(x, w, b, labels, cw, *, reduction, smoothing, blocks):
+    return jax.value_and_grad(lambda x, w, b: jnp.sum(linear_softmax_cross_entropy(
+        x, w, labels, b, class_weights=cw, ignore_index=IGNORE, label_smoothing=smoothing,
+        reduction=reduction, **BLOCKS[blocks]) * (jnp.arange(N) + 1.0 if reduction == "none"
+                                                  else 1.0)), argnums=(0, 1, 2))(x, w, b)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -139,10 +155,8 @@ def test_numpy_integer_ignore_index_behaves_as_the_core():
 def test_class_weights_match_pytorch(x64, reduction, smoothing, blocks):
     x, w, b, labels = _inputs()
     cw = jnp.asarray(np.random.default_rng(1).uniform(0.2, 2.0, V))
-    got, grads = jax.value_and_grad(lambda x, w, b: jnp.sum(linear_softmax_cross_entropy(
-        x, w, labels, b, class_weights=cw, ignore_index=IGNORE, label_smoothing=smoothing,
-        reduction=reduction, **BLOCKS[blocks]) * (jnp.arange(N) + 1.0 if reduction == "none"
-                                                  else 1.0)), argnums=(0, 1, 2))(x, w, b)
+    got, grads = _class_weighted_value_and_grads(x, w, b, labels, cw, reduction=reduction,
+                                                 smoothing=smoothing, blocks=blocks)
     tx, tw, tb = (torch.tensor(np.asarray(a), requires_grad=True) for a in (x, w, b))
     out = torch.nn.functional.cross_entropy(
         tx @ tw + tb, torch.tensor(np.asarray(labels)), weight=torch.tensor(np.asarray(cw)),
@@ -159,9 +173,9 @@ def test_class_weights_with_z_loss_and_cap_match_the_core(x64):
     x, w, b, labels = _inputs()
     cw = jnp.linspace(0.5, 2.0, V)
     kw = {"label_smoothing": 0.1, "z_loss": 0.01, "soft_cap": 4.0, "class_weights": cw}
-    got = jax.value_and_grad(lambda x: linear_softmax_cross_entropy(
-        x, w, labels, b, ignore_index=IGNORE, vocab_block=7, **kw))(x)
-    want = jax.value_and_grad(lambda x: _unfused(x, w, labels, b, "mean", **kw))(x)
+    got = jax.jit(jax.value_and_grad(lambda x: linear_softmax_cross_entropy(
+        x, w, labels, b, ignore_index=IGNORE, vocab_block=7, **kw)))(x)
+    want = jax.jit(jax.value_and_grad(lambda x: _unfused(x, w, labels, b, "mean", **kw)))(x)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-12)
 
@@ -174,21 +188,31 @@ def test_class_weights_are_checked():
         linear_softmax_cross_entropy(x, w, labels, class_weights=jnp.ones(V, jnp.int32))
 
 
+@functools.partial(jax.jit, static_argnames=("reduction", "blocks"))
+def _loss_stats_and_plain_loss(x, w, b, labels, *, reduction, blocks):
+    kw = {"ignore_index": IGNORE, "soft_cap": 3.0, "reduction": reduction, **BLOCKS[blocks]}
+    loss, stats = linear_softmax_cross_entropy(x, w, labels, b, return_stats=True, **kw)
+    return loss, stats, linear_softmax_cross_entropy(x, w, labels, b, **kw)
+
+
+@jax.jit
+def _capped_lse_and_argmax(x, w, b):
+    z = 3.0 * jnp.tanh((x @ w + b) / 3.0)
+    return jax.nn.logsumexp(z, axis=1), jnp.argmax(z, axis=1)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 def test_stats_match_logsumexp_and_argmax(reduction, blocks):
     x, w, b, labels = _inputs(dtype=jnp.float32)
-    loss, stats = linear_softmax_cross_entropy(
-        x, w, labels, b, ignore_index=IGNORE, soft_cap=3.0, return_stats=True,
-        reduction=reduction, **BLOCKS[blocks])
-    z = 3.0 * jnp.tanh((x @ w + b) / 3.0)
+    loss, stats, plain = _loss_stats_and_plain_loss(x, w, b, labels, reduction=reduction,
+                                                    blocks=blocks)
+    lse, argmax = _capped_lse_and_argmax(x, w, b)
     assert isinstance(stats, FusedStats)
     assert stats.lse.dtype == jnp.float32 and stats.lse.shape == (N,)
     assert stats.argmax.dtype == jnp.int32 and stats.argmax.shape == (N,)
-    np.testing.assert_allclose(stats.lse, jax.nn.logsumexp(z, axis=1), rtol=1e-6)
-    np.testing.assert_array_equal(stats.argmax, jnp.argmax(z, axis=1))
-    plain = linear_softmax_cross_entropy(x, w, labels, b, ignore_index=IGNORE, soft_cap=3.0,
-                                         reduction=reduction, **BLOCKS[blocks])
+    np.testing.assert_allclose(stats.lse, lse, rtol=1e-6)
+    np.testing.assert_array_equal(stats.argmax, argmax)
     np.testing.assert_allclose(loss, plain, rtol=1e-6)
 
 
@@ -234,9 +258,9 @@ def test_stats_lse_gradient_adds_to_the_loss_gradient():
         loss, stats = linear_softmax_cross_entropy(x, w, labels, b, return_stats=True)
         return loss + stats.lse.sum()
 
-    want = jax.grad(lambda x: linear_softmax_cross_entropy(x, w, labels, b)
-                    + sj.logsumexp(x @ w + b, axis=-1).sum())(x)
-    np.testing.assert_allclose(jax.grad(total)(x), want, rtol=1e-5, atol=1e-6)
+    want = jax.jit(jax.grad(lambda x: linear_softmax_cross_entropy(x, w, labels, b)
+                            + sj.logsumexp(x @ w + b, axis=-1).sum()))(x)
+    np.testing.assert_allclose(jax.jit(jax.grad(total))(x), want, rtol=1e-5, atol=1e-6)
 
 
 def test_default_layout_rule():
@@ -281,17 +305,19 @@ def test_narrow_dw_written_in_several_spans(monkeypatch, dtype):
     V = 29 in blocks of 8 makes spans of 16 and 13 columns (the last with a 5-wide block)."""
     from softmax_jax.fused import engine
 
+    # The span size is read when the fused program is traced (and the traces of its
+    # custom_vjp rules are cached): each computation below is one compiled program.
+    x, w, b, labels = _inputs(dtype=dtype)
+    f32 = [a.astype(jnp.float32) for a in (x, w, b)]
     monkeypatch.setattr(engine, "NARROW_SPAN_BYTES", 2 * 8 * D * 2)
     jax.clear_caches()
-    x, w, b, labels = (a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
-                       for a in _inputs())
     grad = jax.grad(lambda x, w, b: linear_softmax_cross_entropy(
         x, w, labels, b, ignore_index=IGNORE, **BLOCKS["tiles"]), argnums=(0, 1, 2))
-    got = grad(x, w, b)
+    got = jax.jit(grad)(x, w, b)
     monkeypatch.undo()
     jax.clear_caches()
-    f32 = [a.astype(jnp.float32) for a in (x, w, b)]
-    want = jax.grad(lambda x, w, b: _unfused(x, w, labels, b, "mean"), argnums=(0, 1, 2))(*f32)
+    want = jax.jit(jax.grad(lambda x, w, b: _unfused(x, w, labels, b, "mean"),
+                            argnums=(0, 1, 2)))(*f32)
     tol = 1e-2 if dtype == jnp.bfloat16 else 2e-3
     for g, e in zip(got, want, strict=True):
         assert g.dtype == dtype

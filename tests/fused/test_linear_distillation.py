@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,17 +32,42 @@ def _inputs(dtype=jnp.float64, seed=0):
 
     x, w, b = arr(N, D), arr(D, V, s=0.7), arr(V, s=0.3)
     tx, tw, tb = arr(N, DT), arr(DT, V, s=0.6), arr(V, s=0.3)
-    labels = jnp.asarray(rng.integers(0, V, N)).at[4].set(IGNORE)
-    return x, w, b, tx, tw, tb, labels
+    labels = rng.integers(0, V, N)
+    labels[4] = IGNORE
+    return x, w, b, tx, tw, tb, jnp.asarray(labels)
 
 
-def _both(x, w, b, tx, tw, tb, labels, reduction, blocks=None, **hyper):
-    fused = linear_softmax_distillation(
+def _fused(x, w, b, tx, tw, tb, labels, reduction, blocks, *, smoothing, **hyper):
+    return linear_softmax_distillation(
         x, w, tx, tw, labels=labels, b=b, teacher_b=tb, reduction=reduction,
-        ignore_index=IGNORE, **{k if k != "smoothing" else "label_smoothing": v
-                                for k, v in hyper.items()}, **(blocks or {}))
-    plain = plain_distillation(x @ w + b, tx @ tw + tb, labels, reduction=reduction, **hyper)
-    return fused, plain
+        ignore_index=IGNORE, label_smoothing=smoothing, **hyper, **BLOCKS[blocks])
+
+
+def _plain(x, w, b, tx, tw, tb, labels, reduction, **hyper):
+    return plain_distillation(x @ w + b, tx @ tw + tb, labels, reduction=reduction, **hyper)
+
+
+# One compiled program per configuration, shared by the tests that use it: the fused loss
+# with its hyper-parameters static (a Python float picks the rule's specialised path), the
+# plain formula with everything but beta (which picks its formula) traced.
+@functools.partial(jax.jit, static_argnames=("reduction", "blocks", "case"))
+def _fused_value_and_grads(x, w, b, tx, tw, tb, labels, weight, *, reduction, blocks, case):
+    return jax.value_and_grad(lambda x, w, b: jnp.sum(_fused(
+        x, w, b, tx, tw, tb, labels, reduction, blocks, **CASES[case]) * weight),
+        argnums=(0, 1, 2))(x, w, b)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "beta"))
+def _plain_value_and_grads(x, w, b, tx, tw, tb, labels, weight, hyper, *, reduction, beta):
+    return jax.value_and_grad(lambda x, w, b: jnp.sum(_plain(
+        x, w, b, tx, tw, tb, labels, reduction, beta=beta, **hyper) * weight),
+        argnums=(0, 1, 2))(x, w, b)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "blocks"))
+def _fused_hyper_grads(hyper, x, w, b, tx, tw, tb, labels, weight, *, reduction, blocks):
+    return jax.grad(lambda hyper: jnp.sum(_fused(
+        x, w, b, tx, tw, tb, labels, reduction, blocks, **hyper) * weight))(hyper)
 
 
 CASES = {
@@ -52,19 +79,21 @@ CASES = {
 }
 
 
+def _weight(reduction):
+    return jnp.linspace(0.5, 2.0, N) if reduction == "none" else 1.0
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 def test_values_and_gradients_match_plain_formulas(x64, case, reduction, blocks):
-    x, w, b, tx, tw, tb, labels = _inputs()
-    weight = jnp.linspace(0.5, 2.0, N) if reduction == "none" else 1.0
-
-    def loss(x, w, b, which):
-        out = _both(x, w, b, tx, tw, tb, labels, reduction, BLOCKS[blocks], **CASES[case])
-        return jnp.sum(out[which] * weight)
-
-    got = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b, 0)
-    want = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, b, 1)
+    inputs = _inputs()
+    weight = _weight(reduction)
+    hyper = {k: np.float64(v) for k, v in CASES[case].items() if k != "beta"}
+    got = _fused_value_and_grads(*inputs, weight, reduction=reduction, blocks=blocks,
+                                 case=case)
+    want = _plain_value_and_grads(*inputs, weight, hyper, reduction=reduction,
+                                  beta=CASES[case]["beta"])
     np.testing.assert_allclose(got[0], want[0], rtol=1e-10)
     for g, r in zip(got[1], want[1], strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-12)
@@ -73,18 +102,17 @@ def test_values_and_gradients_match_plain_formulas(x64, case, reduction, blocks)
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_hyperparameter_gradients_are_exact(x64, blocks, reduction):
-    x, w, b, tx, tw, tb, labels = _inputs()
-    weight = jnp.linspace(0.5, 2.0, N) if reduction == "none" else 1.0
-
-    def loss(temperature, beta, hard_weight, smoothing, which):
-        out = _both(x, w, b, tx, tw, tb, labels, reduction, BLOCKS[blocks],
-                    temperature=temperature, beta=beta, hard_weight=hard_weight,
-                    smoothing=smoothing)
-        return jnp.sum(out[which] * weight)
-
-    hyper = (1.7, 0.4, 0.3, 0.15)
-    got = jax.grad(loss, argnums=(0, 1, 2, 3))(*hyper, 0)
-    want = jax.grad(loss, argnums=(0, 1, 2, 3))(*hyper, 1)
+    inputs = _inputs()
+    weight = _weight(reduction)
+    names = ("temperature", "beta", "hard_weight", "smoothing")
+    hyper = dict(zip(names, (1.7, 0.4, 0.3, 0.15), strict=True))
+    got = _fused_hyper_grads({k: np.float64(v) for k, v in hyper.items()}, *inputs, weight,
+                             reduction=reduction, blocks=blocks)
+    got = [got[k] for k in names]
+    # the plain formula picks its case from a concrete beta: differentiated op by op
+    want = jax.grad(lambda *h: jnp.sum(_plain(
+        *inputs, reduction, **dict(zip(names, h, strict=True))) * weight),
+        argnums=(0, 1, 2, 3))(*hyper.values())
     assert all(abs(float(g)) > 1e-4 for g in got)
     np.testing.assert_allclose(got, want, rtol=1e-8)
 
@@ -102,18 +130,25 @@ def test_float32_matches_a_float64_numpy_formula():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * want.max())
 
 
+@functools.partial(jax.jit, static_argnames=("beta", "constant"))
+def _temperature_grads(x, w, b, tx, tw, tb, t, *, beta, constant):
+    def loss(x, w, b, t):
+        return linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=tb, temperature=t,
+                                           beta=beta, **BLOCKS["tiles"])
+
+    if constant:
+        return jax.grad(lambda x, w, b: loss(x, w, b, constant), argnums=(0, 1, 2))(x, w, b)
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, b, t)
+
+
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_constant_temperature_skips_only_its_own_cotangent(beta):
     # A Python-float temperature drops the per-element temperature term of the gradient
     # pass; the gradients of x, w and b must equal those with a traced temperature.
     x, w, b, tx, tw, tb, _ = _inputs(jnp.float32)
-
-    def loss(x, w, b, t):
-        return linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=tb, temperature=t,
-                                           beta=beta, **BLOCKS["tiles"])
-
-    constant = jax.grad(lambda x, w, b: loss(x, w, b, 1.7), argnums=(0, 1, 2))(x, w, b)
-    traced = jax.grad(loss, argnums=(0, 1, 2, 3))(x, w, b, jnp.float32(1.7))
+    t = jnp.float32(1.7)
+    constant = _temperature_grads(x, w, b, tx, tw, tb, t, beta=beta, constant=1.7)
+    traced = _temperature_grads(x, w, b, tx, tw, tb, t, beta=beta, constant=None)
     for got, want in zip(constant, traced[:3], strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert np.isfinite(traced[3]) and traced[3] != 0.0
@@ -121,8 +156,8 @@ def test_constant_temperature_skips_only_its_own_cotangent(beta):
 
 def test_teacher_arguments_get_zero_cotangents():
     x, w, b, tx, tw, tb, _ = _inputs(jnp.float32)
-    grads = jax.grad(lambda tx, tw, tb: linear_softmax_distillation(
-        x, w, tx, tw, b=b, teacher_b=tb, beta=0.5), argnums=(0, 1, 2))(tx, tw, tb)
+    grads = jax.jit(jax.grad(lambda tx, tw, tb: linear_softmax_distillation(
+        x, w, tx, tw, b=b, teacher_b=tb, beta=0.5), argnums=(0, 1, 2)))(tx, tw, tb)
     for g in grads:
         np.testing.assert_array_equal(g, 0.0)
 
@@ -130,33 +165,70 @@ def test_teacher_arguments_get_zero_cotangents():
 def test_ignored_tokens_and_the_mean():
     x, w, b, tx, tw, tb, labels = _inputs(jnp.float32)
     labels = labels.at[:5].set(IGNORE)
-    per = linear_softmax_distillation(x, w, tx, tw, labels=labels, ignore_index=IGNORE,
-                                      reduction="none")
+
+    @jax.jit
+    def per_mean_and_dx(x):
+        def loss(x, reduction):
+            return linear_softmax_distillation(x, w, tx, tw, labels=labels,
+                                               ignore_index=IGNORE, reduction=reduction)
+
+        return loss(x, "none"), *jax.value_and_grad(loss)(x, "mean")
+
+    per, mean, gx = per_mean_and_dx(x)
     np.testing.assert_array_equal(per[:5], 0.0)
-    mean = linear_softmax_distillation(x, w, tx, tw, labels=labels, ignore_index=IGNORE)
     np.testing.assert_allclose(mean, per.sum() / (N - 5), rtol=1e-6)
-    gx = jax.grad(lambda x: linear_softmax_distillation(
-        x, w, tx, tw, labels=labels, ignore_index=IGNORE))(x)
     np.testing.assert_array_equal(gx[:5], 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks", "beta"))
+def _padded_value_and_grads(x, w, b, tx, tw, tb, labels, *, blocks, beta):
+    return jax.value_and_grad(lambda x, w: linear_softmax_distillation(
+        x, w, tx, tw, labels=labels, b=b, teacher_b=tb, beta=beta, hard_weight=0.3,
+        ignore_index=IGNORE, **BLOCKS[blocks]), argnums=(0, 1))(x, w)
+
+
+@functools.partial(jax.jit, static_argnames=("beta",))
+def _plain_of_kept_columns(x, w, b, tx, tw, tb, labels, *, beta):
+    return plain_distillation(x @ w[:, :-8] + b[:-8], tx @ tw[:, :-8] + tb[:-8], labels,
+                              temperature=1.0, beta=beta, hard_weight=0.3, smoothing=0.0,
+                              reduction="mean")
 
 
 def test_padded_vocabulary_with_negative_infinite_biases():
     x, w, b, tx, tw, tb, labels = _inputs(jnp.float32)
-    b = b.at[-8:].set(-jnp.inf)
-    tb = tb.at[-8:].set(-jnp.inf)
-    labels = jnp.where(labels >= V - 8, 0, labels)
-    for blocks in BLOCKS.values():
+    b, tb = (jnp.asarray(np.where(np.arange(V) >= V - 8, -np.inf, a)) for a in (b, tb))
+    labels = jnp.asarray(np.where(np.asarray(labels) >= V - 8, 0, labels))
+    for blocks in BLOCKS:
         for beta in (0.0, 0.5, 1.0):
-            loss, grads = jax.value_and_grad(
-                lambda x, w, beta=beta, blocks=blocks: linear_softmax_distillation(
-                    x, w, tx, tw, labels=labels, b=b, teacher_b=tb, beta=beta,
-                    hard_weight=0.3, ignore_index=IGNORE, **blocks), argnums=(0, 1))(x, w)
-            want = plain_distillation(x @ w[:, :-8] + b[:-8], tx @ tw[:, :-8] + tb[:-8],
-                             labels, temperature=1.0, beta=beta, hard_weight=0.3,
-                             smoothing=0.0, reduction="mean")
+            loss, grads = _padded_value_and_grads(x, w, b, tx, tw, tb, labels, blocks=blocks,
+                                                  beta=beta)
+            want = _plain_of_kept_columns(x, w, b, tx, tw, tb, labels, beta=beta)
             np.testing.assert_allclose(loss, want, rtol=1e-5)
             assert all(np.isfinite(g).all() for g in grads)
             np.testing.assert_array_equal(grads[1][:, -8:], 0.0)
+
+
+HALF_HYPER = {"beta": 0.5, "hard_weight": 0.2, "temperature": 2.0}
+
+
+@functools.partial(jax.jit, static_argnames=("blocks",))
+def _half_value_and_grads(x, w, b, tx, tw, tb, labels, *, blocks):
+    return jax.value_and_grad(lambda x, w, b: linear_softmax_distillation(
+        x, w, tx, tw, b=b, teacher_b=tb, labels=labels, ignore_index=IGNORE, **HALF_HYPER,
+        **BLOCKS[blocks]), argnums=(0, 1, 2))(x, w, b)
+
+
+@jax.jit
+def _plain_value_grads_and_dz(x, w, b, tx, tw, tb, labels):
+    """The plain formula's value and gradients of x, w, b, and its logit gradient."""
+    def plain_of_logits(zs, zt):
+        return plain_distillation(zs, zt, labels, smoothing=0.0, reduction="mean",
+                                  **HALF_HYPER)
+
+    zs, zt = x @ w + b, tx @ tw + tb
+    want = jax.value_and_grad(lambda x, w, b: plain_of_logits(x @ w + b, zt),
+                              argnums=(0, 1, 2))(x, w, b)
+    return want, jax.grad(plain_of_logits)(zs, zt)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -168,23 +240,11 @@ def test_half_precision(x64, dtype, blocks):
     x, w, b, tx, tw, tb, labels = _inputs(jnp.float32)
     half = [a.astype(dtype) for a in (x, w, b, tx, tw, tb)]
     up = [a.astype(jnp.float64) for a in half]
-    hyper = {"beta": 0.5, "hard_weight": 0.2, "temperature": 2.0}
-
-    def loss(x, w, b, tx, tw, tb):
-        return linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=tb, labels=labels,
-                                           ignore_index=IGNORE, **hyper, **BLOCKS[blocks])
-
-    def plain_of_logits(zs, zt):
-        return plain_distillation(zs, zt, labels, smoothing=0.0, reduction="mean", **hyper)
-
-    got = jax.value_and_grad(loss, argnums=(0, 1, 2))(*half)
+    got = _half_value_and_grads(*half, labels, blocks=blocks)
     assert got[0].dtype == jnp.float32
     assert all(g.dtype == dtype for g in got[1])
-    zs, zt = up[0] @ up[1] + up[2], up[3] @ up[4] + up[5]
-    want = jax.value_and_grad(lambda x, w, b: plain_of_logits(x @ w + b, zt),
-                              argnums=(0, 1, 2))(*up[:3])
+    want, dz = _plain_value_grads_and_dz(*up, labels)
     np.testing.assert_allclose(got[0], want[0], rtol=16 * float(jnp.finfo(jnp.float32).eps))
-    dz = jax.grad(plain_of_logits)(zs, zt)
     ratios = gradient_rounding_ratios(got[1], want[1], dz, up[0], up[1],
                                       float(jnp.finfo(dtype).eps))
     assert max(ratios) <= 1.0, ratios

@@ -40,18 +40,31 @@ def _plain(x, w, b, tokens, temperature=1.0, soft_cap=None):
     return ref.log_probs(z, tokens), ref.softmax_entropy(z)
 
 
+_jit_plain = jax.jit(_plain)
+
+
 def _cotangents(shape, seed=1):
     rng = np.random.default_rng(seed)
     return jnp.asarray(rng.normal(size=shape)), jnp.asarray(rng.normal(size=shape))
 
 
+def _vjp(fn, primals, cots):
+    """``fn``'s outputs and their pullback of ``cots``, as one compiled program."""
+    def run(primals, cots):
+        out, pull = jax.vjp(fn, *primals)
+        return out, pull(cots)
+
+    return jax.jit(run)(primals, cots)
+
+
 def _check_vjp(fused, plain, primals, cots, rtol=1e-11):
-    out, pull = jax.vjp(fused, *primals)
-    want, pull_want = jax.vjp(plain, *primals)
+    out, grads = _vjp(fused, primals, cots)
+    want, grads_want = _vjp(plain, primals, cots)
     for o, e in zip(out, want, strict=True):
         np.testing.assert_allclose(o, e, rtol=1e-12, atol=1e-13)
-    for g, e in zip(pull(cots), pull_want(cots), strict=True):
+    for g, e in zip(grads, grads_want, strict=True):
         np.testing.assert_allclose(g, e, rtol=rtol, atol=1e-12)
+    return out
 
 
 @pytest.mark.usefixtures("x64")
@@ -106,8 +119,7 @@ def test_batch_time_inputs_with_where_and_ignore_index(layout):
         logp, ent = _plain(x, w, b, jnp.where(counted, tokens, 0))
         return jnp.where(counted, logp, 0.0), jnp.where(counted, ent, 0.0)
 
-    _check_vjp(fused, plain, (x, w, b), cots)
-    logp, ent = fused(x, w, b)
+    logp, ent = _check_vjp(fused, plain, (x, w, b), cots)
     assert logp.shape == ent.shape == (3, 5)
     assert logp[1, 2] == 0.0 and ent[1, 2] == 0.0 and logp[0, 0] == 0.0 and ent[2, 1] == 0.0
 
@@ -124,8 +136,8 @@ def test_masked_tokens_get_exactly_zero_gradient_whatever_they_hold(layout):
                                         return_entropy=True, **LAYOUTS[layout])
         return jnp.sum(logp) + jnp.sum(ent), (logp, ent)
 
-    (value, (logp, ent)), (dx, dw, db) = jax.value_and_grad(
-        total, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+    (value, (logp, ent)), (dx, dw, db) = jax.jit(jax.value_and_grad(
+        total, argnums=(0, 1, 2), has_aux=True))(x, w, b)
     assert np.isfinite(value) and np.isfinite(np.asarray(dw)).all()
     assert np.isfinite(np.asarray(db)).all()
     for i in (2, 4):
@@ -133,19 +145,21 @@ def test_masked_tokens_get_exactly_zero_gradient_whatever_they_hold(layout):
         assert np.all(np.asarray(dx[i]) == 0.0)
     # a zero gradient for the masked rows also in dw: the same as without them
     rest = jnp.ones(N, bool).at[2].set(False).at[4].set(False)
-    dw_rest = jax.grad(lambda w: total(jnp.where(rest[:, None], x, 0.0), w, b)[0])(w)
+    dw_rest = jax.jit(jax.grad(
+        lambda w: total(jnp.where(rest[:, None], x, 0.0), w, b)[0]))(w)
     np.testing.assert_allclose(dw, dw_rest, rtol=1e-6, atol=1e-7)
 
 
 def test_out_of_range_token_gives_nan_for_its_row_only():
     x, w, b, tokens = _inputs(dtype=jnp.float32)
     tokens = tokens.at[3].set(V).at[5].set(-1)
-    logp, ent = sj.linear_log_probs(x, w, tokens, b, return_entropy=True)
+    (logp, ent), dx = jax.jit(lambda x: (
+        sj.linear_log_probs(x, w, tokens, b, return_entropy=True),
+        jax.grad(lambda x: jnp.sum(sj.linear_log_probs(x, w, tokens, b)))(x)))(x)
     bad = np.zeros(N, bool)
     bad[[3, 5]] = True
     assert np.isnan(np.asarray(logp)[bad]).all() and np.isnan(np.asarray(ent)[bad]).all()
     assert np.isfinite(np.asarray(logp)[~bad]).all()
-    dx = jax.grad(lambda x: jnp.sum(sj.linear_log_probs(x, w, tokens, b)))(x)
     assert np.isnan(np.asarray(dx)[bad]).all() and np.isfinite(np.asarray(dx)[~bad]).all()
 
 
@@ -159,7 +173,8 @@ def test_temperature_must_be_positive_and_finite():
     for bad in (0.0, -1.0, jnp.inf):
         logp, ent = f(jnp.asarray(bad))
         assert np.isnan(np.asarray(logp)).all() and np.isnan(np.asarray(ent)).all()
-    grad = jax.grad(lambda t: jnp.sum(sj.linear_log_probs(x, w, tokens, temperature=t)))
+    grad = jax.jit(jax.grad(lambda t: jnp.sum(sj.linear_log_probs(x, w, tokens,
+                                                                  temperature=t))))
     assert np.isnan(grad(jnp.asarray(-1.0)))
 
 
@@ -167,15 +182,16 @@ def test_temperature_must_be_positive_and_finite():
 def test_narrow_inputs_give_float32_outputs_accurate_to_the_rounded_inputs(dtype):
     x, w, b, tokens = _inputs(lead=(64,), d=32, v=300, dtype=jnp.float32)
     x, w, b = 2.0 * x.astype(dtype), w.astype(dtype), b.astype(dtype)
-    logp, ent = sj.linear_log_probs(x, w, tokens, b, return_entropy=True)
+    (logp, ent), (dx, dw) = jax.jit(lambda x, w: (
+        sj.linear_log_probs(x, w, tokens, b, return_entropy=True),
+        jax.grad(lambda x, w: jnp.sum(sj.linear_log_probs(x, w, tokens, b)),
+                 argnums=(0, 1))(x, w)))(x, w)
     assert logp.dtype == ent.dtype == jnp.float32
     with jax.enable_x64(True):
-        want_lp, want_h = _plain(*(np.asarray(a, np.float64) for a in (x, w, b)), tokens)
+        want_lp, want_h = _jit_plain(*(np.asarray(a, np.float64) for a in (x, w, b)), tokens)
     # float32 accumulation of D = 32 products of exact narrow numbers: a few float32 ulps
     np.testing.assert_allclose(logp, want_lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ent, want_h, rtol=1e-5, atol=1e-5)
-    dx, dw = jax.grad(lambda x, w: jnp.sum(sj.linear_log_probs(x, w, tokens, b)),
-                      argnums=(0, 1))(x, w)
     assert dx.dtype == dtype and dw.dtype == dtype
 
 
@@ -184,8 +200,8 @@ def test_float32_values_within_rounding_of_float64():
     logp, ent = sj.linear_log_probs(3.0 * x, w, tokens, b, return_entropy=True,
                                     vocab_block=128)
     with jax.enable_x64(True):
-        want_lp, want_h = _plain(*(np.asarray(a, np.float64) for a in (3.0 * x, w, b)),
-                                 tokens)
+        want_lp, want_h = _jit_plain(
+            *(np.asarray(a, np.float64) for a in (3.0 * x, w, b)), tokens)
     np.testing.assert_allclose(logp, want_lp, rtol=1e-5)
     # H = log S - E[z - m] (S the row's sum relative to its maximum, >= 1): each part is
     # rounded to float32 at the size of log S, so a near-certain token's entropy is
@@ -210,13 +226,15 @@ def test_negative_infinite_bias_columns_add_nothing():
     x, w, b, tokens = _inputs(dtype=jnp.float32)
     b_pad = jnp.concatenate([b, jnp.full((11,), -jnp.inf)])
     w_pad = jnp.concatenate([w, jnp.ones((D, 11))], axis=1)
+    want = sj.linear_log_probs(x, w, tokens, b, return_entropy=True)
     for layout in ({}, {"vocab_block": 8}):
-        got = sj.linear_log_probs(x, w_pad, tokens, b_pad, return_entropy=True, **layout)
-        want = sj.linear_log_probs(x, w, tokens, b, return_entropy=True)
+        def padded(w, layout=layout):
+            return sj.linear_log_probs(x, w, tokens, b_pad, return_entropy=True, **layout)
+
+        got, dw = jax.jit(lambda w, padded=padded: (
+            padded(w), jax.grad(lambda w: jnp.sum(padded(w)[1]))(w)))(w_pad)
         for g, e in zip(got, want, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-        dw = jax.grad(lambda w, layout=layout: jnp.sum(sj.linear_log_probs(
-            x, w, tokens, b_pad, return_entropy=True, **layout)[1]))(w_pad)
         assert np.isfinite(np.asarray(dw)).all() and np.all(np.asarray(dw[:, V:]) == 0.0)
 
 
@@ -260,8 +278,8 @@ def test_grpo_objective_values_and_gradients(layout):
         ref_logp = ref.log_probs(ref.linear_logits(ref_x, ref_w, b), tokens)
         return ref.grpo_objective(logp, old_logp, ref_logp, ent, adv, mask)
 
-    got, dgot = jax.value_and_grad(fused, argnums=(0, 1, 2))(x, w, b)
-    want, dwant = jax.value_and_grad(plain, argnums=(0, 1, 2))(x, w, b)
+    got, dgot = jax.jit(jax.value_and_grad(fused, argnums=(0, 1, 2)))(x, w, b)
+    want, dwant = jax.jit(jax.value_and_grad(plain, argnums=(0, 1, 2)))(x, w, b)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, e in zip(dgot, dwant, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
@@ -287,8 +305,8 @@ def test_dpo_objective_values_and_gradients():
         return dpo(ref.log_probs(ref.linear_logits(x, w, b), tokens),
                    ref.log_probs(ref.linear_logits(x, ref_w, b), tokens))
 
-    got, dgot = jax.value_and_grad(fused, argnums=(0, 1))(x, w)
-    want, dwant = jax.value_and_grad(plain, argnums=(0, 1))(x, w)
+    got, dgot = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(x, w)
+    want, dwant = jax.jit(jax.value_and_grad(plain, argnums=(0, 1)))(x, w)
     np.testing.assert_allclose(got, want, rtol=1e-12)
     for g, e in zip(dgot, dwant, strict=True):
         np.testing.assert_allclose(g, e, rtol=1e-10, atol=1e-13)
