@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import normal
 from jax.sharding import PartitionSpec as P
 
 import softmax_jax as sj
@@ -14,13 +15,12 @@ import softmax_jax as sj
 
 @pytest.mark.parametrize("blocks", [{}, {"token_block": 8, "vocab_block": 3}])
 def test_vocab_parallel_log_probs_and_entropy_match_one_device(blocks) -> None:
-    kx, kw, kb, ky, kc = jax.random.split(jax.random.PRNGKey(0), 5)
-    x = jax.random.normal(kx, (4, 5, 8))
-    w = jax.random.normal(kw, (8, 56)) * 0.7
-    b = jax.random.normal(kb, (56,)) * 0.3
-    y = jax.random.randint(ky, (4, 5), 0, 56).at[1, 1].set(-100)
+    x, w, b = normal(0, (4, 5, 8)), normal(1, (8, 56), scale=0.7), normal(2, (56,), scale=0.3)
+    labels = np.random.default_rng(3).integers(0, 56, (4, 5))
+    labels[1, 1] = -100
+    y = jnp.asarray(labels, jnp.int32)
     keep = jnp.arange(5)[None, :] >= jnp.array([[1], [0], [2], [1]])
-    cot = jax.random.normal(kc, (2, 4, 5))
+    cot = normal(4, (2, 4, 5))
     mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def objective(logp, ent):

@@ -6,16 +6,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _inputs import integers, normal
 from jax.sharding import PartitionSpec as P
 
 import softmax_jax as sj
 
 
 def test_vocab_parallel_mean_matches_one_device() -> None:
-    kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (16, 8))
-    w = jax.random.normal(kw, (8, 64)) * 0.5
-    y = jax.random.randint(ky, (16,), 0, 64)
+    x, w, y = normal(0, (16, 8)), normal(1, (8, 64), scale=0.5), integers(2, (16,), 64)
     mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
     def sharded(x, w, y):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import normal, uniform
 from _rounding import gradient_rounding_ratios
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,13 +37,10 @@ def _over_data(out, labels, ct, reduction, data_axis):
 
 
 def _inputs(dtype=jnp.float32):
-    kx, kw, kb, ky = jax.random.split(jax.random.PRNGKey(42), 4)
-    x = jax.random.normal(kx, (N, D), dtype)
-    w = (jax.random.normal(kw, (D, V)) * 0.7).astype(dtype)
-    b = (jax.random.normal(kb, (V,)) * 0.3).astype(dtype)
-    labels = jax.random.randint(ky, (N,), 0, V)
-    labels = labels.at[3].set(IGNORE).at[17].set(IGNORE)
-    return x, w, b, labels
+    labels = np.random.default_rng(45).integers(0, V, N)
+    labels[[3, 17]] = IGNORE
+    return (normal(42, (N, D), dtype), normal(43, (D, V), dtype, 0.7),
+            normal(44, (V,), dtype, 0.3), jnp.asarray(labels, jnp.int32))
 
 
 def _max_err(a, b) -> float:
@@ -70,7 +68,7 @@ def _check_vocab_parallel(mesh: Mesh, data_axis: str | None, options: dict, redu
     """shard_map over (data x) vocab against the unsharded call: value and d/dx, dw, db."""
     x, w, b, labels = _inputs()
     kw = dict(options, ignore_index=IGNORE)
-    ct = jax.random.normal(jax.random.PRNGKey(7), (N,))
+    ct = normal(7, (N,))
 
     def unsharded(x, w, b):
         out = linear_softmax_cross_entropy(x, w, labels, b, reduction=reduction, **kw)
@@ -231,9 +229,7 @@ def _check_unchecked_shard_map_is_refused(mesh: Mesh) -> None:
 
 
 def _teacher():
-    kx, kw, kb = jax.random.split(jax.random.PRNGKey(3), 3)
-    return (jax.random.normal(kx, (N, D + 3)), jax.random.normal(kw, (D + 3, V)) * 0.6,
-            jax.random.normal(kb, (V,)) * 0.2)
+    return normal(3, (N, D + 3)), normal(4, (D + 3, V), scale=0.6), normal(5, (V,), scale=0.2)
 
 
 def _check_distillation(mesh: Mesh, data_axis: str | None, beta: float, hard_weight: float,
@@ -242,7 +238,7 @@ def _check_distillation(mesh: Mesh, data_axis: str | None, beta: float, hard_wei
     unsharded call: value and d/dx, dw, db, d/dtemperature."""
     x, w, b, labels = _inputs()
     tx, tw, tb = _teacher()
-    ct = jax.random.normal(jax.random.PRNGKey(8), (N,))
+    ct = normal(8, (N,))
     kw = {"beta": beta, "hard_weight": hard_weight, "ignore_index": IGNORE,
           "label_smoothing": 0.1, "reduction": reduction}
 
@@ -277,9 +273,9 @@ def _check_class_weights(mesh: Mesh, reduction: str, blocks: dict) -> None:
     """Class weights sharded along V with w: PyTorch's weighted mean over the global
     vocabulary's weights."""
     x, w, b, labels = _inputs()
-    cw = jax.random.uniform(jax.random.PRNGKey(5), (V,), minval=0.2, maxval=2.0)
+    cw = uniform(5, (V,), 0.2, 2.0)
     kw = {"ignore_index": IGNORE, "label_smoothing": 0.2, "reduction": reduction}
-    ct = jax.random.normal(jax.random.PRNGKey(9), (N,))
+    ct = normal(9, (N,))
 
     def unsharded(x, w, b):
         out = linear_softmax_cross_entropy(x, w, labels, b, class_weights=cw, **kw)

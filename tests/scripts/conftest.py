@@ -3,27 +3,23 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from _scripts import SCRIPTS
-from _subprocess import repo_env
+from _scripts import load_script
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
-    """One ``train.py --epochs 2`` run on digits, trained once for every test that starts
-    from a trained run; a test that changes it works on a copy (:func:`trained_run_copy`)."""
-    cwd = tmp_path_factory.mktemp("trained")
-    out = cwd / "run"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "train.py"), "--epochs", "2", "--out", str(out),
-         "--no-progress"],
-        cwd=cwd, env=repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg"), capture_output=True,
-        text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    """One ``train.py --epochs 2`` run on digits, trained once (in this process) for every
+    test that starts from a trained run; a test that changes it works on a copy
+    (:func:`trained_run_copy`)."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPLBACKEND", "Agg")
+        code = load_script("train.py").main(["--epochs", "2", "--out", str(out),
+                                             "--no-progress"])
+    assert code == 0
     return out
 
 

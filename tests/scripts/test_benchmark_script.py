@@ -20,14 +20,27 @@ def _core_case_names() -> list[str]:
     return [c.name for c in module.core_cases(4, 5, np.float32)]
 
 
+CORE_ARGS = ["--n", "32", "--v", "50"]
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory) -> dict[str, str]:
+    """The environment of a benchmark subprocess, with one JAX compilation cache shared by
+    every core-suite run of this module: the runs compile the same programs (the same N and
+    V), so only the first compiles them."""
+    return repo_env(drop=("GLIBC_TUNABLES",),
+                    JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 @pytest.mark.parametrize("extra", [[], ["--hugepages"]], ids=["default", "hugepages"])
-def test_core_benchmark_small_run_prints_a_complete_table(extra):
+def test_core_benchmark_small_run_prints_a_complete_table(extra, compile_cache):
     # The table's structure, not the speed (the benchmark itself measures that).
     out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "32", "--v", "50",
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *CORE_ARGS,
          "--repeats", "2", "--rounds", "2", *extra],
-        capture_output=True, text=True, check=True, timeout=300,
-        env=repo_env(drop=("GLIBC_TUNABLES",)),
+        capture_output=True, text=True, check=True, timeout=300, env=compile_cache,
     ).stdout
     header = out.splitlines()[0]
     assert ("glibc.malloc.hugetlb=1" in header) == bool(extra), header
@@ -56,12 +69,11 @@ def _table(out: str, header_start: str) -> list[list[str]]:
     return rows
 
 
-def test_fused_suite_quick_run_prints_every_table():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused", "--quick",
-         "--repeats", "1"],
-        capture_output=True, text=True, check=True, timeout=600, env=repo_env(),
-    ).stdout
+def test_fused_suite_quick_run_prints_every_table(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", [*sys.path])  # the suite puts scripts/ on the path
+    load_module(ROOT / "scripts" / "benchmark.py", "benchmark").main(
+        ["--suite", "fused", "--quick", "--repeats", "1"])
+    out = capsys.readouterr().out
     ce = _table(out, "| N | D | V | anchor temp MiB")
     assert [r[:3] for r in ce] == [["96", "16", "300"], ["64", "8", "1000"]], out
     chunked = _table(out, "| loss | N | D | V | chunked ms")
@@ -111,7 +123,8 @@ def _block(text: str, name: str) -> str:
     return text.split(f"<!-- {name} -->\n", 1)[1].split(f"<!-- /{name} -->", 1)[0]
 
 
-def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path):
+def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path,
+                                                                        compile_cache):
     from experiments import benchmark_docs
 
     page = tmp_path / "benchmarks.md"
@@ -122,10 +135,9 @@ def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path)
     before = original.replace(old_header, benchmark_docs.format_header(earlier))
     page.write_text(before, encoding="utf-8")
     subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--n", "16", "--v", "20",
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), *CORE_ARGS,
          "--repeats", "1", "--rounds", "1", "--write-docs", "--docs", str(page)],
-        capture_output=True, text=True, check=True, timeout=300,
-        env=repo_env(drop=("GLIBC_TUNABLES",)),
+        capture_output=True, text=True, check=True, timeout=300, env=compile_cache,
     )
     after = page.read_text(encoding="utf-8")
     today = benchmark_docs.run_header(ROOT)["Date"]
@@ -134,7 +146,7 @@ def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path)
     for name, allocator in (("core-hugepages", "huge pages"), ("core-default",
                                                                "default allocator")):
         block = _block(after, name)
-        assert block.startswith("Core: forward + gradient, float32, N=16, V=20,"), block
+        assert block.startswith("Core: forward + gradient, float32, N=32, V=50,"), block
         assert block.splitlines()[0].endswith(f", {allocator}"), block
         assert [r[0] for r in _table(block, "| function |")] == _core_case_names()
     untouched = ("fused-cross-entropy", "fused-chunked", "contrastive-time")
@@ -144,17 +156,16 @@ def test_write_docs_rewrites_the_core_tables_and_keeps_the_header_true(tmp_path)
     assert strip.sub("", after) == strip.sub("", before)
 
 
-def test_write_docs_refuses_one_suite_under_another_runs_header(tmp_path):
+def test_write_docs_refuses_one_suite_under_another_runs_header(tmp_path, capsys):
     page = tmp_path / "benchmarks.md"
     text = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     page.write_text(text.replace("- Commit:", "- Commit: another commit;"), encoding="utf-8")
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--suite", "fused",
-         "--write-docs", "--docs", str(page)],
-        capture_output=True, text=True, timeout=300, env=repo_env(),
-    )
-    assert run.returncode == 2, run.stderr
-    assert "header names another" in run.stderr and "run --suite all" in run.stderr, run.stderr
+    module = load_module(ROOT / "scripts" / "benchmark.py", "benchmark")
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--suite", "fused", "--write-docs", "--docs", str(page)])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2, stderr
+    assert "header names another" in stderr and "run --suite all" in stderr, stderr
     assert page.read_text(encoding="utf-8") == text.replace("- Commit:",
                                                             "- Commit: another commit;")
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _inputs import integers, normal
 
 from experiments.chunked import chunked_cross_entropy, chunked_distillation
 
@@ -24,13 +25,9 @@ BLOCKS = [
 
 
 def _inputs(dtype):
-    kx, kw, kt, ktw, ky = jax.random.split(jax.random.PRNGKey(11), 5)
-    x = jax.random.normal(kx, (N, D), dtype)
-    w = 0.8 * jax.random.normal(kw, (D, V), dtype)
-    tx = jax.random.normal(kt, (N, DT), dtype)
-    tw = 0.6 * jax.random.normal(ktw, (DT, V), dtype)
-    labels = jax.random.randint(ky, (N,), 0, V)
-    return x, w, tx, tw, labels
+    return (normal(11, (N, D), dtype), normal(12, (D, V), dtype, 0.8),
+            normal(13, (N, DT), dtype), normal(14, (DT, V), dtype, 0.6),
+            integers(15, (N,), V))
 
 
 def _ce_reference(x, w, labels, reduction):

@@ -265,19 +265,27 @@ def test_script_reports_a_teacher_of_another_corpus_in_one_line(distilled, tmp_p
     assert len(err.strip().splitlines()) == 1
 
 
-def test_script_is_data_parallel_over_simulated_devices(tmp_path):
+def test_script_is_data_parallel_over_simulated_devices(tmp_path, capsys, monkeypatch):
     # Under the SPMD partitioner the fused distillation head sees batch-sharded rows; sharding
     # must not change the numbers.
+    # One device in this process; two need a fresh JAX (--devices sets the host device count
+    # before JAX starts), so that run is a subprocess.
     env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
     env.pop("XLA_FLAGS", None)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # --devices sets it; restored afterwards
     runs = {}
     for devices in ("1", "2"):
         out = tmp_path / devices
-        proc = subprocess.run(
-            [sys.executable, str(SCRIPT), *SCRIPT_ARGS, "--steps", "4", "--teacher-steps", "4",
-             "--devices", devices, "--out", str(out)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
+        args = [*SCRIPT_ARGS, "--steps", "4", "--teacher-steps", "4", "--devices", devices,
+                "--out", str(out)]
+        if devices == "1":
+            code, _, err = run_main("distill_lm.py", *args, capsys=capsys)
+            assert code == 0, err
+        else:
+            proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stderr
         runs[devices] = json.loads((out / "metrics.json").read_text())
     assert (runs["1"]["devices"], runs["2"]["devices"]) == (1, 2)
     for name in ("hard", "distilled"):

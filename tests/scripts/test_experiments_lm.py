@@ -246,14 +246,23 @@ SCRIPT_ARGS = ("--steps", "6", "--vocab", "300", "--max-files", "8", "--heldout-
                "--eval-every", "3", "--eval-positions", "256", "--final-eval-positions", "512")
 
 
-def test_script_is_data_parallel_over_simulated_devices(tmp_path):
+def test_script_is_data_parallel_over_simulated_devices(tmp_path, capsys, monkeypatch):
+    # One device in this process; four need a fresh JAX (--devices sets the host device
+    # count before JAX starts), so that run is a subprocess.
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # --devices sets it; restored afterwards
     results = {}
     for devices in ("1", "4"):
         out = tmp_path / f"d{devices}"
-        proc = run_script(*SCRIPT_ARGS, "--devices", devices, "--out", out, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        assert f"{devices} cpu device(s)" in proc.stdout
-        assert "held-out perplexity" in proc.stdout
+        if devices == "1":
+            code, stdout, err = run_main("train_lm.py", *SCRIPT_ARGS, "--devices", devices,
+                                         "--out", out, capsys=capsys)
+        else:
+            proc = run_script(*SCRIPT_ARGS, "--devices", devices, "--out", out, cwd=tmp_path)
+            code, stdout, err = proc.returncode, proc.stdout, proc.stderr
+        assert code == 0, err
+        assert f"{devices} cpu device(s)" in stdout
+        assert "held-out perplexity" in stdout
         assert (out / "loss.png").read_bytes().startswith(PNG_MAGIC)
         results[devices] = json.loads((out / "metrics.json").read_text())
     one, four = results["1"], results["4"]
@@ -284,21 +293,25 @@ def test_script_rejects_bad_flags(tmp_path, capsys, monkeypatch, args, message):
     assert message in err and "Traceback" not in err
 
 
-def test_script_resumes_from_its_checkpoint(tmp_path):
+def test_script_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("XLA_FLAGS", raising=False)  # --devices sets it; restored afterwards
     out = tmp_path / "run"
     common = (*SCRIPT_ARGS, "--devices", "1", "--out", out)
-    first = run_script(*common, "--steps", "3", cwd=tmp_path)
-    assert first.returncode == 0, first.stderr
+    code, _, err = run_main("train_lm.py", *common, "--steps", "3", capsys=capsys)
+    assert code == 0, err
     assert (out / "checkpoint.npz").is_file()
-    again = run_script(*common, "--steps", "6", "--resume", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
-    assert "resumed from" in again.stdout and "at step 3" in again.stdout
+    code, again, err = run_main("train_lm.py", *common, "--steps", "6", "--resume",
+                                capsys=capsys)
+    assert code == 0, err
+    assert "resumed from" in again and "at step 3" in again
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 3
     assert [h["step"] for h in metrics["history"]] == [1, 2, 3, 4, 5, 6]
-    changed = run_script(*common, "--steps", "9", "--hidden", "40", "--resume", cwd=tmp_path)
-    assert changed.returncode == 1 and "Traceback" not in changed.stderr
-    assert "hidden 32 (now 40)" in changed.stderr
+    code, _, err = run_main("train_lm.py", *common, "--steps", "9", "--hidden", "40",
+                            "--resume", capsys=capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "hidden 32 (now 40)" in err
 
 
 def test_script_interrupt_names_the_saved_step(tmp_path, capsys, monkeypatch):
@@ -319,10 +332,12 @@ def test_script_interrupt_names_the_saved_step(tmp_path, capsys, monkeypatch):
     assert err.rstrip().endswith(f"--out {out} --resume")
 
 
-def test_script_reports_unwritable_output_in_one_line(tmp_path):
+def test_script_reports_unwritable_output_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    proc = run_script(*SCRIPT_ARGS, "--steps", "1", "--out", blocker / "out", cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and str(blocker) in proc.stderr
+    code, _, err = run_main("train_lm.py", *SCRIPT_ARGS, "--steps", "1", "--out",
+                            blocker / "out", capsys=capsys)
+    assert code == 1
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and str(blocker) in err

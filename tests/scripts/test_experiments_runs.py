@@ -1,5 +1,6 @@
 """What the scripts do with a run folder and a missing extra: nothing is lost, every failure
-is one ``error:`` line that names the fix. Each script runs as a subprocess."""
+is one ``error:`` line that names the fix. A missing extra is checked in a fresh
+interpreter (a subprocess); the rest call the scripts' ``main`` in this process."""
 
 from __future__ import annotations
 
@@ -112,12 +113,13 @@ def test_overwrite_with_a_batch_the_devices_cannot_split_keeps_the_old_run(
     assert (out / "metrics.json").read_bytes() == b"an earlier run"
 
 
-def test_train_overwrite_starts_over(tmp_path, trained_run_copy):
+def test_train_overwrite_starts_over(trained_run_copy, capsys, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = trained_run_copy
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 2
-    again = run_script("train.py", "--epochs", "1", "--out", out, "--overwrite",
-                       "--no-progress", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    code, _, err = run_main("train.py", "--epochs", "1", "--out", out, "--overwrite",
+                            "--no-progress", capsys=capsys)
+    assert code == 0, err
     assert json.loads((out / "metrics.json").read_text())["epochs_completed"] == 1
 
 

@@ -1,39 +1,19 @@
-"""Smoke tests of the command-line scripts, each run as a subprocess in a temporary folder."""
+"""Smoke tests of the command-line scripts, each ``main`` run in this process (the scripts'
+fresh-interpreter start is checked by ``test_experiments_runs.py``) in a temporary folder."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from _scripts import run_main
-from _subprocess import repo_env
 from test_experiments_data import write_fake_mnist
 
 from experiments.data import MNIST_FILES
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_script(name: str, *args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = repo_env(JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
-    return subprocess.run(
-        [sys.executable, str(SCRIPTS / name), *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def assert_clean_failure(result: subprocess.CompletedProcess[str], path: Path) -> None:
-    """Non-zero exit, one line on stderr that names ``path``, no traceback."""
-    assert_clean_exit(result.returncode, result.stderr, path)
 
 
 def assert_clean_exit(code: int, stderr: str, path: Path) -> None:
@@ -54,9 +34,12 @@ def test_worked_example(tmp_path: Path, capsys, monkeypatch) -> None:
     assert "1.4076" in out and "matches a - y" in out
 
 
-def test_slowdown(tmp_path: Path) -> None:
-    result = run_script("slowdown.py", "--out", tmp_path / "s", "--epochs", "40", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_slowdown(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    code, stdout, err = run_main("slowdown.py", "--out", tmp_path / "s", "--epochs", "40",
+                                 capsys=capsys)
+    assert code == 0, err
     data = json.loads((tmp_path / "s" / "slowdown.json").read_text())
     runs = data["runs"]
     assert [(r["cost"], r["w0"], r["b0"], r["eta"]) for r in runs] == [
@@ -68,10 +51,10 @@ def test_slowdown(tmp_path: Path) -> None:
     assert all(len(r["outputs"]) == len(r["costs"]) == 41 for r in runs)
     assert runs[1]["outputs"][0] == pytest.approx(0.982, abs=1e-3)
     assert (tmp_path / "s" / "slowdown.png").read_bytes()[:8] == PNG_MAGIC
-    assert "a<0.5 at" in result.stdout and "cross_entropy" in result.stdout
+    assert "a<0.5 at" in stdout and "cross_entropy" in stdout
     assert [(r["cost"], r["w0"], r["eta"]) for r in data["same_rate"]] == [
         ("quadratic", 2.0, 0.15), ("cross_entropy", 2.0, 0.15)]
-    assert "The same rate, eta 0.15, from (2, 2):" in result.stdout
+    assert "The same rate, eta 0.15, from (2, 2):" in stdout
 
 
 def test_train_then_resume(tmp_path: Path, trained_run_copy: Path, capsys, monkeypatch) -> None:
@@ -85,12 +68,11 @@ def test_train_then_resume(tmp_path: Path, trained_run_copy: Path, capsys, monke
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "checkpoint.npz").is_file()
 
-    second = run_script(
-        "train.py", "--epochs", "3", "--out", out, "--resume", "--no-progress", cwd=tmp_path
-    )
-    assert second.returncode == 0, second.stderr
-    assert "resumed from" in second.stdout and "after epoch 2" in second.stdout
-    assert "epoch   1/" not in second.stdout  # nothing is trained twice
+    code, second_out, second_err = run_main("train.py", "--epochs", "3", "--out", out,
+                                            "--resume", "--no-progress", capsys=capsys)
+    assert code == 0, second_err
+    assert "resumed from" in second_out and "after epoch 2" in second_out
+    assert "epoch   1/" not in second_out  # nothing is trained twice
     resumed = json.loads((out / "metrics.json").read_text())
     assert len(resumed["test_accuracy"]) == 3
     assert resumed["test_accuracy"][:2] == metrics["test_accuracy"]
@@ -115,23 +97,24 @@ def test_train_rejects_zero_epochs(tmp_path: Path, capsys) -> None:
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
-def test_train_stops_at_divergence(tmp_path: Path) -> None:
+def test_train_stops_at_divergence(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "o"
-    result = run_script("train.py", "--eta", "1e6", "--epochs", "3", "--out", out,
-                        "--no-progress", cwd=tmp_path)
-    assert_clean_failure(result, out)
-    assert "softmax_ce diverged in epoch 1: training loss" in result.stderr
-    assert "nothing was saved" in result.stderr and "lower --eta (now 1e+06)" in result.stderr
-    assert "epoch   1/3" not in result.stdout  # the diverged epoch is not reported as trained
+    code, stdout, err = run_main("train.py", "--eta", "1e6", "--epochs", "3", "--out", out,
+                                 "--no-progress", capsys=capsys)
+    assert_clean_exit(code, err, out)
+    assert "softmax_ce diverged in epoch 1: training loss" in err
+    assert "nothing was saved" in err and "lower --eta (now 1e+06)" in err
+    assert "epoch   1/3" not in stdout  # the diverged epoch is not reported as trained
     assert not (out / "checkpoint.npz").exists() and not (out / "metrics.json").exists()
 
 
-def test_train_compare(tmp_path: Path) -> None:
+def test_train_compare(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     out = tmp_path / "cmp"
-    result = run_script(
-        "train.py", "--compare", "--epochs", "1", "--out", out, "--no-progress", cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr
+    code, stdout, err = run_main("train.py", "--compare", "--epochs", "1", "--out", out,
+                                 "--no-progress", capsys=capsys)
+    assert code == 0, err
     first_epoch = {}
     for cost in ("softmax_ce", "sigmoid_ce", "quadratic"):
         metrics = json.loads((out / cost / "metrics.json").read_text())
@@ -143,7 +126,7 @@ def test_train_compare(tmp_path: Path) -> None:
     assert (out / "compare.png").read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((out / "compare.json").read_text())
     assert set(summary["runs"]) == {"softmax_ce", "sigmoid_ce", "quadratic"}
-    assert "acc@1" in result.stdout
+    assert "acc@1" in stdout
 
 
 def test_train_missing_data_dir(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -166,24 +149,21 @@ def test_train_corrupt_idx(tmp_path: Path, capsys) -> None:
     assert "truncated" in err
 
 
-def test_train_mnist_and_corrupt_checkpoint(tmp_path: Path) -> None:
+def test_train_mnist_and_corrupt_checkpoint(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     data = tmp_path / "mnist"
     write_fake_mnist(data, n_train=30, n_test=10)
     out = tmp_path / "o"
-    ok = run_script(
-        "train.py", "--dataset", "mnist", "--data-dir", data, "--epochs", "1", "--out", out,
-        "--no-progress", cwd=tmp_path,
-    )
-    assert ok.returncode == 0, ok.stderr
+    code, _, err = run_main("train.py", "--dataset", "mnist", "--data-dir", data, "--epochs",
+                            "1", "--out", out, "--no-progress", capsys=capsys)
+    assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == "mnist" and np.isfinite(metrics["train_loss"][0])
 
     (out / "checkpoint.npz").write_bytes(b"garbage")
-    bad = run_script(
-        "train.py", "--dataset", "mnist", "--data-dir", data, "--epochs", "2", "--out", out,
-        "--resume", "--no-progress", cwd=tmp_path,
-    )
-    assert_clean_failure(bad, out / "checkpoint.npz")
+    code, _, err = run_main("train.py", "--dataset", "mnist", "--data-dir", data, "--epochs",
+                            "2", "--out", out, "--resume", "--no-progress", capsys=capsys)
+    assert_clean_exit(code, err, out / "checkpoint.npz")
 
 
 def test_train_rejects_bad_arguments(tmp_path: Path, capsys, monkeypatch) -> None:
