@@ -77,7 +77,7 @@ def tile_stats(call: Call, tile: Callable[[Any, int], Block], v: int, vb: int,
     ``tile(start, width)`` is the block of columns ``start:start+width``."""
     rule = call.rule
     pairs = rule.expectation_streams()
-    n_second = rule.sizes().second
+    n_second = rule.sizes()[2]
     ms, ss, firsts, expects, amax = _first_pass(call, tile, v, vb, tb)
     logs = tuple(jnp.log(s) for s in ss)
     firsts = firsts + tuple(
