@@ -9,7 +9,8 @@ with fixed random per-token weights ``c``, ``e``, N=2048, D=128, V=32768):
 * materialised: ``jax.nn.log_softmax(x @ w)``, a gather of ``y`` and ``-sum(p log p)``.
 
 Targets: with the entropy at most 1.25x without it, and at most 0.5x the materialised
-composition. Times are medians of interleaved runs (``experiments.timing``).
+composition. Times are medians of interleaved runs (``experiments.timing``); each row also
+gives the compiled program's temporaries (``memory_analysis()``).
 
 Memory row: one GRPO step's value and gradients (``experiments.grpo.objective``: clipped
 ratio, group advantages, k3 KL to a reference, entropy bonus) at N=8192 (256 sequences x 32
@@ -79,22 +80,24 @@ def run_speed(repeats: int, quick: bool) -> None:
     n, d, v = QUICK_SPEED_SIZE if quick else SPEED_SIZE
     args = speed_inputs(n, d, v)
     fns = speed_functions()
-    compiled = {name: compile_fn(fn, args)[0] for name, fn in fns.items()}
+    built = {name: compile_fn(fn, args) for name, fn in fns.items()}
+    compiled = {name: exe for name, (exe, _) in built.items()}
     mat = compiled["materialised"](*args)
     err = max_rel_err(compiled["fused"](*args), mat)
     times = dict(zip(compiled, interleaved_medians(list(compiled.values()), args, repeats),
                      strict=True))
     print(f"\nSpeed: value and grads of x and w, float32, N={n}, D={d}, V={v},"
           f" {repeats} interleaved runs (medians); fused vs materialised max rel err {err:.1e}\n")
-    print("| function | ms | vs materialised | target |")
-    print("|---|---|---|---|")
+    print("| function | ms | vs materialised | temp MiB | target |")
+    print("|---|---|---|---|---|")
     base = times["materialised"]
     for name, t in times.items():
         target = ""
         if name == "fused":
             target = (f"<= {MATERIALISED_TIME_TARGET}x; <= {ENTROPY_TIME_TARGET}x of no entropy"
                       f" ({t / times['fused, no entropy']:.2f}x)")
-        print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {target} |")
+        print(f"| {name} | {1e3 * t:.1f} | {t / base:.2f}x | {mib(built[name][1]):.1f} |"
+              f" {target} |")
 
 
 def grpo_step_functions() -> dict[str, Callable[..., object]]:

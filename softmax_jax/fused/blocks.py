@@ -1,5 +1,5 @@
 """Block helpers of the fused engine: the sharded vocabulary, column slices, the token view,
-the online log-sum-exp and its merge."""
+the online log-sum-exp and its merge, and the online expectation of a log-ratio (a KL)."""
 
 from __future__ import annotations
 
@@ -108,8 +108,9 @@ def block_exp(z: jax.Array, m_old: jax.Array,
     block's maximum, the new running maximum :math:`m' = \max(m, \max_c z_c)` and
     :math:`e^{z - m'}` (with a shift of 0 where :math:`m'` is not finite, so an all
     :math:`-\infty` row gives zeros, not NaN). Exponentiating against :math:`m'` rather than
-    the block's own maximum lets the same array give the sum and any online expectation:
-    one ``exp`` per element."""
+    the block's own maximum gives the sum with no rescaling of the block; an online
+    expectation takes the same exponentials in its own fused reduction
+    (:func:`log_ratio_sum`)."""
     bm = jnp.max(z, axis=axis)
     m_new = jnp.maximum(m_old, bm)
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -164,8 +165,57 @@ def shift_log_ratio(acc: jax.Array, s: jax.Array, old: tuple[jax.Array, jax.Arra
     return jnp.where(s == 0, 0.0, (acc - delta * s) * jnp.exp(old[0] - new[0]))
 
 
-def log_ratio_step(acc: jax.Array, s: jax.Array, weight: jax.Array, za: jax.Array,
-                   zb: jax.Array, old: tuple[jax.Array, jax.Array],
+def _fenced(*arrays: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
+    """``arrays`` through an optimisation barrier (rotated by ``order``, so that two fences
+    of the same arrays are distinct instructions): a sum over expressions of them is then
+    fused with its own copy of those expressions instead of sharing one, which XLA:CPU
+    writes to memory as a block-sized array."""
+    k = order % len(arrays)
+    out = lax.optimization_barrier(arrays[k:] + arrays[:k])
+    return tuple(out[len(arrays) - k:] + out[:len(arrays) - k])
+
+
+def _centred(z: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    r"""``(z - m, max(z, m - F) - m)`` per row, for the running maximum ``m`` (a
+    non-finite one counts as 0) and ``F`` the largest float: the centred block, and the same
+    with :math:`-\infty` entries raised to :math:`-F` (the only entries it changes, since
+    a block's centred values are :math:`\le 0` and far above :math:`-F`), so that a product
+    with them is finite. ``m - F`` is a per-row array, not a constant, so the clamp stays in
+    the fused reduction."""
+    shift = _finite(m)[:, None]
+    floor = shift - jnp.finfo(z.dtype).max
+    return z - shift, jnp.maximum(z, floor) - shift
+
+
+def log_ratio_sum(za: jax.Array, zb: jax.Array, new: tuple[jax.Array, jax.Array],
+                  block_s: jax.Array) -> jax.Array:
+    r"""A block's :math:`\sum_c e^{a_c - m_a'}\big((a_c - m_a') - (b_c - m_b')\big)`
+    against the running maxima ``new = (m_a', m_b')``: a class of weight
+    :math:`e^{a_c - m_a'} = 0` adds 0 whatever its values, and a class of weight
+    :math:`> 0` with :math:`b_c = -\infty` makes it :math:`+\infty`.
+
+    It is formed without a select, as one reduction that XLA:CPU fuses with its own
+    exponentials (the block's :math:`\sum_c e^{a_c - m_a'}` takes them in another): the
+    values are taken with :math:`-\infty` raised to minus the largest float
+    (:func:`_centred`), so :math:`0 \cdot \infty` never occurs, and a class of weight
+    :math:`> 0` with :math:`b_c = -\infty`, whose value is then about the largest float, is
+    found by the block's largest value (or, for a one-column ``zb`` broadcast over the
+    block, by ``block_s``, the block's :math:`\sum_c e^{a_c - m_a'}`, being :math:`> 0`).
+    """
+    fa, fma, fzb, fmb = _fenced(za, new[0], zb, new[1])
+    a, a_low = _centred(fa, fma)
+    total = jnp.sum(jnp.exp(a) * (a_low - _centred(fzb, fmb)[1]), axis=1)
+    if zb.shape[1] == 1:
+        lost = (zb[:, 0] == -jnp.inf) & (block_s > 0)
+    else:
+        ga, gma, gzb, gmb = _fenced(za, new[0], zb, new[1], order=1)
+        top = jnp.max(_centred(ga, gma)[1] - _centred(gzb, gmb)[1], axis=1)
+        lost = top >= jnp.finfo(za.dtype).max / 2
+    return jnp.where(lost, jnp.inf, total)
+
+
+def log_ratio_step(acc: jax.Array, s: jax.Array, block_sum: jax.Array,
+                   old: tuple[jax.Array, jax.Array],
                    new: tuple[jax.Array, jax.Array]) -> jax.Array:
     r"""One block of the online expectation of the log-ratio of two softmaxes,
 
@@ -178,13 +228,36 @@ def log_ratio_step(acc: jax.Array, s: jax.Array, weight: jax.Array, za: jax.Arra
     exponentials relative to them. Each stream is centred by its own maximum, so every value
     is of the size of the logits' spread: the one-pass :math:`E_P[a - b] - (\mathrm{lse}\,a
     - \mathrm{lse}\,b)` subtracts numbers of the logits' size and loses float32 accuracy
-    when the two differ by a large constant. ``weight`` is the block's :math:`e^{a - m_a'}`
-    (:func:`block_exp`), ``s`` the running :math:`S_a` before the block, ``old``/``new``
-    the maxima ``(m_a, m_b)`` before and after it. Classes of weight 0 add 0, whatever
-    their values."""
-    acc = shift_log_ratio(acc, s, old, new)
-    values = (za - _finite(new[0])[:, None]) - (zb - _finite(new[1])[:, None])
-    return acc + jnp.sum(jnp.where(weight == 0, 0.0, weight * values), axis=1)
+    when the two differ by a large constant. ``block_sum`` is the block's part,
+    :func:`log_ratio_sum` against the maxima after it; ``s`` the running :math:`S_a` before
+    the block, ``old``/``new`` the maxima ``(m_a, m_b)`` before and after it."""
+    return shift_log_ratio(acc, s, old, new) + block_sum
+
+
+def online_step(streams: tuple[jax.Array, ...], ms: tuple[jax.Array, ...],
+                ss: tuple[jax.Array, ...], pairs: tuple[tuple[int, int], ...],
+                expects: tuple[jax.Array, ...]):
+    r"""One vocabulary block of every stream's online log-sum-exp (:func:`online_lse`) and
+    of the online log-ratio expectation (:func:`log_ratio_step`) of each pair ``(i, j)`` of
+    ``pairs``, with ``expects`` their running sums. Returns ``(block maxima, m', s',
+    expects')``, per stream and per pair.
+
+    Each sum is its own reduction that recomputes what it needs from the block
+    (:func:`log_ratio_sum`): on XLA:CPU each is then one vectorised pass that reads the
+    block and writes only per-row sums, where a block of exponentials shared by two sums
+    is written to memory and read back (``memory_analysis()``: one more block-sized
+    temporary per pair)."""
+    exps = [block_exp(z, m) for z, m in zip(streams, ms, strict=True)]
+    new_m = tuple(m_new for _, m_new, _ in exps)
+    block_s = tuple(jnp.sum(e, axis=1) for _, _, e in exps)
+    new_s = tuple(rescale(s, m, m_new) + b
+                  for s, m, m_new, b in zip(ss, ms, new_m, block_s, strict=True))
+    new_expects = tuple(
+        log_ratio_step(acc, ss[i], log_ratio_sum(
+            streams[i], streams[j], (new_m[i], new_m[j]), block_s[i]),
+            (ms[i], ms[j]), (new_m[i], new_m[j]))
+        for acc, (i, j) in zip(expects, pairs, strict=True))
+    return tuple(bm for bm, _, _ in exps), new_m, new_s, new_expects
 
 
 def merge_log_ratios(axis: Any, accs, ss, pairs, ms):
