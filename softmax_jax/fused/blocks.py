@@ -176,15 +176,17 @@ def _fenced(*arrays: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
 
 
 def _centred(z: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
-    r"""``(z - m, max(z, m - F) - m)`` per row, for the running maximum ``m`` (a
-    non-finite one counts as 0) and ``F`` the largest float: the centred block, and the same
-    with :math:`-\infty` entries raised to :math:`-F` (the only entries it changes, since
-    a block's centred values are :math:`\le 0` and far above :math:`-F`), so that a product
-    with them is finite. ``m - F`` is a per-row array, not a constant, so the clamp stays in
-    the fused reduction."""
+    r"""``(z - m, max(z - m, -F))`` per row, for the running maximum ``m`` (a non-finite
+    one counts as 0) and ``F`` the largest float: the centred block, and the same with
+    :math:`-\infty` entries raised to :math:`-F` (a centred value below :math:`-F` has
+    overflowed, and its exponential is 0 either way), so that a product with them is
+    finite. The floor is built as ``0 * m - F``, a per-row array rather than a constant,
+    so the clamp stays in the fused reduction; ``m - F`` would overflow to :math:`-\infty`
+    for :math:`m` below about :math:`-10^{31}`, half an ulp of :math:`F`."""
     shift = _finite(m)[:, None]
-    floor = shift - jnp.finfo(z.dtype).max
-    return z - shift, jnp.maximum(z, floor) - shift
+    centred = z - shift
+    floor = 0.0 * shift - jnp.finfo(z.dtype).max
+    return centred, jnp.maximum(centred, floor)
 
 
 def log_ratio_sum(za: jax.Array, zb: jax.Array, new: tuple[jax.Array, jax.Array],

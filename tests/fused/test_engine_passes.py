@@ -78,3 +78,18 @@ def test_kl_is_infinite_where_one_side_has_no_mass(beta, blocks):
                                   "forward" if beta == 0.0 else "reverse")
     np.testing.assert_array_equal(np.isposinf(want), True)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0], ids=["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("shift", [-1e32, 1e32])
+def test_kl_with_masked_classes_is_finite_at_logits_shifted_by_a_huge_constant(beta, shift):
+    # A softmax does not see a constant added to every logit: with both heads' logits
+    # shifted by ``shift`` (the finite ones all round to it, so both distributions are
+    # uniform over the classes left) and two classes masked out on both sides, the KL
+    # is 0, not the NaN of an overflowing clamp.
+    n, d, v = 3, 4, 20
+    x, w, tx, tw = normal(0, (n, d)), normal(1, (d, v)), normal(2, (n, d)), normal(3, (d, v))
+    b = jnp.full((v,), shift, F32).at[-2:].set(-jnp.inf)
+    got = sj.linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=b, beta=beta,
+                                         reduction="none")
+    np.testing.assert_array_equal(got, np.zeros(n, np.float32))
