@@ -303,13 +303,13 @@ def test_bf16_gradient_has_no_weight_sized_temporary(kind):
 def test_narrow_dw_written_in_several_spans(monkeypatch, dtype):
     """bf16/f16 dW blocks gathered in span buffers: with a span of two vocabulary blocks,
     V = 29 in blocks of 8 makes spans of 16 and 13 columns (the last with a 5-wide block)."""
-    from softmax_jax.fused import engine
+    from softmax_jax.fused import grad_pass
 
     # The span size is read when the fused program is traced (and the traces of its
     # custom_vjp rules are cached): each computation below is one compiled program.
     x, w, b, labels = _inputs(dtype=dtype)
     f32 = [a.astype(jnp.float32) for a in (x, w, b)]
-    monkeypatch.setattr(engine, "NARROW_SPAN_BYTES", 2 * 8 * D * 2)
+    monkeypatch.setattr(grad_pass, "NARROW_SPAN_BYTES", 2 * 8 * D * 2)
     jax.clear_caches()
     grad = jax.grad(lambda x, w, b: linear_softmax_cross_entropy(
         x, w, labels, b, ignore_index=IGNORE, **BLOCKS["tiles"]), argnums=(0, 1, 2))
