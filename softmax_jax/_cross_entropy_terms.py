@@ -42,7 +42,6 @@ there: the limit, and what the Python literal 0 would give, never :math:`0 \cdot
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import NamedTuple
 
@@ -202,62 +201,26 @@ def row_cotangent(g: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where((g == 0) | (scale == 0), 0.0, g * scale)
 
 
-def zero_without_cotangent(
-    g: jax.Array, dx: jax.Array, axis: tuple[int, ...] | None = None,
-    suspect: jax.Array | None = None,
-) -> jax.Array:
-    r"""The gradient ``dx``, exactly 0 in every row whose cotangent ``g`` is 0, whatever
-    ``dx`` holds there (a NaN input makes it NaN): the rule of :func:`row_cotangent` for a
-    rule whose gradient is formed before the cotangent can be applied as a factor.
+def zero_without_cotangent(dx: jax.Array, *cotangents: jax.Array) -> jax.Array:
+    r"""The gradient ``dx``, but exactly 0 where it is NaN and every one of ``cotangents``
+    (each broadcasting to ``dx``) is 0: the rule of :func:`row_cotangent` for a rule whose
+    gradient is not simply its cotangent times a factor. A NaN input (or a zero probability
+    under a logarithm) makes ``dx`` NaN even under a zero cotangent; this gives 0 there.
 
-    ``g`` broadcasts to ``dx`` (one cotangent per row, or per entry of an element-wise
-    function). With ``axis`` (non-negative axes), ``g`` has ``dx``'s shape (a softmax's
-    cotangent) and a row is everything along ``axis``: it is zero when
-    :math:`\max_k |\bar g_k| = 0`. A NaN cotangent is not zero.
-
-    ``suspect`` (O(rows) booleans, such as :meth:`Normalizer.nan_rows`) marks the only rows
-    whose ``dx`` can be other than 0 under a zero cotangent. With it, the select runs only
-    when some row is suspect, through a ``lax.cond`` on O(rows) numbers that stays a choice
-    under ``vmap``: XLA:CPU's fused softmax pass takes no select, which would cost an
-    N x V array written and read again. The result is the same either way, row by row."""
-    if suspect is None:
-        return _select_rows(g, dx, axis)
-    return _zero_if_suspect(axis)(g, dx, suspect)
-
-
-def _select_rows(g: jax.Array, dx: jax.Array, axis: tuple[int, ...] | None) -> jax.Array:
-    if axis is not None:
-        g = jnp.max(jnp.abs(g), axis=axis, keepdims=True, initial=0.0)
-    return jnp.where(g == 0, 0.0, dx)
-
-
-def _when_suspect(g, dx, suspect, axis):
-    return jax.lax.cond(jnp.any(suspect), lambda d: _select_rows(g, d, axis), lambda d: d, dx)
-
-
-@functools.cache
-def _zero_if_suspect(axis: tuple[int, ...] | None):
-    """:func:`_when_suspect` whose ``vmap`` maps the batch as one more row axis (the
-    ``lax.cond`` stays a choice, not a ``select`` running both branches), and whose tangent
-    is the same choice applied to the tangent of ``dx`` (linear, so any order works)."""
-    batchable = jax.custom_batching.custom_vmap(
-        lambda g, dx, suspect: _when_suspect(g, dx, suspect, axis))
-
-    @batchable.def_vmap
-    def _batched(axis_size, in_batched, g, dx, suspect):
-        mapped = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
-                  for a, b in zip((g, dx, suspect), in_batched, strict=True)]
-        shifted = None if axis is None else tuple(a + 1 for a in axis)
-        return _zero_if_suspect(shifted)(*mapped), True
-
-    fn = jax.custom_jvp(batchable)
-
-    @fn.defjvp
-    def _tangent(primals, tangents):
-        g, dx, suspect = primals
-        return fn(g, dx, suspect), _when_suspect(g, tangents[1], suspect, axis)
-
-    return fn
+    The cotangents are those whose being 0 makes a finite ``dx`` 0: the entry's own (an
+    element-wise function), the row's (``logsumexp``, ``softmax_entropy``), or a row-level
+    summary of them (the softmax's :math:`\max_k |\bar a_k|`, the log-softmax's
+    :math:`\bar g_j` and :math:`\sum_k \bar g_k`). Where ``dx`` is a number the select is
+    the identity, value and derivative alike: a select on the cotangent alone would lose the
+    derivative along the cotangent where that is exactly 0, such as at a logit of 0 in
+    ``(softmax(z) * z).sum()``. A NaN cotangent is not zero. It is one element-wise select,
+    which fuses with an element-wise producer; XLA:CPU's fusion of a reduction with its
+    element-wise consumer (the softmax family's backward pass) takes no select, so there it
+    costs one more read and write of ``dx``."""
+    drop = jnp.isnan(dx)
+    for c in cotangents:
+        drop = drop & (c == 0)
+    return jnp.where(drop, 0.0, dx)
 
 
 def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:

@@ -53,8 +53,7 @@ def _logsumexp_bwd(
     ct = norm.m.dtype
     z = masked_fill(x.astype(ct), mask, -jnp.inf)
     g_k = jnp.expand_dims(g.astype(ct), axis)
-    dx = norm.fenced().scaled_prob(z, g_k)
-    dx = _ce.zero_without_cotangent(g_k, dx, suspect=norm.nan_rows() & (g_k == 0))
+    dx = _ce.zero_without_cotangent(norm.fenced().scaled_prob(z, g_k), g_k)
     return dx.astype(x.dtype), None
 
 
@@ -111,7 +110,7 @@ def _scaled_logsumexp_bwd(
     # without b.
     w = jnp.where(empty & ~jnp.isnan(s), 0.0, e * jnp.where(s == 0, jnp.inf, jnp.sign(s)))
     g_k = jnp.expand_dims(cts[0].astype(ct), axis)
-    w = _ce.zero_without_cotangent(g_k, w * g_k)
+    w = _ce.zero_without_cotangent(w * g_k, g_k)
     bc = b.astype(ct)
     dx = masked_fill(jnp.where(bc == 0, 0.0, bc * w), mask, 0.0)
     return dx.astype(x.dtype), _sum_to_shape(w, b.shape).astype(b.dtype), None

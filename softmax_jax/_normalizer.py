@@ -101,14 +101,6 @@ class Normalizer(NamedTuple):
         """
         return Normalizer(*jax.lax.optimization_barrier(tuple(self)))
 
-    def nan_rows(self) -> jax.Array:
-        r"""The rows with no softmax (a NaN or :math:`+\infty` logit), as booleans
-        (``axis`` kept as size 1): exactly those whose normaliser is NaN, read from the
-        shift (NaN or :math:`+\infty` there, finite elsewhere, the floor included). Taken
-        from the maximum rather than the sum: XLA:CPU then writes no N x V array for it,
-        only reads the row once more."""
-        return ~jnp.isfinite(self.m)
-
     def lse(self) -> jax.Array:
         r""":math:`\log\sum_k e^{z_k}`: :math:`-\infty` for an empty (fully masked) row, NaN
         for a row holding :math:`+\infty`."""

@@ -62,35 +62,35 @@ def _softmax(x: jax.Array, axis: Axes, mask: Mask) -> jax.Array:
     return _softmax_fwd(x, axis, mask)[0]
 
 
-# The output, the rows with no softmax (O(rows): see _ce.zero_without_cotangent), the mask.
-_Saved = tuple[jax.Array, jax.Array, Mask]
-
-
-def _softmax_fwd(x: jax.Array, axis: Axes, mask: Mask) -> tuple[jax.Array, _Saved]:
+def _softmax_fwd(x: jax.Array, axis: Axes, mask: Mask) -> tuple[jax.Array, tuple[jax.Array, Mask]]:
     z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
-    norm = Normalizer.of(z, axis)
     # One pass after the row statistics: XLA keeps e^(z - m) from the sum's pass for the
     # output (Normalizer.prob), so nothing N x V but the output is written.
-    a = norm.prob(z).astype(x.dtype)
-    return a, (a, norm.nan_rows(), mask)
+    a = Normalizer.of(z, axis).prob(z).astype(x.dtype)
+    return a, (a, mask)
 
 
-def _softmax_bwd(axis: Axes, res: _Saved, g: jax.Array) -> tuple[jax.Array, None]:
+def _softmax_bwd(axis: Axes, res: tuple[jax.Array, Mask], g: jax.Array) -> tuple[jax.Array, None]:
     r"""Softmax Jacobian-vector product.
 
     From :math:`\partial a_j / \partial z_i = a_j(\delta_{ij} - a_i)`:
     :math:`\bar z_i = \sum_j \bar a_j a_j (\delta_{ij} - a_i)
     = a_i (\bar a_i - \sum_j \bar a_j a_j)`. Masked entries take no cotangent; a row whose
-    cotangent is all 0 gets exactly 0, even where its softmax is NaN.
+    cotangent is all 0 (:math:`\max_j |\bar a_j| = 0`) gets exactly 0, even where its
+    softmax is NaN; a NaN row with any nonzero cotangent is NaN throughout, as in ``jax.nn``.
     """
-    a, nan_rows, mask = res
+    a, mask = res
     ct = _v.compute_dtype(a.dtype)
     a32 = a.astype(ct)
     g = masked_fill(g.astype(ct), mask, 0.0)
     # a (g - s) rather than a g - a s: g * a is then read only inside the reduction, and the
     # gradient is one element-wise pass over (a, g) instead of a stored a * g read twice.
     dx = a32 * (g - jnp.sum(a32 * g, axis=axis, keepdims=True))
-    return _ce.zero_without_cotangent(g, dx, axis, nan_rows).astype(a.dtype), None
+    # Whether the row's cotangent is all 0: from the cotangent alone, as the NaN row's sum
+    # above is NaN either way. On XLA:CPU the select splits the fused pass (no select fuses
+    # into it): one more read and write of an N x V array.
+    g_max = jnp.max(jnp.abs(g), axis=axis, keepdims=True, initial=0.0)
+    return _ce.zero_without_cotangent(dx, g_max).astype(a.dtype), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
@@ -145,29 +145,32 @@ def _log_softmax(x: jax.Array, axis: Axes, mask: Mask) -> jax.Array:
     return _log_softmax_fwd(x, axis, mask)[0]
 
 
-def _log_softmax_fwd(x: jax.Array, axis: Axes, mask: Mask) -> tuple[jax.Array, _Saved]:
+def _log_softmax_fwd(
+    x: jax.Array, axis: Axes, mask: Mask
+) -> tuple[jax.Array, tuple[jax.Array, Mask]]:
     z = masked_fill(x.astype(_v.compute_dtype(x.dtype)), mask, -jnp.inf)
-    norm = Normalizer.of(z, axis)
-    out = norm.log_prob(z).astype(x.dtype)
-    return out, (out, norm.nan_rows(), mask)
+    out = Normalizer.of(z, axis).log_prob(z).astype(x.dtype)
+    return out, (out, mask)
 
 
-def _log_softmax_bwd(axis: Axes, res: _Saved, g: jax.Array) -> tuple[jax.Array, None]:
+def _log_softmax_bwd(
+    axis: Axes, res: tuple[jax.Array, Mask], g: jax.Array
+) -> tuple[jax.Array, None]:
     r"""Log-softmax vector-Jacobian product.
 
     From :math:`\partial \log a_j / \partial z_i = \delta_{ij} - a_i`:
     :math:`\bar z = \bar g - a \sum_j \bar g_j`, with :math:`a = e^{\log a}` recomputed from the
     saved output. Masked entries neither receive nor contribute cotangent; a row whose
-    cotangent is all 0 gets exactly 0, even where its log-softmax is NaN (a cotangent that
-    merely sums to 0 keeps such a row NaN).
+    cotangent is all 0 gets exactly 0, even where its log-softmax is NaN (element-wise: an
+    entry whose :math:`\bar g_j` and :math:`\sum_j \bar g_j` are 0, so that in a NaN row
+    whose nonzero cotangent sums to 0 only the entries with a nonzero cotangent are NaN).
     """
-    out, nan_rows, mask = res
+    out, mask = res
     ct = _v.compute_dtype(out.dtype)
     g = masked_fill(g.astype(ct), mask, 0.0)
     a = jnp.exp(out.astype(ct))
-    dx = g - a * jnp.sum(g, axis=axis, keepdims=True)
-    dx = _ce.zero_without_cotangent(g, dx, axis, nan_rows)
-    dx = masked_fill(dx, mask, 0.0)
+    g_sum = jnp.sum(g, axis=axis, keepdims=True)
+    dx = masked_fill(_ce.zero_without_cotangent(g - a * g_sum, g, g_sum), mask, 0.0)
     return dx.astype(out.dtype), None
 
 
@@ -232,7 +235,7 @@ def _sigmoid_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     """
     ct = _v.compute_dtype(x.dtype)
     z, g = x.astype(ct), g.astype(ct)
-    dx = _ce.zero_without_cotangent(g, g * jax.lax.logistic(z) * jax.lax.logistic(-z))
+    dx = _ce.zero_without_cotangent(g * jax.lax.logistic(z) * jax.lax.logistic(-z), g)
     return (dx.astype(x.dtype),)
 
 

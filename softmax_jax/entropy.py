@@ -59,8 +59,7 @@ def _softmax_entropy_bwd(axis: Axes, res, g: jax.Array) -> tuple[jax.Array, None
     norm = norm.fenced()
     g_k = jnp.expand_dims(g.astype(ct), axis)
     a = norm.scaled_prob(z, -g_k)
-    dx = times(a, norm.log_prob(z) + h)
-    dx = zero_without_cotangent(g_k, dx, suspect=norm.nan_rows() & (g_k == 0))
+    dx = zero_without_cotangent(times(a, norm.log_prob(z) + h), g_k)
     dx = masked_fill(dx, mask, 0.0)
     return dx.astype(x.dtype), None
 

@@ -62,8 +62,8 @@ def _log_likelihood_bwd(res, g):
     # Double where: a zero target's entry divides by 1, not by a probability that may be 0,
     # so that differentiating this rule again (jacrev of grad) sees no inf * 0 either.
     da = jnp.where(y == 0, 0.0, -g * y / jnp.where(y == 0, 1.0, a))
-    da = zero_without_cotangent(g, da)
-    dy = zero_without_cotangent(g, -g * jnp.log(a))
+    da = zero_without_cotangent(da, g)
+    dy = zero_without_cotangent(-g * jnp.log(a), g)
     return da.astype(probs.dtype), dy.astype(labels.dtype)
 
 
@@ -138,8 +138,8 @@ def _sigmoid_bce_bwd(res, g):
     z, y = logits.astype(ct), labels.astype(ct)
     g = g.astype(ct)
     return (
-        zero_without_cotangent(g, g * (jax.lax.logistic(z) - y)).astype(logits.dtype),
-        zero_without_cotangent(g, -g * z).astype(labels.dtype),
+        zero_without_cotangent(g * (jax.lax.logistic(z) - y), g).astype(logits.dtype),
+        zero_without_cotangent(-g * z, g).astype(labels.dtype),
     )
 
 
@@ -208,7 +208,7 @@ def _quadratic_bwd(res, g):
     activations, targets = res
     ct = _v.compute_dtype(activations.dtype)
     g = jnp.expand_dims(g.astype(ct), -1)
-    d = zero_without_cotangent(g, g * (activations.astype(ct) - targets.astype(ct)))
+    d = zero_without_cotangent(g * (activations.astype(ct) - targets.astype(ct)), g)
     return d.astype(activations.dtype), (-d).astype(targets.dtype)
 
 

@@ -1,6 +1,7 @@
 """A row whose cotangent is exactly zero gets an exactly zero gradient, whatever its inputs
 hold (a NaN among them), in every core function; the other rows get ``jax.grad`` of the plain
-formula, and a NaN row whose cotangent is not zero stays NaN.
+formula (and its second derivatives), and a NaN row whose cotangent is not zero keeps NaN
+gradients (all of the row, or for the log-softmax where its cotangent is not zero).
 
 This is how users mask rows outside a function: ``jnp.where(row_mask, f(x), 0)`` or
 ``(f(x) * mask).sum()``. ``jax.nn`` returns NaN for the whole gradient of such a row.
@@ -89,16 +90,22 @@ def test_nan_row_with_zero_cotangent_gets_exactly_zero_gradient(name):
         np.testing.assert_allclose(g[ROWS], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
-def test_nan_row_whose_cotangent_sums_to_zero_keeps_a_nan_gradient(name):
-    # The cotangent is not zero, though its sum (log_softmax) or its product with the
-    # softmax (softmax) could be: the row's gradient stays NaN, as jax.nn gives.
+# The cotangent is not zero, though its sum (log_softmax) or its product with the softmax
+# (softmax) could be: the softmax's whole row stays NaN, as jax.nn gives; the log-softmax's
+# gradient g - a * sum(g) is NaN where the cotangent is not 0, and 0 where it is (its sum
+# being 0 too).
+_SUMS_TO_ZERO = np.zeros((N, V), np.float32)
+_SUMS_TO_ZERO[1, :2] = 1.0, -1.0
+
+
+@pytest.mark.parametrize(("name", "nan_at"), [
+    ("softmax", np.ones(V, bool)), ("log_softmax", _SUMS_TO_ZERO[1] != 0)])
+def test_nan_row_whose_cotangent_sums_to_zero_keeps_a_nan_gradient(name, nan_at):
     fn = CASES[name][0]
-    cotangent = np.zeros((N, V), np.float32)
-    cotangent[1, :2] = 1.0, -1.0
-    g = jax.jit(jax.grad(lambda x: (fn(x) * cotangent).sum()))(_LOGITS)
-    assert np.all(np.isnan(np.asarray(g)[1]))
-    assert np.all(np.asarray(g)[ROWS] == 0.0)  # rows with a zero cotangent
+    g = np.asarray(jax.jit(jax.grad(lambda x: (fn(x) * _SUMS_TO_ZERO).sum()))(_LOGITS))
+    np.testing.assert_array_equal(np.isnan(g[1]), nan_at)
+    assert np.all(g[1][~nan_at] == 0.0)
+    assert np.all(g[ROWS] == 0.0)  # rows with a zero cotangent
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
@@ -115,3 +122,26 @@ def test_zero_cotangent_rows_under_vmap_match_the_batched_call(name):
     assert np.all(np.asarray(mapped)[~ROWS] == 0.0)
     # the two programs fuse differently: equal to float32 rounding
     np.testing.assert_allclose(mapped, batched, rtol=1e-6, atol=1e-7)
+
+
+_SECOND_ORDER = ["softmax", "log_softmax", "logsumexp", "softmax_entropy", "sigmoid"]
+
+
+@pytest.mark.parametrize("name", _SECOND_ORDER)
+def test_hessian_where_the_cotangent_is_exactly_zero_matches_the_plain_formula(x64, name):
+    # In (f(z) * z).sum() the cotangent of f is z itself: a logit of exactly 0 is a zero
+    # cotangent whose own derivative is not 0, so the zero-cotangent rule must not act on
+    # finite rows (row 1 is all 0: its whole cotangent, and the softmax's sum, are 0).
+    fn, plain = CASES[name][:2]
+    z = np.asarray(_inputs.normal(4, (N, V)), np.float64)
+    z[0, 1], z[1] = 0.0, 0.0
+
+    def total(f):
+        def weighted(x):
+            out = f(x)
+            return (out * (x if out.ndim == 2 else x[:, 0])).sum()
+        return weighted
+
+    ours = jax.jit(jax.hessian(total(fn)))(z)
+    theirs = jax.jit(jax.hessian(total(plain)))(z)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
