@@ -201,6 +201,28 @@ def row_cotangent(g: jax.Array, scale: jax.Array) -> jax.Array:
     return jnp.where((g == 0) | (scale == 0), 0.0, g * scale)
 
 
+def zero_without_cotangent(dx: jax.Array, *cotangents: jax.Array) -> jax.Array:
+    r"""The gradient ``dx``, but exactly 0 where it is NaN and every one of ``cotangents``
+    (each broadcasting to ``dx``) is 0: the rule of :func:`row_cotangent` for a rule whose
+    gradient is not simply its cotangent times a factor. A NaN input (or a zero probability
+    under a logarithm) makes ``dx`` NaN even under a zero cotangent; this gives 0 there.
+
+    The cotangents are those whose being 0 makes a finite ``dx`` 0: the entry's own (an
+    element-wise function), the row's (``logsumexp``, ``softmax_entropy``), or a row-level
+    summary of them (the softmax's :math:`\max_k |\bar a_k|`, the log-softmax's
+    :math:`\bar g_j` and :math:`\sum_k \bar g_k`). Where ``dx`` is a number the select is
+    the identity, value and derivative alike: a select on the cotangent alone would lose the
+    derivative along the cotangent where that is exactly 0, such as at a logit of 0 in
+    ``(softmax(z) * z).sum()``. A NaN cotangent is not zero. It is one element-wise select,
+    which fuses with an element-wise producer; XLA:CPU's fusion of a reduction with its
+    element-wise consumer (the softmax family's backward pass) takes no select, so there it
+    costs one more read and write of ``dx``."""
+    drop = jnp.isnan(dx)
+    for c in cotangents:
+        drop = drop & (c == 0)
+    return jnp.where(drop, 0.0, dx)
+
+
 def half_neg_log_prob(z: jax.Array, m: jax.Array, log_s: jax.Array) -> jax.Array:
     r""":math:`-\tfrac12 \log a = \tfrac12 (m - z) + \tfrac12 \log s` from the
     normaliser's two parts (``m``, ``log_s``: keepdims), formed as :math:`m/2 - z/2`.

@@ -14,6 +14,7 @@ from typing import Literal, overload
 import jax
 import jax.numpy as jnp
 
+from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import (
     Axes,
@@ -45,12 +46,15 @@ def _logsumexp_bwd(
     r"""Log-sum-exp vector-Jacobian product.
 
     From :math:`\partial\,\mathrm{lse}(x) / \partial x_i = a_i` (the softmax):
-    :math:`\bar x = \bar g\, a` with :math:`a = e^{(x - m) - \log s}` recomputed from the input.
+    :math:`\bar x = \bar g\, a` with :math:`a = e^{(x - m) - \log s}` recomputed from the input;
+    exactly 0 in a row whose cotangent is 0, even where that row is NaN.
     """
     x, norm, mask = res
     ct = norm.m.dtype
     z = masked_fill(x.astype(ct), mask, -jnp.inf)
-    return norm.fenced().scaled_prob(z, jnp.expand_dims(g.astype(ct), axis)).astype(x.dtype), None
+    g_k = jnp.expand_dims(g.astype(ct), axis)
+    dx = _ce.zero_without_cotangent(norm.fenced().scaled_prob(z, g_k), g_k)
+    return dx.astype(x.dtype), None
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
@@ -93,7 +97,8 @@ def _scaled_logsumexp_bwd(
     piecewise constant and takes no cotangent. Entries with :math:`e^{x_i} = 0` (masked,
     :math:`-\infty`) get 0, also in an empty row, but NaN in a row whose sum is NaN; a
     sum cancelled to exactly 0 gives the infinite derivative, as ``jax.nn`` does. A zero
-    weight still gets its true :math:`\bar b_i` (``jax.nn``'s autodiff gives 0 there).
+    weight still gets its true :math:`\bar b_i` (``jax.nn``'s autodiff gives 0 there). A row
+    whose cotangent is 0 gets exactly 0 for both, even where it is NaN.
     """
     x, b, mask, m, s = res
     ct = m.dtype
@@ -104,7 +109,8 @@ def _scaled_logsumexp_bwd(
     # A NaN sum (a NaN or +inf entry) makes the whole row NaN, its -inf entries too, as
     # without b.
     w = jnp.where(empty & ~jnp.isnan(s), 0.0, e * jnp.where(s == 0, jnp.inf, jnp.sign(s)))
-    w = w * jnp.expand_dims(cts[0].astype(ct), axis)
+    g_k = jnp.expand_dims(cts[0].astype(ct), axis)
+    w = _ce.zero_without_cotangent(w * g_k, g_k)
     bc = b.astype(ct)
     dx = masked_fill(jnp.where(bc == 0, 0.0, bc * w), mask, 0.0)
     return dx.astype(x.dtype), _sum_to_shape(w, b.shape).astype(b.dtype), None

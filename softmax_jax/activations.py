@@ -39,6 +39,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from softmax_jax import _cross_entropy_terms as _ce
 from softmax_jax import _validation as _v
 from softmax_jax._normalizer import (
     Axes,
@@ -74,7 +75,9 @@ def _softmax_bwd(axis: Axes, res: tuple[jax.Array, Mask], g: jax.Array) -> tuple
 
     From :math:`\partial a_j / \partial z_i = a_j(\delta_{ij} - a_i)`:
     :math:`\bar z_i = \sum_j \bar a_j a_j (\delta_{ij} - a_i)
-    = a_i (\bar a_i - \sum_j \bar a_j a_j)`. Masked entries take no cotangent.
+    = a_i (\bar a_i - \sum_j \bar a_j a_j)`. Masked entries take no cotangent; a row whose
+    cotangent is all 0 (:math:`\max_j |\bar a_j| = 0`) gets exactly 0, even where its
+    softmax is NaN; a NaN row with any nonzero cotangent is NaN throughout, as in ``jax.nn``.
     """
     a, mask = res
     ct = _v.compute_dtype(a.dtype)
@@ -82,7 +85,12 @@ def _softmax_bwd(axis: Axes, res: tuple[jax.Array, Mask], g: jax.Array) -> tuple
     g = masked_fill(g.astype(ct), mask, 0.0)
     # a (g - s) rather than a g - a s: g * a is then read only inside the reduction, and the
     # gradient is one element-wise pass over (a, g) instead of a stored a * g read twice.
-    return (a32 * (g - jnp.sum(a32 * g, axis=axis, keepdims=True))).astype(a.dtype), None
+    dx = a32 * (g - jnp.sum(a32 * g, axis=axis, keepdims=True))
+    # Whether the row's cotangent is all 0: from the cotangent alone, as the NaN row's sum
+    # above is NaN either way. On XLA:CPU the select splits the fused pass (no select fuses
+    # into it): one more read and write of an N x V array.
+    g_max = jnp.max(jnp.abs(g), axis=axis, keepdims=True, initial=0.0)
+    return _ce.zero_without_cotangent(dx, g_max).astype(a.dtype), None
 
 
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
@@ -152,13 +160,17 @@ def _log_softmax_bwd(
 
     From :math:`\partial \log a_j / \partial z_i = \delta_{ij} - a_i`:
     :math:`\bar z = \bar g - a \sum_j \bar g_j`, with :math:`a = e^{\log a}` recomputed from the
-    saved output. Masked entries neither receive nor contribute cotangent.
+    saved output. Masked entries neither receive nor contribute cotangent; a row whose
+    cotangent is all 0 gets exactly 0, even where its log-softmax is NaN (element-wise: an
+    entry whose :math:`\bar g_j` and :math:`\sum_j \bar g_j` are 0, so that in a NaN row
+    whose nonzero cotangent sums to 0 only the entries with a nonzero cotangent are NaN).
     """
     out, mask = res
     ct = _v.compute_dtype(out.dtype)
     g = masked_fill(g.astype(ct), mask, 0.0)
     a = jnp.exp(out.astype(ct))
-    dx = masked_fill(g - a * jnp.sum(g, axis=axis, keepdims=True), mask, 0.0)
+    g_sum = jnp.sum(g, axis=axis, keepdims=True)
+    dx = masked_fill(_ce.zero_without_cotangent(g - a * g_sum, g, g_sum), mask, 0.0)
     return dx.astype(out.dtype), None
 
 
@@ -219,10 +231,12 @@ def _sigmoid_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 
     The second form is evaluated (from the saved input): for large :math:`z`,
     :math:`1 - \sigma(z)` cancels catastrophically while :math:`\sigma(-z)` stays exact.
+    An entry whose cotangent is 0 gets exactly 0, even at a NaN input.
     """
     ct = _v.compute_dtype(x.dtype)
-    z = x.astype(ct)
-    return ((g.astype(ct) * jax.lax.logistic(z) * jax.lax.logistic(-z)).astype(x.dtype),)
+    z, g = x.astype(ct), g.astype(ct)
+    dx = _ce.zero_without_cotangent(g * jax.lax.logistic(z) * jax.lax.logistic(-z), g)
+    return (dx.astype(x.dtype),)
 
 
 _sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)

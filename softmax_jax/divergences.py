@@ -222,7 +222,7 @@ def _kl_bwd(axes, log_targets, res, g):
     :math:`\bar g\,(\log y + 1 - \log a)` (probabilities; :math:`-\infty` at
     :math:`y = 0`, the one-sided derivative of :math:`y \log y`) or
     :math:`\bar g\,y\,(\log y + 1 - \log a)` (log-probabilities; 0 where :math:`y = 0`).
-    Masked entries get 0."""
+    Masked entries, and rows whose cotangent is 0, get exactly 0."""
     log_predictions, targets, mask = res
     ct = _v.compute_dtype(jnp.result_type(log_predictions, targets))
     log_a, y_in = log_predictions.astype(ct), targets.astype(ct)
@@ -234,7 +234,7 @@ def _kl_bwd(axes, log_targets, res, g):
     else:
         y = y_in
         d_y = jnp.log(y) + 1.0 - log_a
-    d_a = masked_fill(-g * y, mask, 0.0)
+    d_a = masked_fill(_terms.times(g, -y), mask, 0.0)
     d_y = masked_fill(_terms.times(g, d_y), mask, 0.0)
     return d_a.astype(log_predictions.dtype), d_y.astype(targets.dtype), None
 

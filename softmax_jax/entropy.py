@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from softmax_jax import _validation as _v
-from softmax_jax._cross_entropy_terms import times  # the one 0-times-infinity rule
+from softmax_jax._cross_entropy_terms import (  # the shared 0-times-inf and zero-row rules
+    times,
+    zero_without_cotangent,
+)
 from softmax_jax._normalizer import Axes, Normalizer, masked_fill, reduction_axes
 from softmax_jax._validation import Mask
 
@@ -47,14 +50,17 @@ def _softmax_entropy_bwd(axis: Axes, res, g: jax.Array) -> tuple[jax.Array, None
     a_j(\delta_{ij} - a_i)`: :math:`\partial H/\partial z_i = a_i - a_i - a_i z_i + a_i
     \sum_j a_j z_j = -a_i(\log a_i + H)`, so :math:`\bar z = -\bar g\,a(\log a + H)`. An
     entry with :math:`a_i = 0` (a :math:`-\infty` or masked logit, a fully masked row)
-    gets exactly 0, although :math:`\log a_i = -\infty` there.
+    gets exactly 0, although :math:`\log a_i = -\infty` there; so does a row whose
+    cotangent is 0, even where it is NaN.
     """
     x, norm, h, mask = res
     ct = norm.m.dtype
     z = masked_fill(x.astype(ct), mask, -jnp.inf)
     norm = norm.fenced()
-    a = norm.scaled_prob(z, -jnp.expand_dims(g.astype(ct), axis))
-    dx = masked_fill(times(a, norm.log_prob(z) + h), mask, 0.0)
+    g_k = jnp.expand_dims(g.astype(ct), axis)
+    a = norm.scaled_prob(z, -g_k)
+    dx = zero_without_cotangent(times(a, norm.log_prob(z) + h), g_k)
+    dx = masked_fill(dx, mask, 0.0)
     return dx.astype(x.dtype), None
 
 

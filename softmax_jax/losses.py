@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from softmax_jax import _validation as _v
+from softmax_jax._cross_entropy_terms import zero_without_cotangent
 
 __all__ = [
     "log_likelihood",
@@ -51,7 +52,8 @@ def _log_likelihood_fwd(probs, labels):
 def _log_likelihood_bwd(res, g):
     r"""Log-likelihood gradients: :math:`\bar a = -\bar g\,y / a`, :math:`\bar y = -\bar g \log a`.
 
-    A zero target contributes nothing, even where :math:`a = 0`.
+    A zero target contributes nothing, even where :math:`a = 0`. A row whose cotangent is 0
+    gets exactly 0 for both, even where it holds a zero probability or a NaN.
     """
     probs, labels = res
     ct = _v.compute_dtype(probs.dtype)
@@ -60,7 +62,8 @@ def _log_likelihood_bwd(res, g):
     # Double where: a zero target's entry divides by 1, not by a probability that may be 0,
     # so that differentiating this rule again (jacrev of grad) sees no inf * 0 either.
     da = jnp.where(y == 0, 0.0, -g * y / jnp.where(y == 0, 1.0, a))
-    dy = -g * jnp.log(a)
+    da = zero_without_cotangent(da, g)
+    dy = zero_without_cotangent(-g * jnp.log(a), g)
     return da.astype(probs.dtype), dy.astype(labels.dtype)
 
 
@@ -128,14 +131,15 @@ def _sigmoid_bce_fwd(logits, labels):
 
 def _sigmoid_bce_bwd(res, g):
     r"""Sigmoid cross-entropy gradients: :math:`\bar z = \bar g\,(\sigma(z) - y)` (no
-    :math:`\sigma'(z)` factor, hence no learning slowdown) and :math:`\bar y = -\bar g\,z`."""
+    :math:`\sigma'(z)` factor, hence no learning slowdown) and :math:`\bar y = -\bar g\,z`;
+    both exactly 0 where the cotangent is 0, even at a NaN or infinite logit."""
     logits, labels = res
     ct = _v.compute_dtype(logits.dtype)
     z, y = logits.astype(ct), labels.astype(ct)
     g = g.astype(ct)
     return (
-        (g * (jax.lax.logistic(z) - y)).astype(logits.dtype),
-        (-g * z).astype(labels.dtype),
+        zero_without_cotangent(g * (jax.lax.logistic(z) - y), g).astype(logits.dtype),
+        zero_without_cotangent(-g * z, g).astype(labels.dtype),
     )
 
 
@@ -200,10 +204,11 @@ def _quadratic_fwd(activations, targets):
 
 def _quadratic_bwd(res, g):
     r"""Quadratic-cost gradients: :math:`\bar a = \bar g\,(a - y)` and
-    :math:`\bar y = -\bar g\,(a - y)`."""
+    :math:`\bar y = -\bar g\,(a - y)`; exactly 0 in a row whose cotangent is 0."""
     activations, targets = res
     ct = _v.compute_dtype(activations.dtype)
-    d = jnp.expand_dims(g.astype(ct), -1) * (activations.astype(ct) - targets.astype(ct))
+    g = jnp.expand_dims(g.astype(ct), -1)
+    d = zero_without_cotangent(g * (activations.astype(ct) - targets.astype(ct)), g)
     return d.astype(activations.dtype), (-d).astype(targets.dtype)
 
 
