@@ -34,6 +34,14 @@ def device(x, dtype=None):
     return jax.device_put(x if dtype is None else x.astype(dtype))
 
 
+def set_at(x, index, value):
+    """A copy of ``x`` with ``x[index] = value``, written on the host (``x.at[index].set``
+    would compile a scatter for each shape)."""
+    out = np.array(x)
+    out[index] = value
+    return jax.device_put(out)
+
+
 def np_softmax_rows(z):
     """The softmax of each row of a NumPy array, in NumPy (a positive row summing to 1)."""
     e = np.exp(z - z.max(-1, keepdims=True))
