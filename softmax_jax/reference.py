@@ -6,9 +6,15 @@ masking, no dtype handling, no special cases. The one concession is the max shif
 through ``lax.stop_gradient``: it leaves values and derivatives unchanged mathematically
 (the notes' :math:`F = -\max_k z_k` argument) and lets the references run at scales where
 :math:`e^{x}` alone would overflow.
+
+Each formula is one ``jax.jit`` program (arguments that pick a branch or a shape, such as
+``axis`` or ``reduction``, are static): a test pays one compile per call, and ``jax.grad``
+of it two, where the same formula run op by op would compile every operation on its own.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,28 +25,33 @@ def _shift(x: jax.Array, axis: int) -> jax.Array:
     return x - jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     """:math:`a_j = e^{x_j} / \\sum_k e^{x_k}`."""
     e = jnp.exp(_shift(x, axis))
     return e / jnp.sum(e, axis=axis, keepdims=True)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def logsumexp(x: jax.Array, axis: int = -1) -> jax.Array:
     r""":math:`\log \sum_k e^{x_k}`."""
     m = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
     return jnp.squeeze(m, axis) + jnp.log(jnp.sum(jnp.exp(x - m), axis=axis))
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     r""":math:`\log a_j = x_j - \log \sum_k e^{x_k}`."""
     return x - jnp.expand_dims(logsumexp(x, axis), axis)
 
 
+@jax.jit
 def sigmoid(x: jax.Array) -> jax.Array:
     r""":math:`\sigma(x) = 1 / (1 + e^{-x})`."""
     return 1.0 / (1.0 + jnp.exp(-x))
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def softmax_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -56,6 +67,7 @@ def softmax_cross_entropy(
     return loss + z_loss * logsumexp(logits, axis) ** 2
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.Array,
     labels: jax.Array,
@@ -68,11 +80,13 @@ def softmax_cross_entropy_with_integer_labels(
     return softmax_cross_entropy(logits, onehot, axis, label_smoothing, z_loss)
 
 
+@jax.jit
 def log_likelihood(probs: jax.Array, labels: jax.Array) -> jax.Array:
     r""":math:`C = -\sum_k y_k \log a_k`."""
     return -jnp.sum(labels * jnp.log(probs), axis=-1)
 
 
+@jax.jit
 def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     r""":math:`-(y \log \sigma(z) + (1 - y) \log(1 - \sigma(z)))`, with
     :math:`\log \sigma(z) = -\log(1 + e^{-z})` so that large :math:`|z|` stays finite."""
@@ -81,11 +95,13 @@ def sigmoid_binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Ar
     return -(labels * log_p + (1.0 - labels) * log_not_p)
 
 
+@jax.jit
 def quadratic_cost(activations: jax.Array, targets: jax.Array) -> jax.Array:
     r""":math:`C = \tfrac12 \lVert a - y \rVert^2` over the last axis."""
     return 0.5 * jnp.sum((activations - targets) ** 2, axis=-1)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def forward_kl_distillation(
     student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
     temperature: float = 1.0,
@@ -97,6 +113,7 @@ def forward_kl_distillation(
     return temperature**2 * jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=axis)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def reverse_kl_distillation(
     student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
     temperature: float = 1.0,
@@ -105,6 +122,7 @@ def reverse_kl_distillation(
     return forward_kl_distillation(teacher_logits, student_logits, axis, temperature)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def jsd_distillation(
     student_logits: jax.Array, teacher_logits: jax.Array, axis: int = -1,
     temperature: float = 1.0, beta: float = 0.5,
@@ -131,11 +149,13 @@ def distillation_loss(
     return jsd_distillation(student_logits, teacher_logits, axis, temperature, beta)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def kl_divergence(log_predictions: jax.Array, targets: jax.Array, axis: int = -1) -> jax.Array:
     r""":math:`\sum_c y_c (\log y_c - \log a_c)` (strictly positive targets)."""
     return jnp.sum(targets * (jnp.log(targets) - log_predictions), axis=axis)
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def kl_divergence_with_log_targets(
     log_predictions: jax.Array, log_targets: jax.Array, axis: int = -1
 ) -> jax.Array:
@@ -143,6 +163,7 @@ def kl_divergence_with_log_targets(
     return jnp.sum(jnp.exp(log_targets) * (log_targets - log_predictions), axis=axis)
 
 
+@jax.jit
 def weighted_softmax_cross_entropy_with_integer_labels(
     logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -158,6 +179,7 @@ def weighted_softmax_cross_entropy_with_integer_labels(
             + z_loss * logsumexp(logits) ** 2)
 
 
+@jax.jit
 def weighted_softmax_cross_entropy(
     logits: jax.Array, labels: jax.Array, class_weights: jax.Array,
     label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -169,6 +191,7 @@ def weighted_softmax_cross_entropy(
     return -jnp.sum(class_weights * y * log_softmax(logits), -1) + z_loss * logsumexp(logits) ** 2
 
 
+@jax.jit
 def kl_of_log_probabilities(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
     r""":math:`\sum_c a_c (\log a_c - \log b_c)` over the last axis, with :math:`0 \log 0 = 0`
     (a double ``where``, so that a zero :math:`a_c` adds nothing to values or gradients)."""
@@ -177,6 +200,7 @@ def kl_of_log_probabilities(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(pos, jnp.exp(log_a) * inner, 0.0), axis=-1)
 
 
+@jax.jit
 def tempered_log_softmax(logits: jax.Array, temperature: jax.Array | float) -> jax.Array:
     r""":math:`\log \mathrm{softmax}(z / T)` over the last axis, with a :math:`-\infty` logit
     left at :math:`-\infty` (and out of the derivative in :math:`T`, which
@@ -186,6 +210,7 @@ def tempered_log_softmax(logits: jax.Array, temperature: jax.Array | float) -> j
     return jnp.where(fin, log_a, -jnp.inf)
 
 
+@functools.partial(jax.jit, static_argnames="kind")
 def distillation_of_logits(
     student_logits: jax.Array, teacher_logits: jax.Array, temperature: jax.Array | float,
     beta: jax.Array | float, kind: str,
@@ -218,6 +243,17 @@ def distillation_with_hard_labels(
     :math:`D` (0 forward KL, 1 reverse KL, else JSD); rows labelled ``ignore_index`` count 0
     and leave the mean's denominator."""
     kind = "forward" if beta == 0.0 else "reverse" if beta == 1.0 else "jsd"
+    return _distillation_with_hard_labels(
+        student_logits, teacher_logits, labels, temperature, beta, hard_weight, smoothing,
+        ignore_index, kind, reduction)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "reduction"))
+def _distillation_with_hard_labels(
+    student_logits: jax.Array, teacher_logits: jax.Array, labels: jax.Array,
+    temperature: jax.Array | float, beta: jax.Array | float, hard_weight: jax.Array | float,
+    smoothing: jax.Array | float, ignore_index: int, kind: str, reduction: str,
+) -> jax.Array:
     div = distillation_of_logits(student_logits, teacher_logits, temperature, beta, kind)
     log_a = log_softmax(student_logits)
     nll = -jnp.take_along_axis(log_a, jnp.clip(labels, 0)[:, None], axis=1)[:, 0]
@@ -282,17 +318,20 @@ def np_distillation(
     return temperature**2 * d
 
 
+@functools.partial(jax.jit, static_argnames="axis")
 def softmax_entropy(x: jax.Array, axis: int = -1) -> jax.Array:
     r""":math:`H = -\sum_j a_j \log a_j` with :math:`a = \mathrm{softmax}(x)`."""
     log_a = log_softmax(x, axis)
     return -jnp.sum(jnp.exp(log_a) * log_a, axis=axis)
 
 
+@jax.jit
 def log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     r""":math:`\log a_y = z_y - \log\sum_k e^{z_k}` of each row's token (last axis)."""
     return jnp.take_along_axis(log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
 
 
+@jax.jit
 def linear_logits(
     x: jax.Array, w: jax.Array, b: jax.Array | None = None, temperature: float = 1.0,
     soft_cap: float | None = None,
@@ -305,6 +344,7 @@ def linear_logits(
     return z / temperature
 
 
+@jax.jit
 def grpo_objective(
     logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array, entropy: jax.Array,
     advantages: jax.Array, mask: jax.Array, clip: float = 0.2, kl_weight: float = 0.04,
@@ -324,6 +364,7 @@ def grpo_objective(
     return jnp.sum(per_token * mask) / jnp.sum(mask)
 
 
+@jax.jit
 def dpo_objective(
     chosen_logp: jax.Array, rejected_logp: jax.Array, ref_chosen_logp: jax.Array,
     ref_rejected_logp: jax.Array, chosen_mask: jax.Array, rejected_mask: jax.Array,

@@ -3,10 +3,13 @@ r"""The plain materialised contrastive formulas (CLIP and SigLIP), differentiate
 :func:`softmax_jax.sigmoid_contrastive_loss` in the tests and benchmarks.
 
 As in :mod:`softmax_jax.reference` they build the whole ``N x M`` matrix and take no
-masks: a padded batch is compared by slicing it.
+masks: a padded batch is compared by slicing it. Each is one ``jax.jit`` program, with
+``reduction`` and ``bidirectional`` static.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +23,7 @@ def _reduce(per: jax.Array, reduction: str) -> jax.Array:
     return jnp.sum(per) if reduction == "sum" else jnp.mean(per)
 
 
+@functools.partial(jax.jit, static_argnames=("bidirectional", "reduction"))
 def clip_loss(x: jax.Array, y: jax.Array, logit_scale=1.0, labels: jax.Array | None = None,
               bidirectional: bool = True, reduction: str = "mean") -> jax.Array:
     r""":math:`z = s\,x y^\top`; per row :math:`\mathrm{lse}_j z_{ij} - z_{i\ell_i}`, and with
@@ -34,6 +38,7 @@ def clip_loss(x: jax.Array, y: jax.Array, logit_scale=1.0, labels: jax.Array | N
     return _reduce(per, reduction)
 
 
+@functools.partial(jax.jit, static_argnames="reduction")
 def sigmoid_contrastive_loss(x: jax.Array, y: jax.Array, logit_scale=1.0, logit_bias=0.0,
                              reduction: str = "mean") -> jax.Array:
     r""":math:`\mathrm{nll}_i = \sum_j \log(1 + e^{-t_{ij} z_{ij}})`, :math:`t = 2I - 1`,

@@ -1,5 +1,9 @@
 """Inputs shared by the core tests: random logits with integer and dense labels, class
-weights, and a value-and-gradients helper with unequal cotangents."""
+weights, and a value-and-gradients helper with unequal cotangents.
+
+The draws are NumPy's, put on the device with ``jax.device_put``: nothing here compiles a
+program (``jax.random`` compiles one per shape, and ``jnp.asarray`` one per shape and dtype).
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,33 @@ def numpy_data(seed=0, n=ROWS, v=CLASSES, dtype=np.float32):
 N, V = 6, 11
 
 
+def device(x, dtype=None):
+    """``x`` as a ``jax.Array`` of ``dtype`` (default: its own), converted on the host."""
+    x = np.asarray(x)
+    return jax.device_put(x if dtype is None else x.astype(dtype))
+
+
+def set_at(x, index, value):
+    """A copy of ``x`` with ``x[index] = value``, written on the host (``x.at[index].set``
+    would compile a scatter for each shape)."""
+    out = np.array(x)
+    out[index] = value
+    return jax.device_put(out)
+
+
+def np_softmax_rows(z):
+    """The softmax of each row of a NumPy array, in NumPy (a positive row summing to 1)."""
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
 def data(dtype=jnp.float32, seed=0, n=N, v=V, scale=3.0):
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    logits = (scale * jax.random.normal(k1, (n, v))).astype(dtype)
-    labels = jax.random.randint(k2, (n,), 0, v)
-    soft = jax.nn.softmax(jax.random.normal(k3, (n, v))).astype(dtype)
+    """Logits ``scale * N(0, 1)`` of shape ``(n, v)``, integer labels, and dense labels (the
+    softmax of other normal draws), logits and dense labels of ``dtype``."""
+    rng = np.random.default_rng(seed)
+    logits = device(scale * rng.standard_normal((n, v)), dtype)
+    labels = device(rng.integers(0, v, n), np.int32)
+    soft = device(np_softmax_rows(rng.standard_normal((n, v))), dtype)
     return logits, labels, soft
 
 
@@ -42,5 +68,16 @@ def value_and_grads(fn, *args, argnums=(0,)):
 OPTIONS = [(0.0, 0.0), (0.1, 0.0), (0.0, 1e-2), (0.25, 0.3)]
 
 
+def normal(seed, shape, scale=1.0, dtype=np.float32):
+    """``scale * N(0, 1)`` draws of ``shape`` and ``dtype``."""
+    return device(scale * np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def uniform(seed, shape, low=0.0, high=1.0, dtype=np.float32):
+    """Uniform draws on ``[low, high)``."""
+    return device(np.random.default_rng(seed).uniform(low, high, shape), dtype)
+
+
 def random_logits(n, k, seed=0):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, k), jnp.float32) * 2.0
+    """``2 N(0, 1)`` float32 logits of shape ``(n, k)``."""
+    return device(2.0 * np.random.default_rng(seed).standard_normal((n, k)), np.float32)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _cross_entropy_inputs import device
 
 import softmax_jax as sj
 from softmax_jax import reference_contrastive as ref
@@ -16,8 +17,7 @@ from softmax_jax import reference_contrastive as ref
 def _f64_clip(x, y, s, reduction="none", **kw):
     with jax.enable_x64(True):
         f = lambda a, b, t: ref.clip_loss(a, b, t, reduction=reduction, **kw)  # noqa: E731
-        args = tuple(jnp.asarray(np.asarray(a), jnp.float64) for a in (x, y)) + (
-            jnp.float64(s),)
+        args = tuple(np.asarray(a, np.float64) for a in (x, y)) + (np.float64(s),)
         value = np.asarray(f(*args))
         grads = None
         if reduction != "none":
@@ -46,11 +46,18 @@ def test_clip_gradient_exact_at_huge_finite_logit_scale():
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * np.max(np.abs(w)))
 
 
+def _normal(seed, shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _unit_rows(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
 def test_clip_large_norm_embeddings_match_float64():
-    x = jax.random.normal(jax.random.PRNGKey(0), (16, 8))
-    y = x + 0.1 * jax.random.normal(jax.random.PRNGKey(1), (16, 8))
-    x = 1e4 * x / jnp.linalg.norm(x, axis=1, keepdims=True)
-    y = 1e4 * y / jnp.linalg.norm(y, axis=1, keepdims=True)
+    x = _normal(0, (16, 8))
+    y = x + 0.1 * _normal(1, (16, 8))
+    x, y = device(1e4 * _unit_rows(x)), device(1e4 * _unit_rows(y))
     got = np.asarray(sj.contrastive_loss(x, y, logit_scale=100.0, reduction="none"))
     want, _ = _f64_clip(x, y, 100.0)
     assert np.all(np.isfinite(got)) and np.all(got >= 0.0)
@@ -59,10 +66,9 @@ def test_clip_large_norm_embeddings_match_float64():
 
 
 def test_clip_near_duplicate_pairs_never_give_a_negative_loss():
-    x = jax.random.normal(jax.random.PRNGKey(2), (64, 32))
-    x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
-    y = x + 1e-4 * jax.random.normal(jax.random.PRNGKey(3), x.shape)
-    y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+    x = _unit_rows(_normal(2, (64, 32)))
+    y = _unit_rows(x + 1e-4 * _normal(3, x.shape))
+    x, y = device(x), device(y)
     for bidirectional in (True, False):
         per = sj.contrastive_loss(x, y, logit_scale=100.0, bidirectional=bidirectional,
                                   reduction="none")
@@ -82,8 +88,7 @@ def test_clip_single_pair_has_zero_loss_and_zero_gradient():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_clip_invalid_label_gives_nan_value_and_nan_gradients(reduction):
-    x = jax.random.normal(jax.random.PRNGKey(4), (4, 3))
-    y = jax.random.normal(jax.random.PRNGKey(5), (6, 3))
+    x, y = device(_normal(4, (4, 3))), device(_normal(5, (6, 3)))
     labels = jnp.array([2, 6, 0, 5])
 
     def f(a, b, s):
@@ -96,8 +101,7 @@ def test_clip_invalid_label_gives_nan_value_and_nan_gradients(reduction):
 
 
 def test_clip_label_on_a_left_out_column_gives_nan_gradients():
-    x = jax.random.normal(jax.random.PRNGKey(4), (4, 3))
-    y = jax.random.normal(jax.random.PRNGKey(5), (4, 3))
+    x, y = device(_normal(4, (4, 3))), device(_normal(5, (4, 3)))
     where = jnp.array([True, True, False, True])
     labels = jnp.array([2, 1, 0, 3])  # row 0 names column 2, left out
 
@@ -108,6 +112,7 @@ def test_clip_label_on_a_left_out_column_gives_nan_gradients():
     assert np.all(np.isnan(np.asarray(jax.grad(f)(x))[0]))
 
 
+@jax.jit
 def _optax_clip_mean(x, y, s):
     z = s * x @ y.T
     lab = jnp.arange(x.shape[0])
@@ -117,8 +122,9 @@ def _optax_clip_mean(x, y, s):
 
 @pytest.mark.parametrize("noise", [0.8, 0.05])
 def test_clip_float32_mean_error_is_that_of_the_materialised_composition(noise):
-    x = jax.random.normal(jax.random.PRNGKey(6), (512, 64))
-    y = x + noise * jax.random.normal(jax.random.PRNGKey(7), x.shape)
+    x = _normal(6, (512, 64))
+    y = x + noise * _normal(7, x.shape)
+    x, y = device(x), device(y)
     want, _ = _f64_clip(x, y, 1.0, reduction="mean")
     ours = abs(float(sj.contrastive_loss(x, y)) - float(want))
     theirs = abs(float(_optax_clip_mean(x, y, 1.0)) - float(want))
