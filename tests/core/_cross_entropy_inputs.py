@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _inputs import device
 
 ROWS, CLASSES = 7, 5
 
@@ -26,20 +27,6 @@ def numpy_data(seed=0, n=ROWS, v=CLASSES, dtype=np.float32):
 
 
 N, V = 6, 11
-
-
-def device(x, dtype=None):
-    """``x`` as a ``jax.Array`` of ``dtype`` (default: its own), converted on the host."""
-    x = np.asarray(x)
-    return jax.device_put(x if dtype is None else x.astype(dtype))
-
-
-def set_at(x, index, value):
-    """A copy of ``x`` with ``x[index] = value``, written on the host (``x.at[index].set``
-    would compile a scatter for each shape)."""
-    out = np.array(x)
-    out[index] = value
-    return jax.device_put(out)
 
 
 def np_softmax_rows(z):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _cross_entropy_inputs import device
+from _inputs import device
 
 import softmax_jax as sj
 from softmax_jax import reference_contrastive as ref

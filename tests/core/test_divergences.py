@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 import torch
-from _cross_entropy_inputs import device, np_softmax_rows, random_logits, set_at
+from _cross_entropy_inputs import np_softmax_rows, random_logits
+from _inputs import device, set_at
 from _residuals import saved_residuals
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
