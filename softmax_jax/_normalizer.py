@@ -46,7 +46,8 @@ class Normalizer(NamedTuple):
     the parts apart matters at large magnitudes: for a row of four entries of
     :math:`-3 \times 10^{38}`, ``m + log_s`` rounds to ``m`` and :math:`e^{z - \mathrm{lse}}`
     would give 1 for every entry, whereas :math:`e^{z - m} / s` gives the right 1/4. Both
-    arrays keep ``axis`` as size 1.
+    arrays keep ``axis`` as size 1. A normaliser computed from ``z`` (:meth:`of`) keeps the
+    sum ``s`` too, from which :meth:`prob` and :meth:`log_prob` take their per-row factor.
 
     Every row-level decision (an empty row, a :math:`+\infty` logit) is taken on these
     O(rows) numbers, never by a select over the row's entries, so that each N x V result
@@ -61,6 +62,8 @@ class Normalizer(NamedTuple):
 
     m: jax.Array
     log_s: jax.Array
+    # The sum s itself, where the normaliser was computed from z (:meth:`of`).
+    s: jax.Array | None = None
 
     @staticmethod
     def of(z: jax.Array, axis: int | tuple[int, ...]) -> Normalizer:
@@ -77,7 +80,8 @@ class Normalizer(NamedTuple):
         the same normaliser.
         """
         m = Normalizer.shift(z, axis)
-        return Normalizer(m, jnp.log(jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)))
+        s = jnp.sum(jnp.exp(z - m), axis=axis, keepdims=True)
+        return Normalizer(m, jnp.log(s), s)
 
     @staticmethod
     def shift(z: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
@@ -107,12 +111,19 @@ class Normalizer(NamedTuple):
         return self.m + self.log_s
 
     def _finite_log_s(self) -> jax.Array:
-        # log s >= 0 in a row with an entry above -inf (the maximum adds e^0 = 1), so the
-        # clamp changes only an empty row's -inf, which would meet z - m = -inf there. A clamp
-        # rather than a select on the reduction's output, which would split XLA:CPU's fusion
-        # of the reductions with the element-wise pass and write z - m out as an extra N x V
-        # array. -1 rather than 0 keeps log s = 0 off the clamp's tie, whose derivative
-        # would be halved.
+        # log s >= 0 in a row with an entry above -inf (the maximum adds e^0 = 1), so only an
+        # empty row's -inf, which would meet z - m = -inf there, must be made finite.
+        if self.s is not None:
+            # log(s + tiny) is log s bit for bit wherever s >= 1, finite for s = 0, and NaN
+            # for a NaN row, in one chain of ops on the reduction's output, which XLA:CPU
+            # keeps in its fusion of the reductions with the element-wise pass. A clamp of
+            # log s does not do: XLA:CPU's vectorised (YNNPACK) max skips NaN, so a NaN row
+            # would come out as plausible numbers; and a select, or a second use of log s,
+            # splits the fusion and writes z - m out as an extra N x V array.
+            return jnp.log(self.s + jnp.finfo(self.s.dtype).tiny)
+        # A normaliser assembled from per-row statistics (the fused engine's) is not inside
+        # such a fusion: the clamp is enough. -1 rather than 0 keeps log s = 0 off the
+        # clamp's tie, whose derivative would be halved.
         return jnp.maximum(self.log_s, -1.0)
 
     def log_prob(self, z: jax.Array) -> jax.Array:
