@@ -10,30 +10,20 @@ all-gather the batch.
 from __future__ import annotations
 
 import collections
-import re
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from _compiled import collectives
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import softmax_jax as sj
 
 N, D, DT, V = 2048, 128, 64, 16384
 CN, CD = 2048, 64
-_OP = re.compile(r"=\s*(\([^)]*\)|\S+)\s+(all-gather|collective-permute)(?:-start)?\(")
 
 
-def _collectives(fn, mesh, args) -> dict[str, collections.Counter]:
-    structs = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, p, d in args]
-    with jax.set_mesh(mesh):
-        text = jax.jit(fn).lower(*structs).compile().as_text()
-    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for shape, kind in _OP.findall(text):
-        dims = re.search(r"\[([\d,]*)\]", shape)
-        out[kind][tuple(int(a) for a in dims.group(1).split(",") if a) if dims else ()] += 1
-    return out
 
 
 def _mesh(shape, names, kind):
@@ -50,7 +40,7 @@ def test_vocab_parallel_cross_entropy_gathers_no_vocabulary(kind):
     def loss(x, w, labels):
         return sj.linear_softmax_cross_entropy(x, w, labels, label_smoothing=0.1)
 
-    coll = _collectives(jax.value_and_grad(loss, argnums=(0, 1)),
+    coll = collectives(jax.value_and_grad(loss, argnums=(0, 1)),
                         _mesh((2, 4), ("data", "model"), kind),
                         [((N, D), P("data"), jnp.float32),
                          ((D, V), P(None, "model"), jnp.float32),
@@ -63,7 +53,7 @@ def test_vocab_parallel_distillation_gathers_no_vocabulary(kind):
     def loss(x, w, tx, tw):
         return sj.linear_softmax_distillation(x, w, tx, tw, temperature=2.0)
 
-    coll = _collectives(jax.value_and_grad(loss, argnums=(0, 1)),
+    coll = collectives(jax.value_and_grad(loss, argnums=(0, 1)),
                         _mesh((2, 4), ("data", "model"), kind),
                         [((N, D), P("data"), jnp.float32),
                          ((D, V), P(None, "model"), jnp.float32),
@@ -76,7 +66,7 @@ def test_vocab_parallel_distillation_gathers_no_vocabulary(kind):
 @pytest.mark.parametrize("loss", [sj.contrastive_loss, sj.sigmoid_contrastive_loss],
                          ids=["clip", "siglip"])
 def test_batch_sharded_contrastive_goes_round_the_ring(loss, kind):
-    coll = _collectives(jax.value_and_grad(lambda x, y: loss(x, y), argnums=(0, 1)),
+    coll = collectives(jax.value_and_grad(lambda x, y: loss(x, y), argnums=(0, 1)),
                         _mesh((8,), ("data",), kind), [((CN, CD), P("data"), jnp.float32)] * 2)
     assert not coll["all-gather"], f"gathered: {dict(coll['all-gather'])}"
     # y's block of CN / 8 rows moves round the ring
@@ -88,7 +78,7 @@ def test_contrastive_ring_spans_the_mesh_axes_that_split_nothing(kind):
     """On a 2 x 4 mesh with the batch split over ``data`` only, the ring runs over all 8
     devices (blocks of ``CN / 8`` rows), so that no device along ``model`` repeats another's
     tiles."""
-    coll = _collectives(jax.value_and_grad(lambda x, y: sj.contrastive_loss(x, y),
+    coll = collectives(jax.value_and_grad(lambda x, y: sj.contrastive_loss(x, y),
                                            argnums=(0, 1)),
                         _mesh((2, 4), ("data", "model"), kind),
                         [((CN, CD), P("data"), jnp.float32)] * 2)

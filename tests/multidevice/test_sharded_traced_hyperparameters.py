@@ -9,14 +9,13 @@ all-gather for the contrastive ones.
 
 from __future__ import annotations
 
-import collections
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _compiled import collectives
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -134,25 +133,15 @@ def test_traced_hyperparameters_on_a_mesh_equal_one_device(case, mesh_name):
     assert all(np.isfinite(e).all() for e in want)
 
 
-_OP = re.compile(r"=\s*(\([^)]*\)|\S+)\s+(all-gather|collective-permute)(?:-start)?\(")
 CN, CD, CV = 2048, 64, 16384
 
 
-def _collectives(fn, mesh, args) -> dict[str, collections.Counter]:
-    structs = [jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, p)) for s, p, d in args]
-    with jax.set_mesh(mesh):
-        text = jax.jit(fn).lower(*structs).compile().as_text()
-    out: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for shape, kind in _OP.findall(text):
-        dims = re.search(r"\[([\d,]*)\]", shape)
-        out[kind][tuple(int(a) for a in dims.group(1).split(",") if a) if dims else ()] += 1
-    return out
 
 
 def test_traced_smoothing_on_an_auto_mesh_gathers_no_vocabulary():
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     f32 = jnp.float32
-    coll = _collectives(
+    coll = collectives(
         jax.value_and_grad(lambda x, w, ls, labels: _fused_ce(x, w, ls, 0.0, labels),
                            argnums=(0, 1, 2)), mesh,
         [((CN, CD), P("data"), f32), ((CD, CV), P(None, "model"), f32), ((), P(), f32),
@@ -164,7 +153,7 @@ def test_traced_smoothing_on_an_auto_mesh_gathers_no_vocabulary():
 def test_traced_logit_scale_on_an_auto_mesh_goes_round_the_ring():
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
     f32 = jnp.float32
-    coll = _collectives(jax.value_and_grad(_clip, argnums=(0, 1, 2)), mesh,
+    coll = collectives(jax.value_and_grad(_clip, argnums=(0, 1, 2)), mesh,
                         [((CN, CD), P("data"), f32)] * 2 + [((), P(), f32)])
     assert not coll["all-gather"], f"gathered: {dict(coll['all-gather'])}"
     assert coll["collective-permute"][(CN // 8, CD)] >= 1, dict(coll["collective-permute"])
