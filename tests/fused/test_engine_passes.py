@@ -47,13 +47,15 @@ def test_entropy_adds_no_block_sized_temporary(grad):
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0], ids=["forward_kl", "reverse_kl"])
-def test_kl_distillation_holds_only_the_two_heads_blocks(beta):
-    # Two heads of held rows (the student's and the teacher's logits) and nothing else of
-    # their size: the online KL's sum is fused with its own exponentials.
+def test_kl_distillation_holds_the_heads_blocks_and_their_exponentials(beta):
+    # Two heads of held rows (the student's and the teacher's logits) and each head's block
+    # of exponentials, which the online KL shares with the normalisers (recomputing them in
+    # the KL's own reduction saves two blocks but costs more time), and nothing else of
+    # their size.
     def f(x, w, t):
         return sj.linear_softmax_distillation(x, w, x, t, beta=beta, reduction="none")
 
-    assert _temp(f, X, W, W) < 2 * BLOCK + BLOCK // 8
+    assert _temp(f, X, W, W) < 4 * BLOCK + BLOCK // 8
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0], ids=["forward_kl", "reverse_kl"])
