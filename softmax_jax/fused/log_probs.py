@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Hashable
-from typing import Any, Literal, NamedTuple, overload
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -142,18 +142,6 @@ class Rule(interface.Rule):
         if not self.temperature_grad:
             return Params(jnp.zeros_like(params.temperature))
         return Params(-jnp.sum(row_sums[0]) / params.temperature)
-
-
-def _token_shaped(where: jax.typing.ArrayLike | None, tokens: jax.typing.ArrayLike) -> Any:
-    """``where`` broadcast to the tokens' shape (to be split like them), as given where it
-    does not broadcast (the checks below raise)."""
-    if where is None or jnp.shape(where) == jnp.shape(tokens):
-        return where
-    try:
-        np.broadcast_shapes(jnp.shape(where), jnp.shape(tokens))
-    except ValueError:
-        return where
-    return jnp.broadcast_to(where, jnp.shape(tokens))
 
 
 @overload
@@ -281,7 +269,7 @@ def linear_log_probs(
         routed = auto.fused_call(
             linear_log_probs,
             {"x": ("tokens", x), "w": ("weights", w), "tokens": ("rows", tokens),
-             "b": ("classes", b), "where": ("rows", _token_shaped(where, tokens))},
+             "b": ("classes", b), "where": ("rows", _v.where_like(where, jnp.shape(x)[:-1]))},
             None, (lambda r: r) if return_entropy else None, temperature=temperature,
             return_entropy=return_entropy, ignore_index=ignore_index, soft_cap=soft_cap,
             token_block=token_block, vocab_block=vocab_block)
@@ -293,9 +281,7 @@ def linear_log_probs(
     n, v = x.shape[0], w.shape[1]
     temp = _dt.hyperparameters(temperature, 0.0)[0]
     cap, capped = args.soft_cap(soft_cap)
-    keep = None
-    if where is not None:
-        keep = _v.token_where(where, lead)
+    keep = _v.token_where(where, lead)
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b})
     layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block)
     ct = args.compute_dtype(x, w)
