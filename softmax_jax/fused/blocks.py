@@ -165,14 +165,11 @@ def shift_log_ratio(acc: jax.Array, s: jax.Array, old: tuple[jax.Array, jax.Arra
     return jnp.where(s == 0, 0.0, (acc - delta * s) * jnp.exp(old[0] - new[0]))
 
 
-def _fenced(*arrays: jax.Array, order: int = 0) -> tuple[jax.Array, ...]:
-    """``arrays`` through an optimisation barrier (rotated by ``order``, so that two fences
-    of the same arrays are distinct instructions): a sum over expressions of them is then
+def _fenced(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """``arrays`` through an optimisation barrier: a sum over expressions of them is then
     fused with its own copy of those expressions instead of sharing one, which XLA:CPU
     writes to memory as a block-sized array."""
-    k = order % len(arrays)
-    out = lax.optimization_barrier(arrays[k:] + arrays[:k])
-    return tuple(out[len(arrays) - k:] + out[:len(arrays) - k])
+    return tuple(lax.optimization_barrier(arrays))
 
 
 def _centred(z: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -191,28 +188,22 @@ def _centred(z: jax.Array, m: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def log_ratio_sum(za: jax.Array, zb: jax.Array, new: tuple[jax.Array, jax.Array],
                   block_s: jax.Array) -> jax.Array:
-    r"""A block's :math:`\sum_c e^{a_c - m_a'}\big((a_c - m_a') - (b_c - m_b')\big)`
-    against the running maxima ``new = (m_a', m_b')``: a class of weight
-    :math:`e^{a_c - m_a'} = 0` adds 0 whatever its values, and a class of weight
-    :math:`> 0` with :math:`b_c = -\infty` makes it :math:`+\infty`.
+    r"""A block's :math:`\sum_c e^{a_c - m_a'}\big((a_c - m_a') - (b - m_b')\big)` against
+    a one-column stream ``zb`` (one value :math:`b` per row, broadcast over the block) and
+    the running maxima ``new = (m_a', m_b')``: a class of weight :math:`e^{a_c - m_a'} = 0`
+    adds 0 whatever its value, and :math:`b = -\infty` under a block of weight
+    (``block_s``, the block's :math:`\sum_c e^{a_c - m_a'}`, :math:`> 0`) makes it
+    :math:`+\infty`.
 
     It is formed without a select, as one reduction that XLA:CPU fuses with its own
     exponentials (the block's :math:`\sum_c e^{a_c - m_a'}` takes them in another): the
     values are taken with :math:`-\infty` raised to minus the largest float
-    (:func:`_centred`), so :math:`0 \cdot \infty` never occurs, and a class of weight
-    :math:`> 0` with :math:`b_c = -\infty`, whose value is then about the largest float, is
-    found by the block's largest value (or, for a one-column ``zb`` broadcast over the
-    block, by ``block_s``, the block's :math:`\sum_c e^{a_c - m_a'}`, being :math:`> 0`).
+    (:func:`_centred`), so :math:`0 \cdot \infty` never occurs.
     """
     fa, fma, fzb, fmb = _fenced(za, new[0], zb, new[1])
     a, a_low = _centred(fa, fma)
     total = jnp.sum(jnp.exp(a) * (a_low - _centred(fzb, fmb)[1]), axis=1)
-    if zb.shape[1] == 1:
-        lost = (zb[:, 0] == -jnp.inf) & (block_s > 0)
-    else:
-        ga, gma, gzb, gmb = _fenced(za, new[0], zb, new[1], order=1)
-        top = jnp.max(_centred(ga, gma)[1] - _centred(gzb, gmb)[1], axis=1)
-        lost = top >= jnp.finfo(za.dtype).max / 2
+    lost = (zb[:, 0] == -jnp.inf) & (block_s > 0)
     return jnp.where(lost, jnp.inf, total)
 
 
@@ -230,9 +221,10 @@ def log_ratio_step(acc: jax.Array, s: jax.Array, block_sum: jax.Array,
     exponentials relative to them. Each stream is centred by its own maximum, so every value
     is of the size of the logits' spread: the one-pass :math:`E_P[a - b] - (\mathrm{lse}\,a
     - \mathrm{lse}\,b)` subtracts numbers of the logits' size and loses float32 accuracy
-    when the two differ by a large constant. ``block_sum`` is the block's part,
-    :func:`log_ratio_sum` against the maxima after it; ``s`` the running :math:`S_a` before
-    the block, ``old``/``new`` the maxima ``(m_a, m_b)`` before and after it."""
+    when the two differ by a large constant. ``block_sum`` is the block's part against the
+    maxima after it (:func:`log_ratio_sum`, :func:`shared_log_ratio_sum`); ``s`` the
+    running :math:`S_a` before the block, ``old``/``new`` the maxima ``(m_a, m_b)`` before
+    and after it."""
     return shift_log_ratio(acc, s, old, new) + block_sum
 
 
@@ -273,7 +265,8 @@ def online_step(streams: tuple[jax.Array, ...], ms: tuple[jax.Array, ...],
 
 def shared_log_ratio_sum(weight: jax.Array, za: jax.Array, zb: jax.Array,
                          new: tuple[jax.Array, jax.Array]) -> jax.Array:
-    r"""The block sum of :func:`log_ratio_sum` from the normaliser's own exponentials
+    r"""A block's :math:`\sum_c e^{a_c - m_a'}\big((a_c - m_a') - (b_c - m_b')\big)` between
+    two full streams, from the normaliser's own exponentials
     ``weight`` :math:`= e^{a - m_a'}`: a class of weight 0 adds 0 whatever its values (a
     select), one of weight :math:`> 0` against :math:`b_c = -\infty` adds :math:`+\infty`."""
     values = (za - _finite(new[0])[:, None]) - (zb - _finite(new[1])[:, None])

@@ -95,3 +95,17 @@ def test_kl_with_masked_classes_is_finite_at_logits_shifted_by_a_huge_constant(b
     got = sj.linear_softmax_distillation(x, w, tx, tw, b=b, teacher_b=b, beta=beta,
                                          reduction="none")
     np.testing.assert_array_equal(got, np.zeros(n, np.float32))
+
+
+@pytest.mark.parametrize("shift", [-1e32, 1e32])
+def test_entropy_with_masked_classes_is_exact_at_logits_shifted_by_a_huge_constant(shift):
+    # As for the KL: with every finite logit rounding to ``shift`` the distribution is
+    # uniform over the v - 2 classes left, so each token's log-probability is -log(v - 2)
+    # and its entropy log(v - 2), not the NaN of an overflowing clamp.
+    n, d, v = 3, 4, 20
+    x, w = normal(0, (n, d)), normal(1, (d, v))
+    b = jnp.full((v,), shift, F32).at[-2:].set(-jnp.inf)
+    logp, entropy = sj.linear_log_probs(x, w, jnp.zeros(n, jnp.int32), b,
+                                        return_entropy=True)
+    np.testing.assert_allclose(logp, np.full(n, -np.log(v - 2)), rtol=1e-6)
+    np.testing.assert_allclose(entropy, np.full(n, np.log(v - 2)), rtol=1e-6)
