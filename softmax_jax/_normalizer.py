@@ -114,13 +114,17 @@ class Normalizer(NamedTuple):
         # log s >= 0 in a row with an entry above -inf (the maximum adds e^0 = 1), so only an
         # empty row's -inf, which would meet z - m = -inf there, must be made finite.
         if self.s is not None:
-            # log(s + tiny) is log s bit for bit wherever s >= 1, finite for s = 0, and NaN
-            # for a NaN row, in one chain of ops on the reduction's output, which XLA:CPU
-            # keeps in its fusion of the reductions with the element-wise pass. A clamp of
-            # log s does not do: XLA:CPU's vectorised (YNNPACK) max skips NaN, so a NaN row
-            # would come out as plausible numbers; and a select, or a second use of log s,
-            # splits the fusion and writes z - m out as an extra N x V array.
-            return jnp.log(self.s + jnp.finfo(self.s.dtype).tiny)
+            # log(s + eps/4) is log s bit for bit wherever s >= 1 (eps/4 is below half an
+            # ulp of 1), finite for s = 0 (log(2^-25) = -17.3 in float32), and NaN for a
+            # NaN row, in one chain of ops on the reduction's output, which XLA:CPU keeps in
+            # its fusion of the reductions with the element-wise pass. A clamp of log s does
+            # not do: XLA:CPU's vectorised (YNNPACK) max skips NaN, so a NaN row would come
+            # out as plausible numbers; and a select, or a second use of log s, splits the
+            # fusion and writes z - m out as an extra N x V array. An empty row's per-row
+            # factor e^{-log(eps/4)} = 2^25 then meets its zero exponentials: the product is
+            # 0 for a cotangent up to 1e31 in float32 (the smallest offset, float32's tiny,
+            # made it 8e37 and a cotangent above 4 gave NaN).
+            return jnp.log(self.s + jnp.finfo(self.s.dtype).eps / 4)
         # A normaliser assembled from per-row statistics (the fused engine's) is not inside
         # such a fusion: the clamp is enough. -1 rather than 0 keeps log s = 0 off the
         # clamp's tie, whose derivative would be halved.

@@ -549,3 +549,28 @@ def test_logsumexp_b_under_jit_vmap_hessian_and_low_precision():
         assert g.dtype == jnp.bfloat16
         want = sj.logsumexp(x16.astype(jnp.float32), -1, scale)
         np.testing.assert_allclose(lse.astype(jnp.float32), want, rtol=float(jnp.finfo(dtype).eps))
+
+
+@pytest.mark.parametrize("rows", [3, 4096], ids=["small", "vectorised"])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp", "softmax_entropy"])
+def test_empty_row_gets_zero_gradient_under_a_large_cotangent(name, rows):
+    # A row with no entry above -inf (here the last: all -inf) has nothing to normalise: its
+    # gradient is 0 under a cotangent as large as 1e30 (log_softmax passes its cotangent
+    # through, as g - a sum(g) with a = 0); the other rows' gradient is linear in the
+    # cotangent, so 1e30 times that under the cotangent divided by 1e30.
+    z = np.random.default_rng(3).standard_normal((rows, 64)).astype(np.float32)
+    z[-1] = -np.inf
+    fn = functools.partial(getattr(sj, name), axis=-1)
+    shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(z.shape, jnp.float32)).shape
+    unit = np.random.default_rng(4).uniform(0.5, 1.5, shape).astype(np.float32)
+
+    @jax.jit
+    def vjp(a, c):
+        return jax.vjp(fn, a)[1](c)[0]
+
+    big = np.asarray(vjp(device(z), device(1e30 * unit)))
+    want = 1e30 * unit[-1] if name == "log_softmax" else np.zeros(64, np.float32)
+    np.testing.assert_array_equal(big[-1], want)
+    small = np.asarray(vjp(device(z), device(unit)))
+    np.testing.assert_allclose(big[:-1], 1e30 * small[:-1].astype(np.float64), rtol=1e-5,
+                               atol=1e30 * 1e-6)
