@@ -96,7 +96,8 @@ def psum_in_place(x: jax.Array, axes: tuple) -> jax.Array:
     chunks would vary while the whole does not."""
     rows = x.shape[0] if x.ndim else 1
     size = x.size * x.dtype.itemsize
-    n = next((k for k in range(-(-size // PSUM_CHUNK), rows + 1) if rows % k == 0), rows)
+    n = next((k for k in range(max(1, -(-size // PSUM_CHUNK)), rows + 1) if rows % k == 0),
+             rows)
     if x.ndim == 0 or n <= 1:
         return lax.psum(x, axes)
     step = rows // n
