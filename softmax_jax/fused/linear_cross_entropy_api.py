@@ -79,7 +79,8 @@ def _checked(x, w, labels, b, reduction, ignore_index, where, label_smoothing, z
         label_smoothing, z_loss, ignore_index, weights is not None)
     cap, capped = args.soft_cap(soft_cap)
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b, "class_weights": weights})
-    layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block)
+    layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block,
+                                 per_token=reduction == "none")
     ct = args.compute_dtype(x, w)
     w_y, weight_sum = _class_weights(weights, labels, ct, axis_name)
     rule = Rule(options, blocks.num_classes(v, axis_name), bool(return_stats))

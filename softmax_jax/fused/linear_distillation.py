@@ -337,7 +337,7 @@ def linear_softmax_distillation(
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b, "teacher_w": tw, "teacher_b": tb})
     layout = BlockLayout.resolve(n, max(x.shape[1], tx.shape[1]), v,
                                  min(w.dtype.itemsize, tw.dtype.itemsize), token_block,
-                                 vocab_block, heads=2)
+                                 vocab_block, heads=2, per_token=reduction == "none")
     ct = args.compute_dtype(x, w, tx, tw)
     ce_options = ce_options._replace(smoothing=hard and ce_options.smoothing)
     ce_rule = _fce.Rule(ce_options, blocks.num_classes(v, axis_name), False)

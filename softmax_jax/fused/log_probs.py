@@ -283,7 +283,8 @@ def linear_log_probs(
     cap, capped = args.soft_cap(soft_cap)
     keep = _v.token_where(where, lead)
     vma.check_vocab_axes(axis_name, x, {"w": w, "b": b})
-    layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block)
+    layout = BlockLayout.resolve(n, x.shape[1], v, w.dtype.itemsize, token_block, vocab_block,
+                                 per_token=True)
     ct = args.compute_dtype(x, w)
     rule = Rule(blocks.num_classes(v, axis_name), bool(return_entropy), ignore_index,
                 isinstance(temperature, jax.core.Tracer))

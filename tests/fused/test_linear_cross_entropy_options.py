@@ -270,6 +270,14 @@ def test_default_layout_rule():
     assert BlockLayout.default(10, 4, 7) == BlockLayout(10, 7)
     # Narrow weights never get a float32 D x V accumulator above 64 MiB.
     assert not BlockLayout.default(4096, 4096, 32000, weight_itemsize=2).holds_rows(32000)
+    # Per-token outputs form their gradient in the backward pass, which recomputes the
+    # logits in either layout: they take tiles, which cover whole rows when V is small.
+    assert BlockLayout.default(2048, 128, 32768, per_token=True) == BlockLayout(2048, 1024)
+    assert BlockLayout.default(4096, 256, 131072, per_token=True) == BlockLayout(2048, 1024)
+    assert BlockLayout.default(10, 4, 7, per_token=True) == BlockLayout(10, 7)
+    assert BlockLayout.resolve(2048, 128, 32768, 4, per_token=True) == BlockLayout(2048, 1024)
+    assert BlockLayout.resolve(2048, 128, 32768, 4, vocab_block=40000, per_token=True) == (
+        BlockLayout(256, 32768))
 
 
 def test_bad_block_sizes_raise():
