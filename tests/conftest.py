@@ -40,12 +40,11 @@ def pytest_configure(config) -> None:
 
     Many tests build fresh closures that compile to the same program, and the two xdist
     workers and the multidevice run compile many of the same references: the cache compiles
-    each once. A second run recompiles only the programs whose library code changed.
-    A full run writes about 50 MiB, and a later run adds only the programs a change
-    touched. No size cap is set: JAX's eviction scans the whole folder under a file lock on
-    every write, which made the suite three times slower. ``pytest --cache-clear`` empties
-    it, ``-p no:cacheprovider`` turns it off, and a ``JAX_COMPILATION_CACHE_DIR`` in the
-    environment wins.
+    each once. A full run writes about 50 MiB; a later run compiles and adds only the
+    programs a change touched. No size cap is set: JAX's eviction rescans the whole folder
+    under a file lock on every write, which costs more than the cache saves.
+    ``pytest --cache-clear`` empties it, ``-p no:cacheprovider`` turns it off, and a
+    ``JAX_COMPILATION_CACHE_DIR`` in the environment wins.
     """
     cache = getattr(config, "cache", None)
     if cache is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -21,7 +21,11 @@ from pathlib import Path
 import pytest
 
 _ROOT = Path(__file__).resolve().parent.parent
+# Each process also checks that it compiles with the flags it was asked for.
+_FLAGS_CHECK = "tests/test_default_codegen.py::test_the_xla_flags_follow_the_switch"
+_FAST_COMPILE = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=0")
 _ONE_DEVICE = (
+    _FLAGS_CHECK,
     "tests/core/test_softmax_invalid_rows_in_large_batches.py",
     "tests/core/test_compiled_structure.py",
     "tests/fused/test_engine_passes.py",
@@ -31,6 +35,7 @@ _ONE_DEVICE = (
     "tests/scripts/test_grpo.py::test_step_memory_compiles_both_losses",
 )
 _EIGHT_DEVICES = (
+    _FLAGS_CHECK,
     "tests/multidevice/test_sharded_memory.py",
     "tests/multidevice/test_linear_log_probs_sharded_jit.py",
     "tests/multidevice/test_sharded_contrastive_labels.py",
@@ -47,7 +52,10 @@ def test_compiled_program_tests_pass_under_xla_defaults(tests):
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
-def test_the_fast_compile_flags_are_set_in_this_process():
+def test_the_xla_flags_follow_the_switch():
+    """The fast-compile flags in the main run; none of them where
+    ``SOFTMAX_JAX_TEST_XLA_DEFAULTS=1`` asks for XLA's defaults."""
     flags = os.environ.get("XLA_FLAGS", "")
-    assert "--xla_cpu_use_fusion_emitters=false" in flags, flags
-    assert "--xla_backend_optimization_level=0" in flags, flags
+    defaults = os.environ.get("SOFTMAX_JAX_TEST_XLA_DEFAULTS") == "1"
+    for flag in _FAST_COMPILE:
+        assert (flag.split("=")[0] in flags) != defaults, flags

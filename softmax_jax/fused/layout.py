@@ -74,7 +74,7 @@ class BlockLayout(NamedTuple):
         forward pass forms the gradient, and the wide tiles run the four products faster
         than 256-row blocks of whole rows (for ``linear_log_probs`` with its entropy at
         N=2048, D=128, V=32768: 0.53x to 0.55x of the materialised composition's time,
-        against 0.67x to 0.68x with whole rows). Below 1024 classes the tile is whole rows.
+        against 0.64x to 0.68x with whole rows). Below 1024 classes the tile is whole rows.
 
         Args:
           n: tokens. d: model width (of the widest head). v: vocabulary columns on this
